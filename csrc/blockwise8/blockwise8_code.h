@@ -1,0 +1,26 @@
+// Nearest entry of a sorted 256-value code, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "nf4/nf4_code.h"  // LORAKIT_HOST_DEVICE
+
+namespace lorakit::blockwise8 {
+
+// midpoints[i] = (code[i] + code[i+1]) / 2 in float32. Returns the first i with x <= midpoints[i]
+// (255 if none): the nearest code, ties to the lower one, NaN to 255 — the same rule as
+// torch.bucketize against the midpoints, which bitsandbytes' reference implementation uses.
+LORAKIT_HOST_DEVICE uint8_t nearest_code(float x, const float* midpoints) {
+  int lo = 0, hi = 255;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (x <= midpoints[mid]) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return static_cast<uint8_t>(lo);
+}
+
+}  // namespace lorakit::blockwise8

@@ -1,0 +1,141 @@
+// NF4 quantize / dequantize on the CPU.
+#include "common/dispatch.h"
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/checks.h"
+#include "nf4/nf4_checks.h"
+#include "nf4/nf4_code.h"
+#include "nf4/nf4_dequantize_avx2.h"
+
+namespace lorakit::nf4 {
+namespace {
+
+// ---- device code ------------------------------------------------------------------------------
+
+// Quantizes blocks [first, last) of w (n elements). bitsandbytes multiplies full blocks by the
+// float32 reciprocal of their absmax but divides a last, partial block by its absmax clamped to
+// 1e-38 (and stores the clamped value); both are reproduced so the bytes match.
+template <typename scalar_t>
+void quantize_blocks(const scalar_t* w, int64_t n, int64_t blocksize, int64_t first, int64_t last,
+                     uint8_t* packed, float* absmax) {
+  float scaled[4096];  // the largest supported blocksize
+  const uint8_t pad = nf4_index(0.0f);  // an odd element count is padded with a scaled zero
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t start = b * blocksize;
+    const int64_t len = std::min(blocksize, n - start);
+    const scalar_t* x = w + start;
+
+    float amax = 0.0f;
+    for (int64_t i = 0; i < len; ++i) amax = nan_max(amax, std::abs(static_cast<float>(x[i])));
+
+    if (len == blocksize) {
+      absmax[b] = amax;
+      const float inv = 1.0f / std::max(amax, kMinPartialAbsmax);  // std::max keeps a NaN amax
+      for (int64_t i = 0; i < len; ++i) scaled[i] = static_cast<float>(x[i]) * inv;
+    } else {
+      const float clamped = std::max(amax, kMinPartialAbsmax);
+      absmax[b] = clamped;
+      for (int64_t i = 0; i < len; ++i) scaled[i] = static_cast<float>(x[i]) / clamped;
+    }
+
+    uint8_t* out = packed + start / 2;  // blocksize is even, so a block starts on a byte
+    const int64_t pairs = len / 2;
+    for (int64_t p = 0; p < pairs; ++p)
+      out[p] = static_cast<uint8_t>(nf4_index(scaled[2 * p]) << 4 | nf4_index(scaled[2 * p + 1]));
+    if (len % 2) out[pairs] = static_cast<uint8_t>(nf4_index(scaled[len - 1]) << 4 | pad);
+  }
+}
+
+// Dequantizes block b with a scalar loop (no AVX2, or the last partial block).
+template <typename scalar_t>
+void dequantize_block_scalar(const uint8_t* packed, const float* absmax, int64_t n,
+                             int64_t blocksize, int64_t b, scalar_t* out) {
+  scalar_t table[16];
+  block_table(absmax[b], table);
+  const int64_t start = b * blocksize;
+  const int64_t len = std::min(blocksize, n - start);
+  const uint8_t* in = packed + start / 2;
+  scalar_t* o = out + start;
+  for (int64_t p = 0; p < len / 2; ++p) {
+    o[2 * p] = table[in[p] >> 4];
+    o[2 * p + 1] = table[in[p] & 0x0F];
+  }
+  if (len % 2) o[len - 1] = table[in[len / 2] >> 4];
+}
+
+// Dequantizes blocks [first, last): full blocks through the AVX2 shuffle path, in chunks whose
+// tables fit on the stack.
+template <typename scalar_t>
+void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
+                       int64_t first, int64_t last, scalar_t* out, bool use_avx2) {
+  const int64_t full_blocks = n / blocksize;
+  if (use_avx2) {
+    constexpr int64_t kChunk = 64;
+    scalar_t tables[kChunk * 16];
+    const int64_t vector_end = std::min(last, full_blocks);
+    for (int64_t b = first; b < vector_end; b += kChunk) {
+      const int64_t count = std::min(kChunk, vector_end - b);
+      for (int64_t k = 0; k < count; ++k) block_table(absmax[b + k], tables + 16 * k);
+      expand_nibbles_avx2(packed + b * blocksize / 2, blocksize / 2, count, tables,
+                          sizeof(scalar_t), out + b * blocksize);
+    }
+    first = std::max(first, vector_end);
+  }
+  for (int64_t b = first; b < last; ++b) dequantize_block_scalar(packed, absmax, n, blocksize, b, out);
+}
+
+// Blocks per parallel task: enough work (~16K elements) to amortise the task.
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
+
+// ---- glue ---------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t blocksize) {
+  check_quantize_args(w, blocksize);
+  const at::Tensor x = w.contiguous();
+  const int64_t n = x.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  at::Tensor packed = at::empty({ceil_div(n, 2)}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, x.options().dtype(at::kFloat));
+  LORAKIT_DISPATCH_FLOAT(x.scalar_type(), "nf4_quantize_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    uint8_t* p = packed.mutable_data_ptr<uint8_t>();
+    float* a = absmax.mutable_data_ptr<float>();
+    at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t first, int64_t last) {
+      quantize_blocks(src, n, blocksize, first, last, p, a);
+    });
+  });
+  return {packed, absmax};
+}
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              at::IntArrayRef shape, at::ScalarType dtype) {
+  const int64_t n = check_dequantize_args(packed, absmax, blocksize, shape, dtype);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const at::Tensor p = packed.contiguous();
+  const at::Tensor a = absmax.contiguous();
+  const bool use_avx2 = cpu_has_avx2();
+  LORAKIT_DISPATCH_FLOAT(dtype, "nf4_dequantize_cpu", [&] {
+    const uint8_t* src = p.const_data_ptr<uint8_t>();
+    const float* scales = a.const_data_ptr<float>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, a.numel(), grain_blocks(blocksize), [&](int64_t first, int64_t last) {
+      dequantize_blocks(src, scales, n, blocksize, first, last, dst, use_avx2);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cpu);
+  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+}
+
+}  // namespace lorakit::nf4

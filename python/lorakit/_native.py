@@ -1,0 +1,76 @@
+"""Loads the compiled extension and says how it was built.
+
+Importing ``lorakit._C`` registers every ``torch.ops.lorakit`` op. A module compiled against one
+torch release does not load (or worse, misbehaves) under another, so the torch version recorded at
+build time is checked first and a mismatch gets an error that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
+
+import torch
+
+REBUILD_HINT = "rebuild lorakit against the installed torch: pip install --no-build-isolation ."
+
+
+def _torch_release(full_version: str) -> str:
+    return full_version.split("+")[0]
+
+
+def _load() -> tuple[ModuleType, ModuleType]:
+    try:
+        config = importlib.import_module("lorakit._build_config")
+    except ImportError as e:
+        raise ImportError(f"lorakit's native module is not built; {REBUILD_HINT}") from e
+    running = _torch_release(torch.__version__)
+    if config.TORCH_VERSION != running:
+        raise ImportError(
+            f"lorakit was built against torch {config.TORCH_VERSION} but torch {running} is "
+            f"installed; the C++ ABI differs between releases, so {REBUILD_HINT}"
+        )
+    try:
+        native = importlib.import_module("lorakit._C")
+    except ImportError as e:
+        raise ImportError(f"lorakit's native module failed to load ({e}); {REBUILD_HINT}") from e
+    return config, native
+
+
+_config, _C = _load()
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """How this lorakit was built.
+
+    Attributes:
+        version: the lorakit package version.
+        torch_version: the torch release the native module was compiled against.
+        torch_cuda_version: CUDA version of that torch ("" for a CPU-only torch).
+        cuda_compiled: whether the CUDA kernels were compiled in.
+        cuda_archs: the SM architectures they were compiled for, e.g. ("80", "90").
+    """
+
+    version: str
+    torch_version: str
+    torch_cuda_version: str
+    cuda_compiled: bool
+    cuda_archs: tuple[str, ...]
+
+
+def build_info() -> BuildInfo:
+    """Returns the package version, torch version built against and the compiled CUDA archs."""
+    try:
+        package_version = version("lorakit")
+    except PackageNotFoundError:  # a development build run from the source tree
+        package_version = "0.0.0+dev"
+    return BuildInfo(
+        version=package_version,
+        torch_version=_config.TORCH_VERSION,
+        torch_cuda_version=_config.TORCH_CUDA_VERSION,
+        cuda_compiled=bool(_C.with_cuda),
+        cuda_archs=tuple(_config.CUDA_ARCHS),
+    )

@@ -1,0 +1,69 @@
+"""Plain-PyTorch references for the quantization ops, written for readability, not speed."""
+
+from __future__ import annotations
+
+import torch
+
+# The NF4 code values from the QLoRA paper (appendix E), float32.
+NF4_CODE = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = w.reshape(-1).float()
+    n = x.numel()
+    packed_codes, scales = [], []
+    for start in range(0, n, blocksize):
+        block = x[start : start + blocksize]
+        amax = block.abs().max() if block.numel() else torch.tensor(0.0)
+        if block.numel() == blocksize:  # full block: multiply by the reciprocal
+            scales.append(amax)
+            scaled = block * (1.0 / amax.clamp(min=1e-38))
+        else:  # last partial block: divide by the clamped absmax, and store that
+            amax = amax.clamp(min=1e-38)
+            scales.append(amax)
+            scaled = block / amax
+        midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+        packed_codes.append(torch.bucketize(scaled, midpoints))
+    codes = torch.cat(packed_codes) if packed_codes else torch.zeros(0, dtype=torch.int64)
+    if n % 2:
+        codes = torch.cat([codes, torch.tensor([7])])  # a scaled zero pads the last byte
+    packed = (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
+    absmax = torch.stack(scales) if scales else torch.zeros(0)
+    return packed, absmax
+
+
+def nf4_dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).long()
+    n = int(torch.tensor(shape).prod()) if shape else 1
+    values = NF4_CODE[codes[:n]]
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return (values * scale).to(dtype).reshape(shape)
+
+
+def blockwise8_quantize(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.reshape(-1).float()
+    blocks = [b for b in flat.split(blocksize) if b.numel()]
+    absmax = torch.stack([b.abs().max() for b in blocks]) if blocks else torch.zeros(0)
+    scale = absmax.clamp(min=1e-38).repeat_interleave(blocksize)[: flat.numel()]
+    midpoints = (code[:-1] + code[1:]) / 2
+    q = torch.bucketize(flat / scale, midpoints).to(torch.uint8)
+    return q.reshape(x.shape), absmax
+
+
+def blockwise8_dequantize(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    scale = absmax.repeat_interleave(blocksize)[: q.numel()]
+    return (code[q.reshape(-1).long()] * scale).to(dtype).reshape(q.shape)
