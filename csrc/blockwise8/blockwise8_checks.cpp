@@ -12,8 +12,8 @@ void check_blocksize(int64_t blocksize) {
 
 void check_code(const at::Tensor& code, const char* op) {
   check_dtype(code, at::kFloat, op);
-  TORCH_CHECK(code.dim() == 1 && code.numel() == kCodeSize, op, ": code must hold 256 values, got shape ",
-              code.sizes());
+  TORCH_CHECK(code.dim() == 1 && code.numel() == kCodeSize, op,
+              ": code must hold 256 values, got shape ", code.sizes());
   if (code.is_cpu()) {
     const at::Tensor c = code.contiguous();
     const float* v = c.const_data_ptr<float>();
@@ -41,9 +41,9 @@ void check_dequantize_args(const at::Tensor& q, const at::Tensor& absmax, const 
   check_blocksize(blocksize);
   TORCH_CHECK(is_supported_float(dtype),
               "blockwise8_dequantize: dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(absmax.numel() == ceil_div(q.numel(), blocksize), "blockwise8_dequantize: absmax has ",
-              absmax.numel(), " scales but ", q.numel(), " values with blocksize ", blocksize,
-              " need ", ceil_div(q.numel(), blocksize));
+  TORCH_CHECK(absmax.numel() == ceil_div(q.numel(), blocksize),
+              "blockwise8_dequantize: absmax has ", absmax.numel(), " scales but ", q.numel(),
+              " values with blocksize ", blocksize, " need ", ceil_div(q.numel(), blocksize));
 }
 
 }  // namespace lorakit::blockwise8

@@ -43,7 +43,8 @@ void dequantize_blocks(const uint8_t* q, const float* absmax, const float* code,
     const int64_t start = b * blocksize;
     const int64_t len = std::min(blocksize, n - start);
     const float scale = absmax[b];
-    for (int64_t i = start; i < start + len; ++i) out[i] = static_cast<scalar_t>(code[q[i]] * scale);
+    for (int64_t i = start; i < start + len; ++i)
+      out[i] = static_cast<scalar_t>(code[q[i]] * scale);
   }
 }
 
@@ -51,7 +52,8 @@ int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / bl
 
 // ---- glue ---------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x, const at::Tensor& code,
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x,
+                                                           const at::Tensor& code,
                                                            int64_t blocksize) {
   check_quantize_args(x, code, blocksize);
   const at::Tensor xc = x.contiguous();

@@ -20,8 +20,8 @@ void check_quantize_args(const at::Tensor& w, int64_t blocksize) {
   check_blocksize(blocksize);
 }
 
-int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
-                              int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              at::IntArrayRef shape, at::ScalarType dtype) {
   check_blocksize(blocksize);
   check_dtype(packed, at::kByte, "nf4_dequantize: packed");
   check_dtype(absmax, at::kFloat, "nf4_dequantize: absmax");
@@ -33,8 +33,8 @@ int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax
     TORCH_CHECK(d >= 0, "nf4_dequantize: shape has a negative size ", d);
     numel *= d;
   }
-  TORCH_CHECK(packed.numel() == ceil_div(numel, 2), "nf4_dequantize: packed has ",
-              packed.numel(), " bytes but shape ", shape, " needs ", ceil_div(numel, 2),
+  TORCH_CHECK(packed.numel() == ceil_div(numel, 2), "nf4_dequantize: packed has ", packed.numel(),
+              " bytes but shape ", shape, " needs ", ceil_div(numel, 2),
               " (two 4-bit values per byte)");
   TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), "nf4_dequantize: absmax has ",
               absmax.numel(), " scales but shape ", shape, " with blocksize ", blocksize, " needs ",

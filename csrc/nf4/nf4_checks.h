@@ -8,7 +8,7 @@ namespace lorakit::nf4 {
 void check_blocksize(int64_t blocksize);
 void check_quantize_args(const at::Tensor& w, int64_t blocksize);
 // Returns the element count of `shape`.
-int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
-                              int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype);
+int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              at::IntArrayRef shape, at::ScalarType dtype);
 
 }  // namespace lorakit::nf4

@@ -48,8 +48,8 @@ constexpr float midpoint(int i) { return (kCode[i] + kCode[i + 1]) / 2.0f; }
 // 15 - #(x <= midpoint) so that NaN (every comparison false) lands in bucket 15, as in torch.
 LORAKIT_HOST_DEVICE uint8_t nf4_index(float x) {
   // A local constexpr copy, so device code sees compile-time constants rather than a host array.
-  constexpr float kMid[15] = {midpoint(0), midpoint(1), midpoint(2),  midpoint(3),  midpoint(4),
-                              midpoint(5), midpoint(6), midpoint(7),  midpoint(8),  midpoint(9),
+  constexpr float kMid[15] = {midpoint(0),  midpoint(1),  midpoint(2),  midpoint(3),  midpoint(4),
+                              midpoint(5),  midpoint(6),  midpoint(7),  midpoint(8),  midpoint(9),
                               midpoint(10), midpoint(11), midpoint(12), midpoint(13), midpoint(14)};
   int below_or_equal = 0;
   for (int i = 0; i < 15; ++i) below_or_equal += (x <= kMid[i]) ? 1 : 0;

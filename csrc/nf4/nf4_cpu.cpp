@@ -1,9 +1,9 @@
 // NF4 quantize / dequantize on the CPU.
-#include "common/dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include "common/dispatch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,7 +24,7 @@ namespace {
 template <typename scalar_t>
 void quantize_blocks(const scalar_t* w, int64_t n, int64_t blocksize, int64_t first, int64_t last,
                      uint8_t* packed, float* absmax) {
-  float scaled[4096];  // the largest supported blocksize
+  float scaled[4096];                   // the largest supported blocksize
   const uint8_t pad = nf4_index(0.0f);  // an odd element count is padded with a scaled zero
   for (int64_t b = first; b < last; ++b) {
     const int64_t start = b * blocksize;
@@ -87,7 +87,8 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, in
     }
     first = std::max(first, vector_end);
   }
-  for (int64_t b = first; b < last; ++b) dequantize_block_scalar(packed, absmax, n, blocksize, b, out);
+  for (int64_t b = first; b < last; ++b)
+    dequantize_block_scalar(packed, absmax, n, blocksize, b, out);
 }
 
 // Blocks per parallel task: enough work (~16K elements) to amortise the task.

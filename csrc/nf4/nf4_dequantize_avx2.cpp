@@ -43,7 +43,8 @@ void expand(const uint8_t* packed, int64_t bytes_per_block, int64_t blocks, cons
     for (int j = 0; j < 16; ++j)
       for (int k = 0; k < W; ++k) split[k][j] = table[j * W + k];
     __m128i byte_tables[W];
-    for (int k = 0; k < W; ++k) byte_tables[k] = _mm_load_si128(reinterpret_cast<__m128i*>(split[k]));
+    for (int k = 0; k < W; ++k)
+      byte_tables[k] = _mm_load_si128(reinterpret_cast<__m128i*>(split[k]));
 
     const uint8_t* src = packed + b * bytes_per_block;
     uint8_t* dst = out + b * bytes_per_block * 2 * W;

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One formatter and linter per language, line length 100: ruff for Python, clang-format for C++/CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ruff check python tests benchmarks
+ruff format --check python tests benchmarks
+git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' | xargs clang-format --dry-run --Werror
