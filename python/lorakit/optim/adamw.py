@@ -174,16 +174,13 @@ class AdamW(torch.optim.Optimizer):
             for index, p in zip(saved["params"], ours["params"], strict=True):
                 if index in state_dict["state"]:
                     check_loaded_state(index, p, state_dict["state"][index], ours["state_bits"])
-        super().load_state_dict(state_dict)
-
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: torch.Tensor,
-        value: torch.Tensor,
-        param_id: int,
-        param_groups: list[dict[str, Any]],
-        key: str | None = None,
-    ) -> torch.Tensor:
-        # torch.optim casts loaded floating state to the parameter's dtype; this state keeps its
-        # own dtypes (float32 moments for bf16 parameters, uint8 codes), so it is only moved.
-        return value.to(device=param.device)
+        # torch.optim would cast floating state to each parameter's dtype (float32 moments of a
+        # bf16 parameter to bf16, losing bits), so the state is loaded here, only moved.
+        super().load_state_dict({**state_dict, "state": {}})
+        for saved, ours in zip(saved_groups, self.param_groups, strict=True):
+            for index, p in zip(saved["params"], ours["params"], strict=True):
+                if index in state_dict["state"]:
+                    self.state[p] = {
+                        k: v.to(device=p.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in state_dict["state"][index].items()
+                    }
