@@ -109,15 +109,15 @@ def test_state_dict_of_another_configuration_is_rejected() -> None:
     model = _model()
     eight = AdamW(model.parameters(), state_bits=8)
     _train(model, eight, 1)
-    with pytest.raises(ValueError, match="state_bits=8 state .* has state_bits=32"):
+    with pytest.raises(ValueError, match=r"state_bits=8 state .* has state_bits=32"):
         AdamW(model.parameters()).load_state_dict(eight.state_dict())
     plain = torch.optim.AdamW(model.parameters())
     _train(model, plain, 1)
-    with pytest.raises(ValueError, match="not from lorakit.optim.AdamW"):
+    with pytest.raises(ValueError, match=r"not from lorakit\.optim\.AdamW"):
         AdamW(model.parameters()).load_state_dict(plain.state_dict())
     tampered = copy.deepcopy(eight.state_dict())
     tampered["state"][0]["exp_avg"] = tampered["state"][0]["exp_avg"].float()
-    with pytest.raises(ValueError, match="'exp_avg' of parameter 0 should be torch.uint8"):
+    with pytest.raises(ValueError, match=r"'exp_avg' of parameter 0 should be torch\.uint8"):
         AdamW(model.parameters(), state_bits=8).load_state_dict(tampered)
 
 

@@ -113,7 +113,9 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.lorakit.adamw_step_, (*args32, 1e-3, 0.9, 0.99, 1e-8, 0.0, 3))
     p, g = torch.randn(n, dtype=torch.bfloat16), torch.randn(n, dtype=torch.bfloat16)
     args8 = (p, g, *_state_8bit(n), dynamic_map(True), dynamic_map(False))
-    torch.library.opcheck(torch.ops.lorakit.adamw8bit_step_, (*args8, 1e-3, 0.9, 0.99, 1e-8, 0.1, 1))
+    torch.library.opcheck(
+        torch.ops.lorakit.adamw8bit_step_, (*args8, 1e-3, 0.9, 0.99, 1e-8, 0.1, 1)
+    )
 
 
 def test_torch_compile_fullgraph() -> None:

@@ -8,16 +8,15 @@
 namespace lorakit::optim {
 namespace {
 
-// In-place ops write through the data pointer, so every tensor must be one dense array.
-void check_dense(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ",
-              t.layout(), " (sparse gradients are not supported)");
+// In-place ops write through the data pointer, so every tensor must be one dense array (sparse
+// tensors never get here: the dispatcher has no sparse kernel for these ops).
+void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 void check_param_and_grad(const at::Tensor& param, const at::Tensor& grad, const char* op) {
-  check_dense(param, op, "param");
-  check_dense(grad, op, "grad");
+  check_contiguous(param, op, "param");
+  check_contiguous(grad, op, "grad");
   TORCH_CHECK(is_supported_float(param.scalar_type()), op,
               ": param must be float32, float16 or bfloat16, got ", param.scalar_type());
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": grad is ", grad.scalar_type(),
@@ -29,7 +28,7 @@ void check_param_and_grad(const at::Tensor& param, const at::Tensor& grad, const
 
 void check_state(const at::Tensor& param, const at::Tensor& t, at::ScalarType dtype, int64_t numel,
                  const char* op, const char* name) {
-  check_dense(t, op, name);
+  check_contiguous(t, op, name);
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
               t.scalar_type());
   TORCH_CHECK(t.numel() == numel, op, ": ", name, " has ", t.numel(), " elements, expected ",

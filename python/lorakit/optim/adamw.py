@@ -85,8 +85,9 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError(
-                            f"lorakit.optim.AdamW: parameter {index} has a sparse gradient, which "
-                            "is not supported; use dense gradients (e.g. nn.Embedding(sparse=False))"
+                            f"lorakit.optim.AdamW: parameter {index} has a sparse gradient, "
+                            "which is not supported; use dense gradients "
+                            "(e.g. nn.Embedding(sparse=False))"
                         )
                     found.append((group, index, p))
                 index += 1
@@ -104,7 +105,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Performs one step; ``closure``, if given, re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -65,7 +65,9 @@ def check_loaded_state(index: int, param: torch.Tensor, state: dict[str, Any], b
     for key, (dtype, numel) in _expected(param, eightbit).items():
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.numel() != numel:
-            got = f"{value.dtype} with {value.numel()} elements" if torch.is_tensor(value) else value
+            got = (
+                f"{value.dtype} with {value.numel()} elements" if torch.is_tensor(value) else value
+            )
             raise ValueError(
                 f"optimizer state {key!r} of parameter {index} should be {dtype} with {numel} "
                 f"elements ({kind} state), got {got}"
