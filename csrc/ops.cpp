@@ -20,6 +20,23 @@ TORCH_LIBRARY(lorakit, m) {
   m.def(
       "blockwise8_dequantize(Tensor q, Tensor absmax, Tensor code, int blocksize, "
       "ScalarType dtype) -> Tensor");
+
+  // ---- optimizers: in-place AdamW steps (the one family of ops that mutates its inputs) -------
+  // Decoupled weight decay, bias correction by `step` (counted from 1), grad multiplied by
+  // grad_scale first (max-grad-norm clipping without another pass). param and grad share a
+  // dtype (float32, float16 or bfloat16); the state is float32.
+  m.def(
+      "adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
+      "float grad_scale=1.0) -> ()");
+  // 8-bit state: exp_avg / exp_avg_sq are uint8 codes of blocks of 256 (param's shape), each block
+  // scaled by a float32 absmax[ceil(numel / 256)]; exp_avg_code is the signed dynamic map,
+  // exp_avg_sq_code the unsigned one.
+  m.def(
+      "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_absmax, Tensor(d!) exp_avg_sq, Tensor(e!) exp_avg_sq_absmax, "
+      "Tensor exp_avg_code, Tensor exp_avg_sq_code, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, float grad_scale=1.0) -> ()");
 }
 
 // The pybind11 module only loads the library (running the registrations above) and says what was

@@ -10,6 +10,8 @@ void check_blocksize(int64_t blocksize) {
               "blocksize must be a power of two from 64 to 4096, got ", blocksize);
 }
 
+}  // namespace
+
 void check_code(const at::Tensor& code, const char* op) {
   check_dtype(code, at::kFloat, op);
   TORCH_CHECK(code.dim() == 1 && code.numel() == kCodeSize, op,
@@ -21,8 +23,6 @@ void check_code(const at::Tensor& code, const char* op) {
       TORCH_CHECK(v[i - 1] <= v[i], op, ": code must be sorted ascending (entry ", i, ")");
   }
 }
-
-}  // namespace
 
 void check_quantize_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
   check_float_tensor(x, "blockwise8_quantize: x");

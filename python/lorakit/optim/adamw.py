@@ -1,0 +1,187 @@
+"""AdamW with 32-bit or 8-bit state, one fused native op per parameter and step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from lorakit import ops
+from lorakit.optim.state import check_loaded_state, new_state, uses_8bit
+from lorakit.quant import dynamic_map
+
+# clip_grad_norm_'s guard against dividing by a zero norm, kept so max_grad_norm clips alike.
+_CLIP_EPS = 1e-6
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) computed as ``torch.optim.AdamW`` does, fused per parameter.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        lr: learning rate.
+        betas: decay rates of the first and second moment.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay (``param *= 1 - lr * weight_decay``).
+        state_bits: 32 keeps both moments in float32 (8 bytes per parameter); 8 keeps them as
+            blockwise 8-bit codes (2 bytes plus 8 bytes per 256). Tensors under 4096 elements
+            keep 32-bit state either way.
+        max_grad_norm: if set, gradients are scaled as ``clip_grad_norm_`` would (total 2-norm
+            over all parameters of this optimizer), inside the step instead of in a separate pass.
+
+    NaN and Inf gradients: without ``max_grad_norm`` they propagate as in ``torch.optim.AdamW``:
+    the parameter elements they touch and their moments become NaN (with 8-bit state the NaN
+    spreads to the moments of its whole block of 256, through the block's absmax). Checking
+    would cost a pass over every gradient; ``torch.amp.GradScaler`` already skips such steps.
+    With ``max_grad_norm`` the norm is computed anyway, so a non-finite norm raises
+    ``FloatingPointError`` before anything is changed.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        state_bits: int = 32,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if state_bits not in (32, 8):
+            raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
+        if max_grad_norm is not None and not max_grad_norm > 0.0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "state_bits": state_bits,
+        }
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _dynamic_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._codes:
+            self._codes[device] = (dynamic_map(True, device), dynamic_map(False, device))
+        return self._codes[device]
+
+    def _params_with_grad(self) -> list[tuple[dict[str, Any], int, torch.Tensor]]:
+        found = []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            f"lorakit.optim.AdamW: parameter {index} has a sparse gradient, "
+                            "which is not supported; use dense gradients "
+                            "(e.g. nn.Embedding(sparse=False))"
+                        )
+                    found.append((group, index, p))
+                index += 1
+        return found
+
+    def _grad_scale(self, params: list[torch.Tensor]) -> float:
+        if self.max_grad_norm is None or not params:
+            return 1.0
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if norm != norm or norm == float("inf"):
+            raise FloatingPointError(
+                f"lorakit.optim.AdamW: the gradient norm is {norm}; no parameter was updated"
+            )
+        return min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs one step; ``closure``, if given, re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = self._params_with_grad()
+        grad_scale = self._grad_scale([p for _, _, p in todo])
+        for group, index, p in todo:
+            state = self.state[p]
+            if not state:
+                state.update(new_state(p, uses_8bit(p, group["state_bits"])))
+            device = state["exp_avg"].device
+            if device != p.device:
+                raise RuntimeError(
+                    f"lorakit.optim.AdamW: parameter {index} is on {p.device} but its optimizer "
+                    f"state is on {device}; create the optimizer (or load its state) after moving "
+                    "the model"
+                )
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            hyper = {
+                "lr": float(group["lr"]),
+                "beta1": beta1,
+                "beta2": beta2,
+                "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+                "step": state["step"],
+                "grad_scale": grad_scale,
+            }
+            if "exp_avg_absmax" in state:
+                signed, unsigned = self._dynamic_maps(p.device)
+                ops.adamw8bit_step_(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_absmax"],
+                    state["exp_avg_sq"],
+                    state["exp_avg_sq_absmax"],
+                    signed,
+                    unsigned,
+                    **hyper,
+                )
+            else:
+                ops.adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict saved by an AdamW of the same configuration (``state_bits``).
+
+        Raises:
+            ValueError: the state dict comes from another optimizer or configuration.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for ours, saved in zip(self.param_groups, saved_groups, strict=True):
+            if saved.get("state_bits") != ours["state_bits"]:
+                raise ValueError(
+                    f"the state dict holds state_bits={saved.get('state_bits')} state (None: not "
+                    f"from lorakit.optim.AdamW) but this optimizer has state_bits="
+                    f"{ours['state_bits']}; create the optimizer with the saved configuration"
+                )
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError("a parameter group of the state dict has a different size")
+            for index, p in zip(saved["params"], ours["params"], strict=True):
+                if index in state_dict["state"]:
+                    check_loaded_state(index, p, state_dict["state"][index], ours["state_bits"])
+        # torch.optim would cast floating state to each parameter's dtype (float32 moments of a
+        # bf16 parameter to bf16, losing bits), so the state is loaded here, only moved.
+        super().load_state_dict({**state_dict, "state": {}})
+        for saved, ours in zip(saved_groups, self.param_groups, strict=True):
+            for index, p in zip(saved["params"], ours["params"], strict=True):
+                if index in state_dict["state"]:
+                    self.state[p] = {
+                        k: v.to(device=p.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in state_dict["state"][index].items()
+                    }
