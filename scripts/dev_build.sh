@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${1:-build/dev}
 python=${PYTHON:-python}
+# Use the cmake and ninja installed next to that Python (the system cmake may be too old).
+export PATH="$(dirname "$(command -v "$python")"):$PATH"
 cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORAKIT_INPLACE=ON \
   -DPython_EXECUTABLE="$(command -v "$python")" \
   -DLORAKIT_CUDA="${LORAKIT_CUDA:-auto}" -DLORAKIT_CUDA_ARCHS="${LORAKIT_CUDA_ARCHS:-90}" >/dev/null
