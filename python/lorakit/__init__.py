@@ -1,6 +1,16 @@
 """lorakit: fast, memory-lean LoRA / QLoRA fine-tuning for PyTorch."""
 
-from lorakit import ops, quant
+from lorakit import nn, ops, peft, quant
 from lorakit._native import BuildInfo, build_info
+from lorakit.peft import LoraConfig, apply_lora
 
-__all__ = ["BuildInfo", "build_info", "ops", "quant"]
+__all__ = [
+    "BuildInfo",
+    "LoraConfig",
+    "apply_lora",
+    "build_info",
+    "nn",
+    "ops",
+    "peft",
+    "quant",
+]
