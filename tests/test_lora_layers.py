@@ -110,7 +110,7 @@ def test_rank_must_fit_the_layer(r):
 
 
 def test_rejects_other_modules_and_bad_dropout():
-    with pytest.raises(TypeError, match="wraps nn.Linear or NF4Linear, got Conv2d"):
+    with pytest.raises(TypeError, match=r"wraps nn\.Linear or NF4Linear, got Conv2d"):
         LoRALinear(nn.Conv2d(3, 3, 1), r=1, alpha=1)
     with pytest.raises(ValueError, match="dropout must be in"):
         LoRALinear(nn.Linear(8, 8), r=1, alpha=1, dropout=1.0)
@@ -173,7 +173,7 @@ def test_nf4_linear_state_dict_errors():
     layer = NF4Linear.from_linear(nn.Linear(64, 32))
     state = layer.state_dict()
     del state["weight.absmax"]
-    with pytest.raises(RuntimeError, match="missing 'weight.absmax'"):
+    with pytest.raises(RuntimeError, match=r"missing 'weight\.absmax'"):
         layer.load_state_dict(state)
     wrong = NF4Linear.from_linear(nn.Linear(64, 16)).state_dict()
     with pytest.raises(RuntimeError, match=r"shape \[16, 64\] does not match \[32, 64\]"):
@@ -184,3 +184,21 @@ def test_nf4_linear_follows_dtype_casts():
     layer = NF4Linear.from_linear(nn.Linear(64, 32)).to(torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
     assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_torch_compile_fullgraph_training_step(quantized):
+    base = nn.Linear(64, 48)
+    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 64)
+
+    def step(x):
+        return layer(x).square().sum()
+
+    expected = torch.autograd.grad(step(x), (layer.lora_A, layer.lora_B))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x), (layer.lora_A, layer.lora_B))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
