@@ -8,8 +8,8 @@ import lora_reference as ref
 from conftest import FLOAT_DTYPES
 from lorakit import ops
 
-# (tokens, in, out): the direct decode kernel (<= 16 rows, in % 16 == 0), several NF4 tiles
-# (out > 256), rows that start mid-block (in = 100, blocksize 64), leading dimensions.
+# (tokens, in, out): the direct decode kernel (<= 16 rows, in % 16 == 0), the tiled path,
+# rows that start mid-block (in = 100, blocksize 64), leading dimensions.
 SHAPES = [((1,), 64, 32), ((16,), 96, 300), ((17,), 96, 40), ((2, 3), 100, 520), ((300,), 128, 64)]
 
 
@@ -88,6 +88,20 @@ def test_nf4_blocksizes_larger_than_a_row(blocksize):
 
     def nf4(x, _w, b, a, lb, scale, x_lora):
         return ops.lora_linear_nf4(x, packed, absmax, blocksize, b, a, lb, scale, x_lora)
+
+    check(nf4, w, torch.float32, inputs)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_nf4_several_tiles(dropout):
+    # 8 MiB float32 tiles of in = 1000 hold 2096 rows (a multiple of 8, the rows after which a
+    # tile starts on a 64-value block), so 2200 rows take two tiles, the second a short one.
+    inputs = make_inputs((20,), 1000, 2200, torch.float32, dropout=dropout)
+    packed, absmax = ops.nf4_quantize(inputs[1], 64)
+    w = ops.nf4_dequantize(packed, absmax, 64, inputs[1].shape, torch.float32)
+
+    def nf4(x, _w, b, a, lb, scale, x_lora):
+        return ops.lora_linear_nf4(x, packed, absmax, 64, b, a, lb, scale, x_lora)
 
     check(nf4, w, torch.float32, inputs)
 
