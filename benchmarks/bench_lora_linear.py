@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -82,7 +83,7 @@ class Result:
     mem_mib: float
 
 
-def layer_bytes(layer: nn.Module) -> int:
+def layer_tensors(layer: nn.Module) -> dict[int, int]:
     tensors = {t.data_ptr(): t.nbytes for t in (*layer.parameters(), *layer.buffers())}
     for m in layer.modules():
         if isinstance(m, NF4Linear):
@@ -90,7 +91,7 @@ def layer_bytes(layer: nn.Module) -> int:
         if isinstance(m, bnb.nn.Linear4bit):
             state = m.weight.quant_state
             tensors |= {t.data_ptr(): t.nbytes for t in (state.absmax, state.state2.absmax)}
-    return sum(tensors.values())
+    return tensors
 
 
 def memory(call: Callable[[], None], layer: nn.Module, device: str) -> float:
@@ -100,15 +101,16 @@ def memory(call: Callable[[], None], layer: nn.Module, device: str) -> float:
         call()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    saved: list[int] = []
+    # Saved tensors that are the layer's own (weights, adapters) are counted once.
+    tensors = layer_tensors(layer)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.nbytes)
+        tensors[t.data_ptr()] = t.nbytes
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         call()
-    return (layer_bytes(layer) + sum(saved)) / 2**20
+    return sum(tensors.values()) / 2**20
 
 
 def bench(
@@ -181,7 +183,8 @@ def main() -> None:
     torch.manual_seed(0)
     report = [
         f"## LoRA linear, {device}: torch {torch.__version__}, peft {peft.__version__}, "
-        f"bitsandbytes {bnb.__version__}, {torch.get_num_threads()} threads, r={RANK}\n"
+        f"bitsandbytes {bnb.__version__}, {torch.get_num_threads()} threads, r={RANK}, "
+        f"load average at start {os.getloadavg()[0]:.2f} (other processes share the machine)\n"
     ]
     for tokens, n_in, n_out, dtype in TRAIN[device]:
         modules = layers(n_in, n_out, dtype, device)

@@ -38,16 +38,22 @@ void gemv_rows(const uint8_t* packed, const float* absmax, int shift, int64_t in
     for (int s = 0; s < kSets; ++s)
       for (int j = 0; j < M; ++j) acc[s][j] = _mm256_setzero_ps();
     const int64_t row = o * in;
+    // The 16 codes times the current block's scale, rebuilt when a new block starts.
+    int64_t block = -1;
+    __m256 low = low_codes, high = high_codes;
     for (int64_t k = 0; k < in; k += 16) {
-      const __m256 scale = _mm256_set1_ps(absmax[(row + k) >> shift]);
+      if (((row + k) >> shift) != block) {
+        block = (row + k) >> shift;
+        const __m256 scale = _mm256_set1_ps(absmax[block]);
+        low = _mm256_mul_ps(low_codes, scale);
+        high = _mm256_mul_ps(high_codes, scale);
+      }
       const __m128i bytes =
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (row + k) / 2));
       const __m256i q = _mm256_cvtepu8_epi32(bytes);
       // Byte p holds element 2p in its high nibble and 2p + 1 in its low one.
-      const __m256 even =
-          _mm256_mul_ps(lookup(_mm256_srli_epi32(q, 4), low_codes, high_codes), scale);
-      const __m256 odd =
-          _mm256_mul_ps(lookup(_mm256_and_si256(q, low_nibble), low_codes, high_codes), scale);
+      const __m256 even = lookup(_mm256_srli_epi32(q, 4), low, high);
+      const __m256 odd = lookup(_mm256_and_si256(q, low_nibble), low, high);
       for (int j = 0; j < M; ++j) {
         const float* xj = x + j * in + k;
         acc[0][j] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xj), acc[0][j]);
