@@ -37,6 +37,29 @@ TORCH_LIBRARY(lorakit, m) {
       "Tensor(c!) exp_avg_absmax, Tensor(d!) exp_avg_sq, Tensor(e!) exp_avg_sq_absmax, "
       "Tensor exp_avg_code, Tensor exp_avg_sq_code, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int step, float grad_scale=1.0) -> ()");
+
+  // ---- LoRA linear: y = x W^T + bias + scale * (x_lora A^T) B^T -----------------------------
+  // x: (..., in); weight: (out, in), frozen (never gets a gradient); lora_a: (r, in);
+  // lora_b: (out, r); r may be 0 (no adapter). x_lora is the input of the low-rank path after
+  // LoRA dropout; None means x itself. xa = x_lora A^T (..., r) is returned for the backward.
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "float scale, Tensor? x_lora=None) -> (Tensor y, Tensor xa)");
+  // grad_xa = scale * grad_y B is d loss / d xa; grad_x holds the low-rank path's share only when
+  // x_lora is None, otherwise the caller forms grad_xa A for x_lora (dropout sits between them).
+  m.def(
+      "lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, "
+      "Tensor lora_b, Tensor xa, float scale, Tensor? x_lora) "
+      "-> (Tensor grad_x, Tensor grad_xa, Tensor grad_a, Tensor grad_b)");
+  // The same with an NF4 weight (packed, float32 absmax as in nf4_dequantize; out = lora_b's rows,
+  // in = x's last size), dequantized to x's dtype a tile at a time, never in full.
+  m.def(
+      "lora_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, Tensor? bias, "
+      "Tensor lora_a, Tensor lora_b, float scale, Tensor? x_lora=None) -> (Tensor y, Tensor xa)");
+  m.def(
+      "lora_linear_nf4_backward(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, "
+      "int blocksize, Tensor lora_a, Tensor lora_b, Tensor xa, float scale, Tensor? x_lora) "
+      "-> (Tensor grad_x, Tensor grad_xa, Tensor grad_a, Tensor grad_b)");
 }
 
 // The pybind11 module only loads the library (running the registrations above) and says what was

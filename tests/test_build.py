@@ -9,7 +9,16 @@ import lorakit
 from lorakit import _native
 from lorakit.cli import main
 
-OPS = ["nf4_quantize", "nf4_dequantize", "blockwise8_quantize", "blockwise8_dequantize"]
+OPS = [
+    "nf4_quantize",
+    "nf4_dequantize",
+    "blockwise8_quantize",
+    "blockwise8_dequantize",
+    "lora_linear",
+    "lora_linear_backward",
+    "lora_linear_nf4",
+    "lora_linear_nf4_backward",
+]
 
 
 def test_build_info_describes_this_build() -> None:

@@ -12,6 +12,7 @@
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_code.h"
 #include "nf4/nf4_dequantize_avx2.h"
+#include "nf4/nf4_dequantize_cpu.h"
 
 namespace lorakit::nf4 {
 namespace {
@@ -52,48 +53,6 @@ void quantize_blocks(const scalar_t* w, int64_t n, int64_t blocksize, int64_t fi
   }
 }
 
-// Dequantizes block b with a scalar loop (no AVX2, or the last partial block).
-template <typename scalar_t>
-void dequantize_block_scalar(const uint8_t* packed, const float* absmax, int64_t n,
-                             int64_t blocksize, int64_t b, scalar_t* out) {
-  scalar_t table[16];
-  block_table(absmax[b], table);
-  const int64_t start = b * blocksize;
-  const int64_t len = std::min(blocksize, n - start);
-  const uint8_t* in = packed + start / 2;
-  scalar_t* o = out + start;
-  for (int64_t p = 0; p < len / 2; ++p) {
-    o[2 * p] = table[in[p] >> 4];
-    o[2 * p + 1] = table[in[p] & 0x0F];
-  }
-  if (len % 2) o[len - 1] = table[in[len / 2] >> 4];
-}
-
-// Dequantizes blocks [first, last): full blocks through the AVX2 shuffle path, in chunks whose
-// tables fit on the stack.
-template <typename scalar_t>
-void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
-                       int64_t first, int64_t last, scalar_t* out, bool use_avx2) {
-  const int64_t full_blocks = n / blocksize;
-  if (use_avx2) {
-    constexpr int64_t kChunk = 64;
-    scalar_t tables[kChunk * 16];
-    const int64_t vector_end = std::min(last, full_blocks);
-    for (int64_t b = first; b < vector_end; b += kChunk) {
-      const int64_t count = std::min(kChunk, vector_end - b);
-      for (int64_t k = 0; k < count; ++k) block_table(absmax[b + k], tables + 16 * k);
-      expand_nibbles_avx2(packed + b * blocksize / 2, blocksize / 2, count, tables,
-                          sizeof(scalar_t), out + b * blocksize);
-    }
-    first = std::max(first, vector_end);
-  }
-  for (int64_t b = first; b < last; ++b)
-    dequantize_block_scalar(packed, absmax, n, blocksize, b, out);
-}
-
-// Blocks per parallel task: enough work (~16K elements) to amortise the task.
-int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
-
 // ---- glue ---------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t blocksize) {
@@ -126,7 +85,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
     const float* scales = a.const_data_ptr<float>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, a.numel(), grain_blocks(blocksize), [&](int64_t first, int64_t last) {
-      dequantize_blocks(src, scales, n, blocksize, first, last, dst, use_avx2);
+      dequantize_blocks(src, scales, n, blocksize, first, last, dst + first * blocksize, use_avx2);
     });
   });
   return out;

@@ -1,0 +1,148 @@
+#include "lora/lora_common.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "nf4/nf4_checks.h"
+
+namespace lorakit::lora {
+namespace {
+
+void check_matches_x(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
+              " but x is ", x.scalar_type(), "; cast one of them so that the dtypes match");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device(), "; move them to the same device");
+}
+
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = last;
+  return sizes;
+}
+
+}  // namespace
+
+Sizes check_adapter_args(const char* op, const at::Tensor& x, int64_t out,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                         const at::Tensor& lora_b, const std::optional<at::Tensor>& x_lora) {
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., in), got a scalar");
+  const int64_t in = x.size(-1);
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == in, op,
+              ": lora_a must be (r, in) with in = ", in, ", got ", lora_a.sizes());
+  const int64_t rank = lora_a.size(0);
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == out && lora_b.size(1) == rank, op,
+              ": lora_b must be (out, r) = (", out, ", ", rank, "), got ", lora_b.sizes());
+  check_matches_x(op, lora_a, "lora_a", x);
+  check_matches_x(op, lora_b, "lora_b", x);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be (out,) = (", out,
+                ",), got ", bias->sizes());
+    check_matches_x(op, *bias, "bias", x);
+  }
+  if (x_lora) {
+    TORCH_CHECK(x_lora->sizes() == x.sizes(), op, ": x_lora must have x's shape ", x.sizes(),
+                ", got ", x_lora->sizes());
+    check_matches_x(op, *x_lora, "x_lora", x);
+  }
+  return {leading(x), in, out, rank};
+}
+
+void check_grad_y(const char* op, const at::Tensor& grad_y, const Sizes& s) {
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == s.out && grad_y.numel() == s.tokens * s.out,
+              op, ": grad_y must have shape (..., ", s.out, ") with ", s.tokens, " rows, got ",
+              grad_y.sizes());
+}
+
+void check_nf4_weight(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                      const at::Tensor& absmax, int64_t blocksize, int64_t out) {
+  nf4::check_blocksize(blocksize);
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ",
+              packed.scalar_type());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op,
+              ": absmax must be float32 (dequantize double-quantized scales first), got ",
+              absmax.scalar_type());
+  check_same_device(packed, "packed", x, "x");
+  check_same_device(absmax, "absmax", x, "x");
+  const int64_t numel = out * x.size(-1);
+  TORCH_CHECK(packed.numel() == ceil_div(numel, 2), op, ": packed has ", packed.numel(),
+              " bytes but a (", out, ", ", x.size(-1), ") weight needs ", ceil_div(numel, 2));
+  TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), op, ": absmax has ", absmax.numel(),
+              " scales but a (", out, ", ", x.size(-1), ") weight with blocksize ", blocksize,
+              " needs ", ceil_div(numel, blocksize));
+}
+
+int64_t leading(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+}
+
+at::Tensor rows(const at::Tensor& x) { return x.reshape({leading(x), x.size(-1)}); }
+
+at::Tensor low_rank_input(const at::Tensor& x, const std::optional<at::Tensor>& x_lora) {
+  return rows(x_lora ? *x_lora : x);
+}
+
+at::Tensor add_low_rank_(at::Tensor& y, const at::Tensor& x_lora, const at::Tensor& lora_a,
+                         const at::Tensor& lora_b, double scale) {
+  at::Tensor xa = at::mm(x_lora, lora_a.t());
+  if (lora_a.size(0) > 0) y.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  return xa;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_backward(
+    const at::Tensor& grad_y, const at::Tensor& x_lora, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& xa, double scale, at::Tensor* fold_into) {
+  at::Tensor grad_xa = at::mm(grad_y, lora_b).mul_(scale);
+  at::Tensor grad_a = at::mm(grad_xa.t(), x_lora);
+  at::Tensor grad_b = at::mm(grad_y.t(), xa).mul_(scale);
+  if (fold_into && lora_a.size(0) > 0) fold_into->addmm_(grad_xa, lora_a);
+  return {grad_xa, grad_a, grad_b};
+}
+
+Forward unflatten(const at::Tensor& x, at::Tensor y, at::Tensor xa) {
+  return {y.view(with_last(x, y.size(1))), xa.view(with_last(x, xa.size(1)))};
+}
+
+Backward unflatten_grads(const at::Tensor& x, at::Tensor grad_x, at::Tensor grad_xa,
+                         at::Tensor grad_a, at::Tensor grad_b) {
+  return {grad_x.view(x.sizes()), grad_xa.view(with_last(x, grad_xa.size(1))), grad_a, grad_b};
+}
+
+Forward lora_linear_dense(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                          const at::Tensor& lora_b, double scale,
+                          const std::optional<at::Tensor>& x_lora) {
+  constexpr const char* op = "lora_linear";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be (out, in), got ", weight.sizes());
+  check_adapter_args(op, x, weight.size(0), bias, lora_a, lora_b, x_lora);
+  TORCH_CHECK(weight.size(1) == x.size(-1), op, ": weight is ", weight.sizes(), " but x has ",
+              x.size(-1), " input features");
+  check_matches_x(op, weight, "weight", x);
+  const at::Tensor x2 = rows(x);
+  at::Tensor y = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor xa = add_low_rank_(y, low_rank_input(x, x_lora), lora_a, lora_b, scale);
+  return unflatten(x, y, xa);
+}
+
+Backward lora_linear_dense_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                    const at::Tensor& weight, const at::Tensor& lora_a,
+                                    const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                                    const std::optional<at::Tensor>& x_lora) {
+  constexpr const char* op = "lora_linear_backward";
+  const Sizes s = check_adapter_args(op, x, weight.size(0), std::nullopt, lora_a, lora_b, x_lora);
+  check_grad_y(op, grad_y, s);
+  const at::Tensor g = grad_y.reshape({s.tokens, s.out});
+  at::Tensor grad_x = at::mm(g, weight);
+  auto [grad_xa, grad_a, grad_b] = low_rank_backward(g, low_rank_input(x, x_lora), lora_a, lora_b,
+                                                     rows(xa), scale, x_lora ? nullptr : &grad_x);
+  return unflatten_grads(x, grad_x, grad_xa, grad_a, grad_b);
+}
+
+}  // namespace lorakit::lora

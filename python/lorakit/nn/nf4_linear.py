@@ -1,0 +1,118 @@
+"""A frozen linear layer whose weight is held in 4-bit NF4."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import ops
+from lorakit.quant import NF4Weight
+
+
+def nf4_lora_linear(
+    x: torch.Tensor,
+    weight: NF4Weight,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + bias + scale · (x_lora Aᵀ) Bᵀ`` with W in NF4 (:func:`ops.lora_linear_nf4`).
+
+    Double-quantized scales are expanded to float32 first: one value per block, cheap next to the
+    product.
+    """
+    return ops.lora_linear_nf4(
+        x, weight.packed, weight.scales(), weight.blocksize, bias, lora_a, lora_b, scale, x_lora
+    )
+
+
+class NF4Linear(nn.Module):
+    """``y = x Wᵀ + bias`` with a frozen weight stored in NF4 (about 4.13 bits per weight).
+
+    The weight is expanded to x's dtype a tile of rows at a time inside the native op, never in
+    full. Its state dict uses bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``,
+    ``weight.quant_state.bitsandbytes__nf4``, ...), so either library loads the other's.
+
+    Args:
+        weight: an ``(out, in)`` :class:`~lorakit.quant.NF4Weight`.
+        bias: ``(out,)`` or None; kept frozen, in the weight's dtype.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got {list(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        frozen = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = frozen
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
+    ) -> NF4Linear:
+        """Quantizes ``linear``'s weight (on its device); the bias stays in full precision."""
+        weight = NF4Weight.from_float(linear.weight.detach(), blocksize, double_quant)
+        return cls(weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        no_adapter = x.new_empty((0, self.in_features)), x.new_empty((self.out_features, 0))
+        return nf4_lora_linear(x, self.weight, self.bias, *no_adapter, 0.0)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}"
+        )
+
+    # nn.Module only moves parameters and buffers; the NF4 tensors follow the device, and the
+    # expansion dtype follows float casts (model.to(torch.bfloat16)).
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device))
+        self.weight = replace(self.weight.to(probe.device), dtype=probe.dtype)
+        return self
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.weight.state_dict(f"{prefix}weight"))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = f"{prefix}weight"
+        own = {k: v for k, v in state_dict.items() if k == key or k.startswith(f"{key}.")}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in own]
+        if key not in own:
+            missing_keys.append(key)
+            return
+        try:
+            weight = NF4Weight.from_state_dict(own, key)
+        except (KeyError, ValueError) as e:
+            error_msgs.append(str(e))
+            return
+        if weight.shape != self.weight.shape:
+            error_msgs.append(
+                f"{key}: shape {list(weight.shape)} does not match {list(self.weight.shape)}"
+            )
+            return
+        self.weight = weight.to(self.weight.device)
