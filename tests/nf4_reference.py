@@ -19,25 +19,23 @@ NF4_CODE = torch.tensor(
 def nf4_quantize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = w.reshape(-1).float()
     n = x.numel()
-    packed_codes, scales = [], []
-    for start in range(0, n, blocksize):
-        block = x[start : start + blocksize]
-        amax = block.abs().max() if block.numel() else torch.tensor(0.0)
-        if block.numel() == blocksize:  # full block: multiply by the reciprocal
-            scales.append(amax)
-            scaled = block * (1.0 / amax.clamp(min=1e-38))
-        else:  # last partial block: divide by the clamped absmax, and store that
-            amax = amax.clamp(min=1e-38)
-            scales.append(amax)
-            scaled = block / amax
-        midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-        packed_codes.append(torch.bucketize(scaled, midpoints))
-    codes = torch.cat(packed_codes) if packed_codes else torch.zeros(0, dtype=torch.int64)
+    full = n - n % blocksize
+    code = NF4_CODE.to(x.device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    # Full blocks are multiplied by the reciprocal of their absmax (clamped so that a zero block
+    # scales to 0, not NaN); a last partial block is divided by its clamped absmax, which is also
+    # what gets stored. bucketize (right=False) sends a value on a midpoint to the lower code.
+    blocks = x[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)
+    if full < n:
+        tail_absmax = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax[None]])
+        scaled = torch.cat([scaled, x[full:] / tail_absmax])
     if n % 2:
-        codes = torch.cat([codes, torch.tensor([7])])  # a scaled zero pads the last byte
-    packed = (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
-    absmax = torch.stack(scales) if scales else torch.zeros(0)
-    return packed, absmax
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])  # a scaled zero pads the last byte
+    codes = torch.bucketize(scaled, midpoints)
+    return (codes[0::2] << 4 | codes[1::2]).to(torch.uint8), absmax
 
 
 def nf4_dequantize(
@@ -45,7 +43,7 @@ def nf4_dequantize(
 ) -> torch.Tensor:
     codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).long()
     n = int(torch.tensor(shape).prod()) if shape else 1
-    values = NF4_CODE[codes[:n]]
+    values = NF4_CODE.to(packed.device)[codes[:n]]
     scale = absmax.repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype).reshape(shape)
 

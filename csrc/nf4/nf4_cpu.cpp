@@ -4,6 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include "common/dispatch.h"
+#include "common/huge_pages.h"
 
 #include <algorithm>
 #include <cmath>
@@ -77,6 +78,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               at::IntArrayRef shape, at::ScalarType dtype) {
   const int64_t n = check_dequantize_args(packed, absmax, blocksize, shape, dtype);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   const bool use_avx2 = cpu_has_avx2();
