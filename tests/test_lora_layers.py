@@ -31,9 +31,9 @@ def peft_layer(base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslo
 def share_adapter(ours: LoRALinear, theirs: nn.Module) -> None:
     # A random B, so that the low-rank path contributes (a fresh adapter has B = 0).
     with torch.no_grad():
-        ours.lora_B.normal_()
-        theirs.lora_A["default"].weight.copy_(ours.lora_A)
-        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        ours.lora_B["default"].normal_()
+        theirs.lora_A["default"].weight.copy_(ours.lora_A["default"])
+        theirs.lora_B["default"].weight.copy_(ours.lora_B["default"])
 
 
 def assert_float32_close(got, expected):
@@ -63,7 +63,7 @@ def test_matches_peft_on_linear(bias, rslora, dropout):
     x = torch.randn(4, 7, 96)
     # Same seed: both draw the dropout mask first, from the same generator.
     torch.manual_seed(1)
-    got = outputs_and_grads(ours, ours.lora_A, ours.lora_B, x)
+    got = outputs_and_grads(ours, ours.lora_A["default"], ours.lora_B["default"], x)
     torch.manual_seed(1)
     a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
     expected = outputs_and_grads(theirs, a, b, x)
@@ -79,7 +79,7 @@ def test_matches_peft_on_bitsandbytes_4bit():
     theirs = peft_layer(bnb_layer, 4, 8)
     share_adapter(ours, theirs)
     x = torch.randn(10, 128)
-    got = outputs_and_grads(ours, ours.lora_A, ours.lora_B, x)
+    got = outputs_and_grads(ours, ours.lora_A["default"], ours.lora_B["default"], x)
     a, b = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
     expected = outputs_and_grads(theirs, a, b, x)
     # The same NF4 codes and (up to rare last-bit differences of the 8-bit scales, see
@@ -92,13 +92,16 @@ def test_new_adapter_leaves_output_unchanged_and_a_is_kaiming_uniform():
     layer = LoRALinear(copy.deepcopy(base), r=16, alpha=32)
     x = torch.randn(5, 256)
     torch.testing.assert_close(layer(x), base(x))
-    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.count_nonzero(layer.lora_B["default"]) == 0
     # kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(in), 1/sqrt(in)).
     bound = 1 / math.sqrt(256)
-    a = layer.lora_A.detach()
+    a = layer.lora_A["default"].detach()
     assert a.abs().max() <= bound
     assert a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == [
+        "lora_A.default",
+        "lora_B.default",
+    ]
 
 
 @pytest.mark.parametrize("r", [0, -1, 33, 2.0])
@@ -191,14 +194,14 @@ def test_torch_compile_fullgraph_training_step(quantized):
     base = nn.Linear(64, 48)
     layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
     with torch.no_grad():
-        layer.lora_B.normal_()
+        layer.lora_B["default"].normal_()
     x = torch.randn(6, 64)
 
     def step(x):
         return layer(x).square().sum()
 
-    expected = torch.autograd.grad(step(x), (layer.lora_A, layer.lora_B))
+    expected = torch.autograd.grad(step(x), (layer.lora_A["default"], layer.lora_B["default"]))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(x), (layer.lora_A, layer.lora_B))
+    got = torch.autograd.grad(compiled(x), (layer.lora_A["default"], layer.lora_B["default"]))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)

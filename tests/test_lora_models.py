@@ -42,7 +42,7 @@ def randomize_b(model: nn.Module) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.lora_B.normal_(std=0.1)
+                m.lora_B["default"].normal_(std=0.1)
 
 
 def copy_adapters(ours: nn.Module, theirs: peft.PeftModel) -> None:
@@ -51,8 +51,8 @@ def copy_adapters(ours: nn.Module, theirs: peft.PeftModel) -> None:
         for name, m in ours.named_modules():
             if isinstance(m, LoRALinear):
                 target = inner.get_submodule(name)
-                target.lora_A["default"].weight.copy_(m.lora_A)
-                target.lora_B["default"].weight.copy_(m.lora_B)
+                target.lora_A["default"].weight.copy_(m.lora_A["default"])
+                target.lora_B["default"].weight.copy_(m.lora_B["default"])
 
 
 def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

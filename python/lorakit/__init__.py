@@ -2,16 +2,27 @@
 
 from lorakit import nn, ops, optim, peft, quant
 from lorakit._native import BuildInfo, build_info
-from lorakit.peft import LoraConfig, apply_lora
+from lorakit.peft import (
+    LoraConfig,
+    apply_lora,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 
 __all__ = [
     "BuildInfo",
     "LoraConfig",
     "apply_lora",
     "build_info",
+    "disable_adapters",
+    "load_adapter",
     "nn",
     "ops",
     "optim",
     "peft",
     "quant",
+    "save_adapter",
+    "set_adapter",
 ]

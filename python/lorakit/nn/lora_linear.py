@@ -1,18 +1,50 @@
-"""LoRA: a trainable low-rank update beside a frozen linear layer."""
+"""LoRA: trainable low-rank updates beside a frozen linear layer, several by name."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lorakit import ops
 from lorakit.nn.nf4_linear import NF4Linear, nf4_lora_linear
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """The hyperparameters of one adapter of a :class:`LoRALinear`."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def check(self, in_features: int, out_features: int) -> None:
+        """Raises ValueError unless the rank fits an ``in -> out`` layer and dropout is in range."""
+        largest = min(in_features, out_features)
+        r = self.r
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= largest:
+            raise ValueError(
+                f"LoRA rank r must be an integer from 1 to min(in, out) = {largest} for a "
+                f"{in_features} -> {out_features} layer, got {r!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + s · B A dropout(x)`` with ``base`` frozen (Hu et al. 2021, QLoRA 2023).
+
+    The layer holds any number of named adapters (``lora_A[name]``, ``lora_B[name]``) over one
+    frozen base; one of them is active at a time, and :attr:`adapters_enabled` = False gives the
+    base alone. Switching copies nothing.
 
     ``A`` (r, in) starts Kaiming-uniform, as PEFT initialises it, and ``B`` (out, r) at zero, so a
     new adapter leaves the output unchanged. ``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
@@ -22,10 +54,11 @@ class LoRALinear(nn.Module):
 
     Args:
         base: an ``nn.Linear`` or :class:`NF4Linear`; its parameters are frozen.
-        r: rank, 1 to ``min(in_features, out_features)``.
+        r: rank of the first adapter, 1 to ``min(in_features, out_features)``.
         alpha: scaling numerator.
         dropout: probability of zeroing an input of the low-rank path while training.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        name: the first adapter's name; it becomes the active one.
 
     Raises:
         TypeError: ``base`` is neither an ``nn.Linear`` nor an ``NF4Linear``.
@@ -39,28 +72,21 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        name: str = "default",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear | NF4Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
-        largest = min(base.in_features, base.out_features)
-        if not isinstance(r, int) or not 1 <= r <= largest:
-            raise ValueError(
-                f"LoRA rank r must be an integer from 1 to min(in, out) = {largest} for a "
-                f"{base.in_features} -> {base.out_features} layer, got {r!r}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         base.requires_grad_(False)
         self.base = base
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        options = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **options))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **options))
-        # nn.Linear's default init (Kaiming-uniform with a = sqrt(5)), which PEFT uses for A.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.settings: dict[str, LoraSettings] = {}
+        self.active_adapter = name
+        self.adapters_enabled = True
+        # The adapter whose update has been added into the base weight (merge), if any.
+        self.merged_adapter: str | None = None
+        self.add_adapter(name, LoraSettings(r, alpha, dropout, use_rslora))
 
     @property
     def in_features(self) -> int:
@@ -70,12 +96,52 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def add_adapter(self, name: str, settings: LoraSettings) -> None:
+        """Adds a fresh adapter (``B = 0``); the active one stays active.
+
+        Raises:
+            ValueError: the name is taken, or the rank or dropout is out of range.
+        """
+        settings.check(self.in_features, self.out_features)
+        if name in self.settings:
+            raise ValueError(f"this layer already has a LoRA adapter named {name!r}")
+        weight, r = self.base.weight, settings.r
+        options = {"dtype": weight.dtype, "device": weight.device}
+        self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, **options))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **options))
+        # nn.Linear's default init (Kaiming-uniform with a = sqrt(5)), which PEFT uses for A.
+        nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))
+        self.settings[name] = settings
+
+    def set_adapter(self, name: str) -> None:
+        """Makes ``name`` the adapter that forward uses; a name this layer lacks passes the base
+        through (a model-wide adapter need not cover every adapted layer)."""
+        if self.merged_adapter is not None and name != self.merged_adapter:
+            raise ValueError(
+                f"adapter {self.merged_adapter!r} is merged into the base weight; "
+                "unmerge it before switching adapters"
+            )
+        self.active_adapter = name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_lora = self.dropout(x) if self.dropout is not None and self.training else None
-        adapter = (self.lora_A, self.lora_B, self.scaling, x_lora)
+        name = self.active_adapter
+        if (
+            not self.adapters_enabled
+            or self.merged_adapter is not None
+            or name not in self.settings
+        ):
+            return self.base(x)
+        settings = self.settings[name]
+        p = settings.dropout
+        x_lora = F.dropout(x, p, training=True) if p > 0 and self.training else None
+        adapter = (self.lora_A[name], self.lora_B[name], settings.scaling, x_lora)
         if isinstance(self.base, NF4Linear):
             return nf4_lora_linear(x, self.base.weight, self.base.bias, *adapter)
         return ops.lora_linear(x, self.base.weight, self.base.bias, *adapter)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+        adapters = ", ".join(
+            f"{n}: r={s.r}, alpha={s.alpha}, scaling={s.scaling:g}"
+            for n, s in self.settings.items()
+        )
+        return f"active={self.active_adapter!r}, {adapters}"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from lorakit.nn import LoRALinear, NF4Linear
+from lorakit.nn.lora_linear import LoraSettings
 from lorakit.peft.config import ALL_LINEAR, LoraConfig
 
 try:  # GPT-2-style models store linear weights transposed in transformers' Conv1D
@@ -52,20 +53,27 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
+def adaptable_layers(model: nn.Module) -> set[str]:
+    """Names of the linear layers and LoRALinear layers, leaving out the bases inside the latter."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return wrapped | {
+        n for n, m in model.named_modules() if _is_linear(m) and n.rpartition(".")[0] not in wrapped
+    }
+
+
 def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    linears = {name for name, m in model.named_modules() if _is_linear(m)}
+    adaptable = adaptable_layers(model)
     if config.target_modules == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return sorted(n for n in linears if model.get_submodule(n) is not output)
+        return sorted(n for n in adaptable if model.get_submodule(n) is not output)
     matched = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
     if not matched:
-        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
         raise ValueError(
             f"target_modules {config.target_modules!r} match no module of "
             f"{type(model).__name__}; its linear layers are named {leaf_names}"
         )
-    adapted = {n for n in matched if isinstance(model.get_submodule(n), LoRALinear)}
-    wrong = [n for n in matched if n not in linears and n not in adapted]
+    wrong = [n for n in matched if n not in adaptable]
     if wrong:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in wrong})
         raise ValueError(
@@ -75,7 +83,7 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return matched
 
 
-def _as_linear(module: nn.Module) -> nn.Linear | NF4Linear:
+def as_linear(module: nn.Module) -> nn.Linear | NF4Linear:
     if isinstance(module, nn.Linear | NF4Linear):
         return module
     # Conv1D computes x W + b with W (in, out): the same layer as nn.Linear with Wᵀ.
@@ -89,7 +97,7 @@ def _as_linear(module: nn.Module) -> nn.Linear | NF4Linear:
     return linear
 
 
-def _check_dtype(name: str, base: nn.Linear | NF4Linear, config: LoraConfig) -> None:
+def check_dtype(name: str, base: nn.Module) -> None:
     dtype = base.weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{name}: LoRA needs a float32, float16 or bfloat16 weight, got {dtype}")
@@ -108,44 +116,75 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> LoraReport:
-    """Replaces the targeted linear layers of ``model`` by :class:`LoRALinear`, in place.
+def apply_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> LoraReport:
+    """Adds a LoRA adapter called ``name`` to the targeted linear layers of ``model``, in place.
 
-    With ``config.quantize == "nf4"`` each adapted layer's frozen weight is quantized to NF4 on its
-    device (QLoRA). Afterwards only the adapters train: every other parameter is frozen.
+    A plain linear layer is replaced by a :class:`LoRALinear`; one that already is gets another
+    adapter beside its others. With ``config.quantize == "nf4"`` each newly wrapped layer's frozen
+    weight is quantized to NF4 on its device (QLoRA). Afterwards ``name`` is the active adapter of
+    every LoRA layer and the only thing that trains: every other parameter is frozen.
 
     Args:
         model: any ``nn.Module`` (Hugging Face Llama, Qwen2, Mistral, GPT-2 included).
         config: which layers and how.
+        name: the adapter's name (see :func:`lorakit.set_adapter`).
 
     Returns:
         The adapted layers and the trainable / total parameter counts.
 
     Raises:
         ValueError: nothing matches (the message lists the model's linear layer names), a match
-            is not a linear layer or already has an adapter, a rank does not fit a layer, or
-            a layer's dtypes cannot work together.
+            is not a linear layer or already has an adapter of that name, a rank does not fit a
+            layer, or a layer's dtypes cannot work together. The model is then left as it was.
     """
     names = _targets(model, config)
-    for name in names:
-        parent = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(model.get_submodule(name), LoRALinear) or isinstance(parent, LoRALinear):
-            raise ValueError(f"{name} already has a LoRA adapter")
-    for name in names:
-        base = _as_linear(model.get_submodule(name))
-        _check_dtype(name, base, config)
+    settings = LoraSettings(config.r, config.alpha, config.dropout, config.use_rslora)
+    for target in names:  # every check first, so that an error leaves the model as it was
+        module = model.get_submodule(target)
+        if isinstance(module, LoRALinear):
+            _check_can_add(target, module, name, config)
+        else:
+            check_dtype(target, module)
+        try:
+            settings.check(*linear_features(module))
+        except ValueError as e:
+            raise ValueError(f"{target}: {e}") from e
+    for target in names:
+        module = model.get_submodule(target)
+        if isinstance(module, LoRALinear):
+            module.add_adapter(name, settings)
+            continue
+        base = as_linear(module)
         if config.quantize == "nf4" and isinstance(base, nn.Linear):
             base = NF4Linear.from_linear(base, config.blocksize, config.double_quant)
-        try:
-            layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from e
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        replace_module(model, target, LoRALinear(base, name=name, **asdict(settings)))
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
+            module.set_adapter(name)
+            if name in module.settings:
+                module.lora_A[name].requires_grad_(True)
+                module.lora_B[name].requires_grad_(True)
     trainable, total = count_parameters(model)
     return LoraReport(replaced=tuple(names), trainable=trainable, total=total)
+
+
+def _check_can_add(target: str, layer: LoRALinear, name: str, config: LoraConfig) -> None:
+    if name in layer.settings:
+        raise ValueError(f"{target} already has a LoRA adapter named {name!r}")
+    if config.quantize == "nf4" and not isinstance(layer.base, NF4Linear):
+        raise ValueError(f"{target} already has a dense base weight; quantize='nf4' cannot apply")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer, Conv1D (weight stored (in, out)) included."""
+    if isinstance(module, nn.Linear | NF4Linear | LoRALinear):
+        return module.in_features, module.out_features
+    rows, cols = module.weight.shape
+    return rows, cols
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts ``module`` at the dotted path ``name`` of ``model``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)

@@ -1,0 +1,71 @@
+"""Reading and writing adapter files: atomic writes, safetensors only (pickle is never loaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, then renames it to ``path``.
+
+    The rename is atomic on POSIX (same directory, same file system), so a reader or a crash sees
+    either the old file or the complete new one, never a partial write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses tensors that share memory or are not contiguous: give it plain copies.
+    plain = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda p: safetensors.torch.save_file(plain, p, metadata={"format": "pt"}))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Reads a JSON object; a missing or unreadable file is a ValueError naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file on the CPU; a missing or corrupt file is a clear error."""
+    if not path.is_file():
+        pickled = [p.name for p in path.parent.glob("*.bin")]
+        hint = f" ({pickled} found: pickle files are never loaded)" if pickled else ""
+        raise FileNotFoundError(f"{path} does not exist{hint}")
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e

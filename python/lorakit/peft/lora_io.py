@@ -1,0 +1,240 @@
+"""LoRA adapters in PEFT's file format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+PEFT names a tensor ``base_model.model.<module>.lora_A.weight`` (``lora_B`` likewise), where
+``<module>`` is the adapted layer's name in the bare model; the config gives the rank and alpha
+(``rank_pattern`` / ``alpha_pattern`` override them per layer, matched as in
+``peft.utils.other.get_pattern_key``: a key matches a module name ending with ``.<key>``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.nn import LoRALinear, NF4Linear
+from lorakit.nn.lora_linear import LoraSettings
+from lorakit.peft.adapters import active_adapter, lora_layers, set_adapter
+from lorakit.peft.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from lorakit.peft.inject import (
+    adaptable_layers,
+    as_linear,
+    check_dtype,
+    linear_features,
+    replace_module,
+)
+
+PREFIX = "base_model.model."
+_KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+# PEFT options that change what the files mean; lorakit refuses them rather than misread them.
+_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None) -> Path:
+    """Writes adapter ``name`` (default: the active one) in the PEFT format.
+
+    ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads the result. Each file is written
+    under a temporary name and renamed into place.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ValueError: no layer holds that adapter, or its layers mix rsLoRA and plain scaling
+            (PEFT has one ``use_rslora`` per adapter).
+    """
+    out = Path(out_dir)
+    name = name or active_adapter(model)
+    layers = {n: layer for n, layer in lora_layers(model) if name in layer.settings}
+    if not layers:
+        raise ValueError(f"no LoRA layer holds an adapter named {name!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    for module, layer in layers.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.lora_A[name]
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = layer.lora_B[name]
+    config = peft_config(model, {n: layer.settings[name] for n, layer in layers.items()})
+    write_tensors(out / WEIGHTS_NAME, tensors)
+    write_json(out / CONFIG_NAME, config)
+    return out
+
+
+def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` fields for layers ``settings`` (full module name -> settings)."""
+    rslora = {s.use_rslora for s in settings.values()}
+    if len(rslora) > 1:
+        raise ValueError("the adapter mixes rsLoRA and plain scaling, which PEFT cannot express")
+    r = Counter(s.r for s in settings.values()).most_common(1)[0][0]
+    alpha = Counter(s.alpha for s in settings.values()).most_common(1)[0][0]
+    dropout = Counter(s.dropout for s in settings.values()).most_common(1)[0][0]
+    model_config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora.pop(),
+        "target_modules": _target_names(model, set(settings)),
+        "rank_pattern": {n: s.r for n, s in settings.items() if s.r != r},
+        "alpha_pattern": {n: s.alpha for n, s in settings.items() if s.alpha != alpha},
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "exclude_modules": None,
+        "layers_pattern": None,
+        **_UNSUPPORTED,
+    }
+
+
+def _target_names(model: nn.Module, modules: set[str]) -> list[str]:
+    # Leaf names (q_proj, ...) when they pick exactly these layers, else the full names.
+    leaves = {n.rpartition(".")[2] for n in modules}
+    picked = {n for n in adaptable_layers(model) if n.rpartition(".")[2] in leaves}
+    return sorted(leaves if picked == modules else modules)
+
+
+def load_adapter(
+    model: nn.Module, in_dir: str | Path, name: str = "default", trainable: bool = False
+) -> list[str]:
+    """Loads a LoRA adapter saved by PEFT or :func:`save_adapter` into ``model`` as ``name``.
+
+    Layers without a LoRA adapter yet are wrapped in :class:`LoRALinear`; the others get one more
+    adapter. The model's active adapter stays active (a model without adapters activates this
+    one). Every parameter outside the adapters is frozen. Everything is checked before the model
+    is touched, so an error leaves it as it was.
+
+    Args:
+        model: the bare base model (not a PEFT wrapper).
+        in_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: the name to give the adapter (see :func:`lorakit.set_adapter`).
+        trainable: let the loaded adapter's parameters train.
+
+    Returns:
+        The names of the layers that got the adapter.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: a file is corrupt, the config is not a LoRA config lorakit supports, a key
+            matches no linear layer of ``model``, a layer already has adapter ``name``, or a
+            tensor's shape does not fit its layer.
+    """
+    folder = Path(in_dir)
+    config = read_json(folder / CONFIG_NAME)
+    _check_config(config, folder / CONFIG_NAME)
+    pairs = _pairs(read_tensors(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
+    adaptable = adaptable_layers(model)
+    plan = {m: _plan(model, adaptable, m, a, b, config, name) for m, (a, b) in pairs.items()}
+    previous = active_adapter(model)
+    for module, (settings, a, b) in plan.items():
+        layer = model.get_submodule(module)
+        if isinstance(layer, LoRALinear):
+            layer.add_adapter(name, settings)
+        else:
+            layer = LoRALinear(as_linear(layer), name=name, **asdict(settings))
+            replace_module(model, module, layer)
+        with torch.no_grad():
+            layer.lora_A[name].copy_(a)
+            layer.lora_B[name].copy_(b)
+    for n, parameter in model.named_parameters():  # adapters keep their flags; the base freezes
+        if ".lora_A." not in n and ".lora_B." not in n:
+            parameter.requires_grad_(False)
+    for module in plan:
+        layer = model.get_submodule(module)
+        layer.lora_A[name].requires_grad_(trainable)
+        layer.lora_B[name].requires_grad_(trainable)
+    set_adapter(model, previous or name)
+    return sorted(plan)
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
+    for key, plain in _UNSUPPORTED.items():
+        if config.get(key, plain) not in (plain, [], {}):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported by lorakit")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), int | float):
+            raise ValueError(f"{path}: {key} must be a number, got {config.get(key)!r}")
+
+
+def _pairs(
+    tensors: dict[str, torch.Tensor], path: Path
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{path}: key {key!r} is not a LoRA weight (<prefix>.lora_A.weight)")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    if not parts:
+        raise ValueError(f"{path} holds no LoRA weights")
+    for module, found in parts.items():
+        if set(found) != {"A", "B"}:
+            raise ValueError(f"{path}: {module} has lora_{''.join(found)} but not both A and B")
+    return {m: (found["A"], found["B"]) for m, found in parts.items()}
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _plan(
+    model: nn.Module,
+    adaptable: set[str],
+    module: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    config: dict[str, Any],
+    name: str,
+) -> tuple[LoraSettings, torch.Tensor, torch.Tensor]:
+    if module not in adaptable:
+        raise ValueError(f"adapter weights for {module!r} match no linear layer of the model")
+    layer = model.get_submodule(module)
+    if isinstance(layer, LoRALinear) and name in layer.settings:
+        raise ValueError(f"{module} already has a LoRA adapter named {name!r}")
+    if not isinstance(layer, LoRALinear | NF4Linear):
+        check_dtype(module, layer)
+    in_features, out_features = linear_features(layer)
+    r = a.shape[0] if a.dim() == 2 else -1
+    if a.shape != (r, in_features) or b.shape != (out_features, r):
+        raise ValueError(
+            f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit a "
+            f"{in_features} -> {out_features} layer (expected [r, {in_features}] and "
+            f"[{out_features}, r])"
+        )
+    settings = LoraSettings(
+        r=r,
+        alpha=float(
+            _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        ),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+    )
+    settings.check(in_features, out_features)
+    return settings, a, b

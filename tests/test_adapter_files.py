@@ -1,0 +1,216 @@
+"""save_adapter / load_adapter against PEFT's own files, and every way a load can fail."""
+
+import copy
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import safetensors.torch
+import torch
+
+import lorakit
+from adapter_models import PROJECTIONS, assert_logits_close, llama, logits, randomize_adapters
+from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
+from lorakit.nn import LoRALinear
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path, rslora):
+    base = llama()
+    ours = copy.deepcopy(base)
+    apply_lora(ours, LoraConfig(r=8, alpha=16, target_modules=PROJECTIONS, use_rslora=rslora))
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 128, (2, 12))
+    assert_logits_close(logits(theirs, ids), logits(ours, ids))
+    # The same key names and config keys as PEFT's own save of the same adapter.
+    reference = tmp_path / "peft"
+    theirs.save_pretrained(reference)
+    ours_keys = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert ours_keys == safetensors.torch.load_file(reference / "adapter_model.safetensors").keys()
+    ours_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    their_config = json.loads((reference / "adapter_config.json").read_text())
+    for key in ("peft_type", "r", "lora_alpha", "use_rslora", "task_type", "bias"):
+        assert ours_config[key] == their_config[key], key
+    assert sorted(ours_config["target_modules"]) == sorted(their_config["target_modules"])
+
+
+def train_peft(model: torch.nn.Module, ids: torch.Tensor, steps: int = 5) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_adapter_trained_and_saved_by_peft_loads_with_the_same_logits(tmp_path):
+    base = llama()
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 4},  # per-layer overrides must be honoured too
+        alpha_pattern={"v_proj": 40},
+        task_type="CAUSAL_LM",
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    ids = torch.randint(0, 128, (2, 12))
+    train_peft(theirs, ids)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    loaded = load_adapter(ours, tmp_path)
+    assert len(loaded) == 6
+    layer = ours.get_submodule("model.layers.0.self_attn.v_proj")
+    assert layer.settings["default"].alpha == 40
+    assert ours.get_submodule("model.layers.1.mlp.down_proj").settings["default"].r == 4
+    assert not any(p.requires_grad for p in ours.parameters())  # trainable=False by default
+    theirs.eval()
+    assert_logits_close(logits(ours, ids), logits(theirs, ids))
+
+
+def test_round_trip_through_lorakit_files(tmp_path):
+    base = llama()
+    ours = copy.deepcopy(base)
+    apply_lora(ours, LoraConfig(r=4, alpha=8))
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path)
+    again = copy.deepcopy(base)
+    load_adapter(again, tmp_path, trainable=True)
+    ids = torch.randint(0, 128, (1, 9))
+    torch.testing.assert_close(logits(again, ids), logits(ours, ids), rtol=0, atol=0)
+    trainable = {n for n, p in again.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in ours.named_parameters() if p.requires_grad}
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, object]:
+    return {
+        "types": [type(m).__name__ for m in model.modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict[str, object]) -> None:
+    after = snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    model = llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    return save_adapter(model, tmp_path / "adapter")
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file(change(tensors), path)
+
+
+def rename_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    key = next(k for k in tensors if "layers.1.self_attn.v_proj.lora_A" in k)
+    tensors[key.replace("v_proj", "v_proj_x")] = tensors.pop(key)
+    tensors[key.replace("v_proj", "v_proj_x").replace("lora_A", "lora_B")] = tensors.pop(
+        key.replace("lora_A", "lora_B")
+    )
+    return tensors
+
+
+def widen_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    key = next(k for k in tensors if "layers.1.self_attn.v_proj.lora_B" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError, "does not exist"),
+        (lambda d: (d / "adapter_config.json").unlink(), FileNotFoundError, "does not exist"),
+        (
+            lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10\x00" + b"x" * 40),
+            ValueError,
+            "is not a readable safetensors file",
+        ),
+        (
+            lambda d: rewrite_tensors(d, rename_one),
+            ValueError,
+            "'model.layers.1.self_attn.v_proj_x'",
+        ),
+        (lambda d: rewrite_tensors(d, widen_one), ValueError, r"lora_B \[33, 4\] do not fit"),
+        (
+            lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,'),
+            ValueError,
+            "is not valid JSON",
+        ),
+        (
+            lambda d: (d / "adapter_config.json").write_text(
+                json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})
+            ),
+            ValueError,
+            "use_dora=True is not supported",
+        ),
+    ],
+    ids=["no-weights", "no-config", "corrupt", "unknown-module", "wrong-shape", "bad-json", "dora"],
+)
+def test_bad_adapter_files_are_clear_errors_and_leave_the_model_as_it_was(
+    saved, damage, error, match
+):
+    damage(saved)
+    model = llama()
+    apply_lora(model, LoraConfig(r=2, alpha=2, target_modules=["k_proj"]), name="other")
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        load_adapter(model, saved)
+    assert_unchanged(model, before)
+
+
+def test_pickle_files_are_never_loaded(saved):
+    path = saved / "adapter_model.safetensors"
+    path.rename(saved / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle files are never loaded"):
+        load_adapter(llama(), saved)
+
+
+def test_loading_a_name_twice_is_refused_without_change(saved):
+    model = llama()
+    load_adapter(model, saved)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already has a LoRA adapter named 'default'"):
+        load_adapter(model, saved)
+    assert_unchanged(model, before)
+
+
+def test_writes_are_atomic(saved, monkeypatch):
+    """A write that dies half way leaves the previous file whole and no temporary file behind."""
+    path = saved / "adapter_model.safetensors"
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    model = llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, saved)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_save_names_a_missing_adapter():
+    model = llama()
+    apply_lora(model, LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="no LoRA layer holds an adapter named 'x'"):
+        save_adapter(model, "/nonexistent/never-written", name="x")
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), LoRALinear)
+    assert lorakit.peft.adapter_names(model) == ["default"]
