@@ -60,6 +60,18 @@ TORCH_LIBRARY(lorakit, m) {
       "lora_linear_nf4_backward(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, "
       "int blocksize, Tensor lora_a, Tensor lora_b, Tensor xa, float scale, Tensor? x_lora) "
       "-> (Tensor grad_x, Tensor grad_xa, Tensor grad_a, Tensor grad_b)");
+
+  // ---- merge: fold a LoRA update into the frozen weight -----------------------------------------
+  // weight (out, in) += scale * lora_b (out, r) @ lora_a (r, in), summed in float32 and rounded
+  // once to the weight's dtype; unmerge passes -scale. In place, unlike the other ops: merging a
+  // large weight must not hold a second copy of it.
+  m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale) -> ()");
+  // The same for an (out, in) NF4 weight (packed and float32 absmax as in nf4_dequantize): each
+  // block is expanded to float32, updated, and quantized again as nf4_quantize quantizes a float32
+  // tensor (bitsandbytes' bytes). Returns a fresh packed, absmax; the blocksize is unchanged.
+  m.def(
+      "nf4_lora_merge(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, Tensor lora_a, "
+      "Tensor lora_b, float scale) -> (Tensor packed, Tensor absmax)");
 }
 
 // The pybind11 module only loads the library (running the registrations above) and says what was

@@ -7,50 +7,27 @@
 #include "common/huge_pages.h"
 
 #include <algorithm>
-#include <cmath>
 
 #include "common/checks.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_code.h"
 #include "nf4/nf4_dequantize_avx2.h"
 #include "nf4/nf4_dequantize_cpu.h"
+#include "nf4/nf4_quantize_cpu.h"
 
 namespace lorakit::nf4 {
 namespace {
 
 // ---- device code ------------------------------------------------------------------------------
 
-// Quantizes blocks [first, last) of w (n elements). bitsandbytes multiplies full blocks by the
-// float32 reciprocal of their absmax but divides a last, partial block by its absmax clamped to
-// 1e-38 (and stores the clamped value); both are reproduced so the bytes match.
+// Quantizes blocks [first, last) of w (n elements); a block starts on a byte (blocksize is even).
 template <typename scalar_t>
 void quantize_blocks(const scalar_t* w, int64_t n, int64_t blocksize, int64_t first, int64_t last,
                      uint8_t* packed, float* absmax) {
-  float scaled[4096];                   // the largest supported blocksize
-  const uint8_t pad = nf4_index(0.0f);  // an odd element count is padded with a scaled zero
   for (int64_t b = first; b < last; ++b) {
     const int64_t start = b * blocksize;
-    const int64_t len = std::min(blocksize, n - start);
-    const scalar_t* x = w + start;
-
-    float amax = 0.0f;
-    for (int64_t i = 0; i < len; ++i) amax = nan_max(amax, std::abs(static_cast<float>(x[i])));
-
-    if (len == blocksize) {
-      absmax[b] = amax;
-      const float inv = 1.0f / std::max(amax, kMinPartialAbsmax);  // std::max keeps a NaN amax
-      for (int64_t i = 0; i < len; ++i) scaled[i] = static_cast<float>(x[i]) * inv;
-    } else {
-      const float clamped = std::max(amax, kMinPartialAbsmax);
-      absmax[b] = clamped;
-      for (int64_t i = 0; i < len; ++i) scaled[i] = static_cast<float>(x[i]) / clamped;
-    }
-
-    uint8_t* out = packed + start / 2;  // blocksize is even, so a block starts on a byte
-    const int64_t pairs = len / 2;
-    for (int64_t p = 0; p < pairs; ++p)
-      out[p] = static_cast<uint8_t>(nf4_index(scaled[2 * p]) << 4 | nf4_index(scaled[2 * p + 1]));
-    if (len % 2) out[pairs] = static_cast<uint8_t>(nf4_index(scaled[len - 1]) << 4 | pad);
+    quantize_block(w + start, std::min(blocksize, n - start), blocksize, packed + start / 2,
+                   absmax + b);
   }
 }
 

@@ -123,6 +123,45 @@ class LoRALinear(nn.Module):
             )
         self.active_adapter = name
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Adds the active adapter's update ``s · B A`` into the base weight, in place.
+
+        Forward then runs the base alone. A dense weight changes by one rounding of its dtype; an
+        NF4 weight is quantized again (a further NF4 rounding, which :meth:`unmerge` cannot undo
+        exactly: see the NF4 merge test for its size).
+
+        Raises:
+            ValueError: an adapter is already merged.
+            KeyError: this layer lacks the active adapter.
+        """
+        if self.merged_adapter is not None:
+            raise ValueError(f"adapter {self.merged_adapter!r} is already merged")
+        self._require(self.active_adapter)
+        self._add_update(self.active_adapter, 1.0)
+        self.merged_adapter = self.active_adapter
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtracts the merged adapter's update from the base weight again."""
+        if self.merged_adapter is None:
+            raise ValueError("no adapter is merged into this layer")
+        self._add_update(self.merged_adapter, -1.0)
+        self.merged_adapter = None
+
+    def _add_update(self, name: str, sign: float) -> None:
+        a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
+        scale = sign * self.settings[name].scaling
+        if isinstance(self.base, NF4Linear):
+            self.base.weight = self.base.weight.with_low_rank_update(a, b, scale)
+        else:
+            ops.lora_merge_(self.base.weight.data, a, b, scale)
+
+    def _require(self, name: str) -> None:
+        if name not in self.settings:
+            have = sorted(self.settings)
+            raise KeyError(f"no LoRA adapter named {name!r}; this layer has {have}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if (

@@ -89,8 +89,19 @@ class NF4Weight:
     ) -> NF4Weight:
         """Quantizes ``w`` (float32 / float16 / bfloat16, any shape)."""
         packed, absmax = ops.nf4_quantize(w, blocksize)
-        scales = QuantizedAbsmax.from_scales(absmax) if double_quant and absmax.numel() else absmax
+        scales = _stored_scales(absmax, double_quant)
         return cls(packed=packed, absmax=scales, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+
+    def with_low_rank_update(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+    ) -> NF4Weight:
+        """This 2-D weight plus ``scale · lora_b @ lora_a``, quantized again block by block in one
+        native op (:func:`lorakit.ops.nf4_lora_merge`); scales are double-quantized again if they
+        were."""
+        packed, absmax = ops.nf4_lora_merge(
+            self.packed, self.scales(), self.blocksize, self.shape, lora_a, lora_b, scale
+        )
+        return replace(self, packed=packed, absmax=_stored_scales(absmax, self.double_quant))
 
     @property
     def double_quant(self) -> bool:
@@ -211,6 +222,10 @@ class NF4Weight:
                 f"{name}: {n_scales} scales do not fit shape {list(self.shape)} "
                 f"with blocksize {self.blocksize}"
             )
+
+
+def _stored_scales(absmax: torch.Tensor, double_quant: bool) -> torch.Tensor | QuantizedAbsmax:
+    return QuantizedAbsmax.from_scales(absmax) if double_quant and absmax.numel() else absmax
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
