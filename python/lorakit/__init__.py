@@ -7,8 +7,11 @@ from lorakit.peft import (
     apply_lora,
     disable_adapters,
     load_adapter,
+    merge_adapter,
+    merge_and_export,
     save_adapter,
     set_adapter,
+    unmerge_adapter,
 )
 
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "build_info",
     "disable_adapters",
     "load_adapter",
+    "merge_adapter",
+    "merge_and_export",
     "nn",
     "ops",
     "optim",
@@ -25,4 +30,5 @@ __all__ = [
     "quant",
     "save_adapter",
     "set_adapter",
+    "unmerge_adapter",
 ]

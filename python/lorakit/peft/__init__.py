@@ -10,6 +10,7 @@ from lorakit.peft.adapters import (
 from lorakit.peft.config import LoraConfig
 from lorakit.peft.inject import LoraReport, apply_lora, count_parameters
 from lorakit.peft.lora_io import load_adapter, save_adapter
+from lorakit.peft.merge import merge_adapter, merge_and_export, unmerge_adapter
 
 __all__ = [
     "LoraConfig",
@@ -21,6 +22,9 @@ __all__ = [
     "disable_adapters",
     "load_adapter",
     "lora_layers",
+    "merge_adapter",
+    "merge_and_export",
     "save_adapter",
     "set_adapter",
+    "unmerge_adapter",
 ]
