@@ -172,6 +172,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> L
 def _check_can_add(target: str, layer: LoRALinear, name: str, config: LoraConfig) -> None:
     if name in layer.settings:
         raise ValueError(f"{target} already has a LoRA adapter named {name!r}")
+    if layer.merged_adapter is not None:
+        raise ValueError(f"{target}: adapter {layer.merged_adapter!r} is merged; unmerge it first")
     if config.quantize == "nf4" and not isinstance(layer.base, NF4Linear):
         raise ValueError(f"{target} already has a dense base weight; quantize='nf4' cannot apply")
 
