@@ -1,10 +1,12 @@
 """AdamW step time and state memory: lorakit fused 32-bit / 8-bit against torch and bitsandbytes.
 
 Usage: PYTHONPATH=python python benchmarks/bench_optim.py [--device cpu|cuda] [--params 50e6]
+    [--clock wall|cpu]
 
 Every optimizer steps the same parameters (10 tensors) with fixed gradients; the time is the
 median of --repeats steps after --warmup steps. State bytes per parameter are measured from the
-optimizer's state tensors.
+optimizer's state tensors. On a shared CPU, --clock cpu times steps by the CPU time of this
+process (all its threads), which other processes' load does not inflate as it does wall time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import lorakit
 from lorakit.optim import AdamW
 
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+Clock = Callable[[], float]
 
 
 def _params(total: int, device: str) -> list[torch.nn.Parameter]:
@@ -47,7 +50,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _measure(
-    factory: Factory, total: int, device: str, warmup: int, repeats: int
+    factory: Factory, total: int, device: str, warmup: int, repeats: int, clock: Clock
 ) -> tuple[float, float]:
     params = _params(total, device)
     opt = factory(params)
@@ -56,10 +59,10 @@ def _measure(
     _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         opt.step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     per_param = _state_bytes(opt) / total
     del opt, params
     return statistics.median(times) * 1e3, per_param
@@ -89,7 +92,11 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=50e6, help="number of parameters")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu does not time GPU work")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     total = int(args.params)
     device = args.device
     if device == "cuda":
@@ -98,10 +105,10 @@ def main() -> None:
         where = f"CPU, {torch.get_num_threads()} threads"
     print(f"# AdamW step, {total / 1e6:.0f}M parameters in 10 tensors, {where}")
     print(f"torch {torch.__version__}, lorakit {lorakit.build_info().version}")
-    print(f"median of {args.repeats} steps after {args.warmup} warm-up steps\n")
+    print(f"median {args.clock} time of {args.repeats} steps after {args.warmup} warm-up steps\n")
     results: dict[str, tuple[float, float]] = {}
     for name, factory in _candidates(device).items():
-        results[name] = _measure(factory, total, device, args.warmup, args.repeats)
+        results[name] = _measure(factory, total, device, args.warmup, args.repeats, clock)
     bar = results["torch AdamW fused"][0]
     print("| optimizer | step (ms) | vs torch fused | state bytes/param |")
     print("|---|---:|---:|---:|")

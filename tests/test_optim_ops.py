@@ -128,3 +128,38 @@ def test_torch_compile_fullgraph() -> None:
     compiled(p, g, m, v)
     ref.adamw_step_(q, g, torch.zeros(100), torch.zeros(100), **HYPER, step=1)
     assert torch.equal(p, q)
+
+
+def _near_every_step(code: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] within 3 ulps of every midpoint of ``code`` and of every power of two
+    and lookup-bucket edge (the top 7 mantissa bits change), where the kernels' nearest-code
+    answer could go wrong."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    edges = torch.arange(104 << 7, 127 << 7 | 1, dtype=torch.int32).bitwise_left_shift(16)
+    centres = torch.cat([midpoints, edges.view(torch.float32)])
+    centres = torch.cat([centres, -centres]).view(torch.int32)
+    offsets = torch.arange(-3, 4, dtype=torch.int32)
+    values = (centres[:, None] + offsets).reshape(-1).view(torch.float32)
+    return values[values.abs() <= 1]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_nearest_code_is_exact_at_every_step(signed: bool) -> None:
+    # With beta1 = 0, zero state and grad_scale 1 the new first moment is the gradient itself
+    # (0 + 1 * (g - 0) is exact), and a 1.0 in every block makes its absmax 1, so the stored codes
+    # must be bucketize(g, midpoints) exactly. The map is passed as the first moment's code, so
+    # both maps are checked on the same path.
+    code = dynamic_map(signed)
+    g = _near_every_step(code)
+    if not signed:
+        g = g.abs()
+    g = torch.cat([g, torch.zeros((-g.numel()) % 255)]).reshape(-1, 255)
+    g = torch.cat([torch.ones(g.shape[0], 1), g], dim=1).reshape(-1)
+    n = g.numel()
+    p = torch.zeros(n)
+    state = _state_8bit(n)
+    hyper = {**HYPER, "beta1": 0.0, "weight_decay": 0.0}
+    ops.adamw8bit_step_(p, g, *state, code, dynamic_map(False), **hyper, step=1)
+    expected = torch.bucketize(g, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    assert torch.equal(state[1], torch.ones(n // 256))
+    assert torch.equal(state[0], expected)

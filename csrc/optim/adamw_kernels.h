@@ -29,24 +29,32 @@ struct AdamWScalars {
   float grad_scale;     // max-grad-norm clipping factor folded into the step (1 for none)
 };
 
-// Nearest-code lookup for one sorted 256-entry map, exact and without a binary search: the top
-// kLutMantissaBits mantissa bits and the exponent of |y| pick a bucket whose entry is the answer
-// for the bucket's lowest value; at most `fixups` steps of "y > midpoint -> next code" finish it
-// (1 for bitsandbytes' dynamic maps, whose codes are further apart than a bucket is wide).
+// Nearest-code lookup for one sorted 256-entry map without a binary search. |y|'s exponent and
+// top kLutMantissaBits mantissa bits pick a bucket (one table half per sign). Where the map allows
+// it (`exact`), each bucket holds at most one midpoint, so the answer in the bucket is `base` up to
+// the midpoint and base + 1 above it. Every y in a bucket shares its high 16 bits, so "above the
+// midpoint" is an integer comparison of the low 16 bits, sign-adjusted (key_of in the kernels):
+// one table load per value, no float midpoint to fetch. Entry = base | threshold << 8, with
+// threshold 0xFFFF (no key exceeds it) where the bucket holds no midpoint.
 struct CodeTables {
-  static constexpr int kLutMantissaBits = 7;
+  static constexpr int kLutMantissaBits = 7;  // buckets narrower than any gap of the dynamic maps
   static constexpr uint32_t kLowestExponent = 104;  // |y| < 2^-23 shares bucket 0 with 0
   static constexpr int64_t kBuckets = (127 - kLowestExponent) * (1 << kLutMantissaBits) + 1;
+  static constexpr uint32_t kNoThreshold = 0xFFFF;
 
   float code[256];
-  float midpoints[256];  // (code[i] + code[i+1]) / 2; midpoints[255] = +inf ends a walk
-  // [0, kBuckets): y >= 0; [kBuckets, 2 kBuckets): y < 0; 3 padding bytes for 4-byte gathers.
-  uint8_t lut[2 * kBuckets + 3];
-  int fixups;
+  float midpoints[255];  // (code[i] + code[i+1]) / 2: the exact rule, used when !exact
+  // [0, kBuckets): y >= 0; [kBuckets, 2 kBuckets): y < 0 (sign bit set, -0 included).
+  uint32_t lut[2 * kBuckets];
+  bool exact;  // every bucket obeys the rule above (true for bitsandbytes' dynamic maps)
 };
 
 // Builds the tables from a sorted float32 code (in adamw_tables.cpp, baseline code only).
 void build_code_tables(const float* code, CodeTables& tables);
+// blockwise8::nearest_code (a binary search) for maps whose tables are not exact. Compiled once,
+// in adamw_tables.cpp, so that no AVX2 copy of that shared inline function can reach the
+// baseline path.
+uint8_t nearest_code_slow(float y, const CodeTables& tables);
 
 bool cpu_has_avx2_fma_f16c();
 

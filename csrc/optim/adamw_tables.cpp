@@ -1,5 +1,4 @@
 // Bucket tables for the CPU 8-bit step and the runtime CPU check that picks a kernel copy.
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -20,34 +19,55 @@ float from_bits(uint32_t u) {
   return f;
 }
 
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// The entry of a bucket whose values y run from `first` to `last` (first < last, same sign):
+// nearest_code is monotone in y, so its answers there are the ones at the two ends and every
+// integer between. One step (or none) fits the entry format; the step lies at midpoints[base]
+// (the last y answered `base`), which then lies in the bucket. Returns false if the step does
+// not fit: more than one step, or a step in a clamped bucket, whose values do not share their
+// high bits.
+bool bucket_entry(const float* midpoints, float first, float last, bool clamped, uint32_t& entry) {
+  const uint8_t base = blockwise8::nearest_code(first, midpoints);
+  const uint8_t top = blockwise8::nearest_code(last, midpoints);
+  entry = base | CodeTables::kNoThreshold << 8;
+  if (top == base) return true;
+  if (top != base + 1 || clamped) return false;
+  const uint32_t mid = bits_of(midpoints[base]);
+  const uint32_t low = mid & 0xFFFFu;
+  // key_of in the kernels: y > mid <=> key(y) > key(mid), within one bucket.
+  entry = base | (mid >> 31 ? low ^ 0xFFFFu : low) << 8;
+  return true;
+}
+
 }  // namespace
 
 void build_code_tables(const float* code, CodeTables& t) {
   std::memcpy(t.code, code, sizeof t.code);
-  std::memset(t.lut, 0, sizeof t.lut);
   for (int i = 0; i + 1 < 256; ++i) t.midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
-  t.midpoints[255] = std::numeric_limits<float>::infinity();
   constexpr int shift = 23 - CodeTables::kLutMantissaBits;
   constexpr uint32_t first = CodeTables::kLowestExponent << CodeTables::kLutMantissaBits;
-  int fixups = 0;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  t.exact = true;
   for (int64_t b = 0; b < CodeTables::kBuckets; ++b) {
     // The magnitudes that land in bucket b: [lo, hi]; bucket 0 also takes everything smaller,
-    // the last bucket everything larger.
+    // the last bucket everything larger (those two are "clamped").
+    const bool clamped = b == 0 || b + 1 == CodeTables::kBuckets;
     const float lo = b == 0 ? 0.0f : from_bits(static_cast<uint32_t>(first + b) << shift);
     const float hi = b + 1 == CodeTables::kBuckets
-                         ? std::numeric_limits<float>::infinity()
+                         ? inf
                          : from_bits((static_cast<uint32_t>(first + b + 1) << shift) - 1);
-    // nearest_code is monotone in y, so the lowest value of a bucket gives its smallest answer
-    // and the highest its largest; their difference bounds the fix-up steps.
-    const uint8_t pos_lo = blockwise8::nearest_code(lo, t.midpoints);
-    const uint8_t pos_hi = blockwise8::nearest_code(hi, t.midpoints);
-    const uint8_t neg_lo = blockwise8::nearest_code(-hi, t.midpoints);
-    const uint8_t neg_hi = blockwise8::nearest_code(-lo, t.midpoints);
-    t.lut[b] = pos_lo;
-    t.lut[CodeTables::kBuckets + b] = neg_lo;
-    fixups = std::max({fixups, pos_hi - pos_lo, neg_hi - neg_lo});
+    t.exact &= bucket_entry(t.midpoints, lo, hi, clamped, t.lut[b]);
+    t.exact &= bucket_entry(t.midpoints, -hi, -lo, clamped, t.lut[CodeTables::kBuckets + b]);
   }
-  t.fixups = fixups;
+}
+
+uint8_t nearest_code_slow(float y, const CodeTables& t) {
+  return blockwise8::nearest_code(y, t.midpoints);
 }
 
 bool cpu_has_avx2_fma_f16c() {
