@@ -9,9 +9,17 @@ from conftest import FLOAT_DTYPES
 from lorakit import ops
 from lorakit.quant import QuantizedAbsmax
 
-# (tokens, in, out): the direct decode kernel (<= 16 rows, in % 32 == 0), the tiled path,
-# rows that start mid-block (in = 100, blocksize 64), leading dimensions.
-SHAPES = [((1,), 64, 32), ((16,), 96, 300), ((17,), 96, 40), ((2, 3), 100, 520), ((300,), 128, 64)]
+# (tokens, in, out): the direct decode kernel (<= 16 rows, in % 32 == 0; 7 rows take its 4-, 2-
+# and 1-row variants), the tiled path, rows that start mid-block (in = 100, blocksize 64), leading
+# dimensions.
+SHAPES = [
+    ((1,), 64, 32),
+    ((7,), 64, 72),
+    ((16,), 96, 300),
+    ((17,), 96, 40),
+    ((2, 3), 100, 520),
+    ((300,), 128, 64),
+]
 
 
 def make_inputs(lead, n_in, n_out, dtype, rank=4, bias=True, dropout=False):
