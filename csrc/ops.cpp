@@ -51,14 +51,21 @@ TORCH_LIBRARY(lorakit, m) {
       "lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, "
       "Tensor lora_b, Tensor xa, float scale, Tensor? x_lora) "
       "-> (Tensor grad_x, Tensor grad_xa, Tensor grad_a, Tensor grad_b)");
-  // The same with an NF4 weight (packed, float32 absmax as in nf4_dequantize; out = lora_b's rows,
-  // in = x's last size), dequantized to x's dtype a tile at a time, never in full.
+  // The same with an NF4 weight (packed as in nf4_dequantize; out = lora_b's rows, in = x's last
+  // size), dequantized to x's dtype a tile at a time, never in full. absmax is float32 as in
+  // nf4_dequantize or, double-quantized (QLoRA), uint8 codes with nested_absmax (float32, one per
+  // 256 codes), nested_code (float32[256]) and nested_offset: the scales of blockwise8_dequantize
+  // (blocksize 256) + offset. Passed apart so the decode kernels rebuild each scale as they reach
+  // it rather than writing them all out per call.
   m.def(
       "lora_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, Tensor? bias, "
-      "Tensor lora_a, Tensor lora_b, float scale, Tensor? x_lora=None) -> (Tensor y, Tensor xa)");
+      "Tensor lora_a, Tensor lora_b, float scale, Tensor? x_lora=None, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, float nested_offset=0.0) "
+      "-> (Tensor y, Tensor xa)");
   m.def(
       "lora_linear_nf4_backward(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, "
-      "int blocksize, Tensor lora_a, Tensor lora_b, Tensor xa, float scale, Tensor? x_lora) "
+      "int blocksize, Tensor lora_a, Tensor lora_b, Tensor xa, float scale, Tensor? x_lora, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, float nested_offset=0.0) "
       "-> (Tensor grad_x, Tensor grad_xa, Tensor grad_a, Tensor grad_b)");
 
   // ---- merge: fold a LoRA update into the frozen weight -----------------------------------------

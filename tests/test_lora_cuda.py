@@ -7,24 +7,31 @@ import torch
 import lora_reference as ref
 from conftest import FLOAT_DTYPES
 from lorakit import ops
+from lorakit.quant import QuantizedAbsmax
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("tokens", [1, 4, 16, 17, 300])
-@pytest.mark.parametrize("nf4", [False, True])
-def test_matches_float64_reference(dtype, tokens, nf4):
+@pytest.mark.parametrize("base", ["dense", "nf4", "nf4 double-quantized"])
+def test_matches_float64_reference(dtype, tokens, base):
     n_in, n_out = 512, 384
     x = torch.randn(tokens, n_in, device="cuda").to(dtype).requires_grad_()
     w = (torch.randn(n_out, n_in, device="cuda") / n_in**0.5).to(dtype)
     bias = torch.randn(n_out, device="cuda").to(dtype)
     a = (torch.randn(8, n_in, device="cuda") / n_in**0.5).to(dtype).requires_grad_()
     b = torch.randn(n_out, 8, device="cuda").to(dtype).requires_grad_()
-    if nf4:
+    if base == "nf4":
         packed, absmax = ops.nf4_quantize(w, 64)
         w = ops.nf4_dequantize(packed, absmax, 64, w.shape, dtype)
         y = ops.lora_linear_nf4(x, packed, absmax, 64, bias, a, b, 2.0)
+    elif base == "nf4 double-quantized":
+        packed, absmax = ops.nf4_quantize(w, 64)
+        nested = QuantizedAbsmax.from_scales(absmax)
+        w = ops.nf4_dequantize(packed, nested.dequantize(), 64, w.shape, dtype)
+        args = (nested.q, 64, bias, a, b, 2.0, None, nested.absmax, nested.code, nested.offset)
+        y = ops.lora_linear_nf4(x, packed, *args)
     else:
         y = ops.lora_linear(x, w, bias, a, b, 2.0)
     grad = torch.randn_like(y)

@@ -7,10 +7,19 @@ import torch
 import lora_reference as ref
 from conftest import FLOAT_DTYPES
 from lorakit import ops
+from lorakit.quant import QuantizedAbsmax
 
-# (tokens, in, out): the direct decode kernel (<= 16 rows, in % 16 == 0), the tiled path,
-# rows that start mid-block (in = 100, blocksize 64), leading dimensions.
-SHAPES = [((1,), 64, 32), ((16,), 96, 300), ((17,), 96, 40), ((2, 3), 100, 520), ((300,), 128, 64)]
+# (tokens, in, out): the direct decode kernel (<= 16 rows, in % 32 == 0; 7 rows take its 4-, 2-
+# and 1-row variants), the tiled path, rows that start mid-block (in = 100, blocksize 64), leading
+# dimensions.
+SHAPES = [
+    ((1,), 64, 32),
+    ((7,), 64, 72),
+    ((16,), 96, 300),
+    ((17,), 96, 40),
+    ((2, 3), 100, 520),
+    ((300,), 128, 64),
+]
 
 
 def make_inputs(lead, n_in, n_out, dtype, rank=4, bias=True, dropout=False):
@@ -79,6 +88,53 @@ def test_nf4_matches_reference_on_the_dequantized_weight(dtype, lead, n_in, n_ou
     check(nf4, w, dtype, inputs)
 
 
+def double_quantized(w, blocksize=64):
+    """The NF4 op arguments of w with 8-bit scales: (packed, q, nested_absmax, code, offset)."""
+    packed, absmax = ops.nf4_quantize(w, blocksize)
+    nested = QuantizedAbsmax.from_scales(absmax)
+    return packed, nested.q, nested.absmax, nested.code, nested.offset
+
+
+def nf4_double_quant(packed, q, nested_absmax, code, offset, blocksize=64):
+    def nf4(x, _w, b, a, lb, scale, x_lora):
+        nested = (nested_absmax, code, offset)
+        return ops.lora_linear_nf4(x, packed, q, blocksize, b, a, lb, scale, x_lora, *nested)
+
+    return nf4
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("lead", "n_in", "n_out"), SHAPES)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_nf4_double_quantized_matches_reference(dtype, lead, n_in, n_out, dropout):
+    # (16,) x 96 -> 300 has 450 blocks: the decode kernel crosses a block of 256 nested scales.
+    inputs = make_inputs(lead, n_in, n_out, dtype, dropout=dropout)
+    args = double_quantized(inputs[1])
+    scales = QuantizedAbsmax(*args[1:]).dequantize()
+    w = ops.nf4_dequantize(args[0], scales, 64, inputs[1].shape, dtype)
+    check(nf4_double_quant(*args), w, dtype, inputs)
+
+
+@pytest.mark.parametrize(("lead", "n_in", "n_out"), SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_nf4_double_quantized_equals_expanded_scales(lead, n_in, n_out, blocksize):
+    # The kernels rebuild each scale as blockwise8_dequantize + offset does, so the results and
+    # gradients are the same bits as with the float32 scales expanded first.
+    inputs = make_inputs(lead, n_in, n_out, torch.bfloat16, dropout=True)
+    args = double_quantized(inputs[1], blocksize)
+    scales = QuantizedAbsmax(*args[1:]).dequantize()
+
+    def expanded(x, _w, b, a, lb, scale, x_lora):
+        return ops.lora_linear_nf4(x, args[0], scales, blocksize, b, a, lb, scale, x_lora)
+
+    x, w, b, a, lb, x_lora = inputs
+    grad = torch.randn(*x.shape[:-1], n_out, dtype=x.dtype)
+    got = run(nf4_double_quant(*args, blocksize), x, w, b, a, lb, 2.0, x_lora, grad)
+    want = run(expanded, x, w, b, a, lb, 2.0, x_lora, grad)
+    for g, e in zip(got, want, strict=True):
+        assert torch.equal(g, e)
+
+
 @pytest.mark.parametrize("blocksize", [32, 256, 4096])
 def test_nf4_blocksizes_larger_than_a_row(blocksize):
     # in = 48: a 4096-value block spans 85+ rows, so tiles must round to whole blocks.
@@ -123,17 +179,22 @@ def test_empty_batch():
     assert ops.lora_linear_nf4(x, packed, absmax, 64, b, a, lb, 1.0).shape == (0, 32)
 
 
-def op_args(dtype, x_lora):
+def op_args(dtype, x_lora, double_quant=False):
+    """Arguments of lora_linear and of lora_linear_nf4 (the nested ones last, when asked for)."""
     x, w, b, a, lb, xl = make_inputs((3, 5), 64, 48, dtype, dropout=x_lora)
     x, a, lb = (t.requires_grad_() for t in (x, a, lb))
-    packed, absmax = ops.nf4_quantize(w, 64)
-    return (x, w, b, a, lb, 0.5, xl), (x, packed, absmax, 64, b, a, lb, 0.5, xl)
+    if double_quant:
+        packed, absmax, *nested = double_quantized(w)
+    else:
+        (packed, absmax), nested = ops.nf4_quantize(w, 64), []
+    return (x, w, b, a, lb, 0.5, xl), (x, packed, absmax, 64, b, a, lb, 0.5, xl, *nested)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("x_lora", [False, True])
-def test_opcheck(dtype, x_lora):
-    dense, nf4 = op_args(dtype, x_lora)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_opcheck(dtype, x_lora, double_quant):
+    dense, nf4 = op_args(dtype, x_lora, double_quant)
     torch.library.opcheck(torch.ops.lorakit.lora_linear, dense)
     torch.library.opcheck(torch.ops.lorakit.lora_linear_nf4, nf4)
     # The backward ops are not differentiable themselves (no double backward): plain inputs.
@@ -141,18 +202,20 @@ def test_opcheck(dtype, x_lora):
     y, xa = torch.ops.lorakit.lora_linear(x, w, None, a, lb, scale, xl)
     g = torch.randn_like(y)
     torch.library.opcheck(torch.ops.lorakit.lora_linear_backward, (g, x, w, a, lb, xa, scale, xl))
-    packed, absmax = nf4[1], nf4[2]
-    args = (g, x, packed, absmax, 64, a, lb, xa, scale, xl)
+    packed, absmax, nested = nf4[1], nf4[2], nf4[9:]
+    args = (g, x, packed, absmax, 64, a, lb, xa, scale, xl, *nested)
     torch.library.opcheck(torch.ops.lorakit.lora_linear_nf4_backward, args)
 
 
-@pytest.mark.parametrize("nf4", [False, True])
-def test_torch_compile_fullgraph_forward_and_backward(nf4):
-    dense, quantized = op_args(torch.float32, x_lora=False)
+@pytest.mark.parametrize("base", ["dense", "nf4", "nf4 double-quantized"])
+def test_torch_compile_fullgraph_forward_and_backward(base):
+    dense, quantized = op_args(
+        torch.float32, x_lora=False, double_quant=base == "nf4 double-quantized"
+    )
 
     def step(x, a, lb):
-        if nf4:
-            y = ops.lora_linear_nf4(x, *quantized[1:5], a, lb, 0.5)
+        if base != "dense":
+            y = ops.lora_linear_nf4(x, *quantized[1:5], a, lb, 0.5, None, *quantized[9:])
         else:
             y = ops.lora_linear(x, dense[1], dense[2], a, lb, 0.5)
         return (y * y).sum()
@@ -207,3 +270,22 @@ def test_bad_nf4_weight_is_a_clear_error():
         ops.lora_linear_nf4(x, packed, absmax, 48, b, a, lb, 1.0)
     with pytest.raises(RuntimeError, match="x is BFloat16"):
         ops.lora_linear(x.bfloat16(), w, b, a, lb, 1.0)
+
+
+def test_bad_double_quantized_scales_are_a_clear_error():
+    x, w, b, a, lb, _ = make_inputs((2,), 64, 32, torch.float32)
+    packed, q, nested_absmax, code, offset = double_quantized(w)
+
+    def call(q, nested_absmax, code):
+        ops.lora_linear_nf4(x, packed, q, 64, b, a, lb, 1.0, None, nested_absmax, code, offset)
+
+    with pytest.raises(RuntimeError, match="pass nested_absmax and nested_code together"):
+        call(q, nested_absmax, None)
+    with pytest.raises(RuntimeError, match="absmax must be uint8 when nested_absmax is given"):
+        call(q.float(), nested_absmax, code)
+    with pytest.raises(RuntimeError, match="absmax must be float32, or uint8 with nested_absmax"):
+        call(q, None, None)
+    with pytest.raises(RuntimeError, match="nested_absmax has 2 scales but 32 codes"):
+        call(q, torch.ones(2), code)
+    with pytest.raises(RuntimeError, match="nested_code must be float32 with 256 values"):
+        call(q, nested_absmax, code[:16])

@@ -1,5 +1,6 @@
 #include "lora/lora_common.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
@@ -61,22 +62,63 @@ void check_grad_y(const char* op, const at::Tensor& grad_y, const Sizes& s) {
               grad_y.sizes());
 }
 
-void check_nf4_weight(const char* op, const at::Tensor& x, const at::Tensor& packed,
-                      const at::Tensor& absmax, int64_t blocksize, int64_t out) {
+Nf4Scales check_nf4_weight(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                           const at::Tensor& absmax, int64_t blocksize, int64_t out,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, double nested_offset) {
   nf4::check_blocksize(blocksize);
   TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ",
               packed.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op,
-              ": absmax must be float32 (dequantize double-quantized scales first), got ",
-              absmax.scalar_type());
   check_same_device(packed, "packed", x, "x");
   check_same_device(absmax, "absmax", x, "x");
   const int64_t numel = out * x.size(-1);
   TORCH_CHECK(packed.numel() == ceil_div(numel, 2), op, ": packed has ", packed.numel(),
               " bytes but a (", out, ", ", x.size(-1), ") weight needs ", ceil_div(numel, 2));
-  TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), op, ": absmax has ", absmax.numel(),
-              " scales but a (", out, ", ", x.size(-1), ") weight with blocksize ", blocksize,
-              " needs ", ceil_div(numel, blocksize));
+  const int64_t blocks = ceil_div(numel, blocksize);
+  TORCH_CHECK(absmax.numel() == blocks, op, ": absmax has ", absmax.numel(), " scales but a (", out,
+              ", ", x.size(-1), ") weight with blocksize ", blocksize, " needs ", blocks);
+  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value(), op,
+              ": pass nested_absmax and nested_code together (double-quantized scales) or neither");
+  if (!nested_absmax) {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, op,
+                ": absmax must be float32, or uint8 with nested_absmax and nested_code, got ",
+                absmax.scalar_type());
+    return {absmax.contiguous(), at::Tensor(), at::Tensor(), 0.0f};
+  }
+  TORCH_CHECK(absmax.scalar_type() == at::kByte, op,
+              ": absmax must be uint8 when nested_absmax is given, got ", absmax.scalar_type());
+  TORCH_CHECK(nested_absmax->scalar_type() == at::kFloat, op,
+              ": nested_absmax must be float32, got ", nested_absmax->scalar_type());
+  TORCH_CHECK(nested_code->scalar_type() == at::kFloat && nested_code->numel() == 256, op,
+              ": nested_code must be float32 with 256 values, got ", nested_code->scalar_type(),
+              " ", nested_code->sizes());
+  check_same_device(*nested_absmax, "nested_absmax", x, "x");
+  check_same_device(*nested_code, "nested_code", x, "x");
+  const int64_t nested_blocks = ceil_div(blocks, int64_t{1} << kNestedShift);
+  TORCH_CHECK(nested_absmax->numel() == nested_blocks, op, ": nested_absmax has ",
+              nested_absmax->numel(), " scales but ", blocks, " codes in blocks of ",
+              int64_t{1} << kNestedShift, " need ", nested_blocks);
+  // The schema's float is a double; offsets come from float32 scales, so the cast is exact.
+  return {absmax.contiguous(), nested_absmax->contiguous(), nested_code->contiguous(),
+          static_cast<float>(nested_offset)};
+}
+
+at::Tensor Nf4Scales::expanded() const {
+  if (!nested_absmax.defined()) return absmax;
+  static const auto dequantize =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorakit::blockwise8_dequantize", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            at::ScalarType)>();
+  return dequantize.call(absmax, nested_absmax, nested_code, int64_t{1} << kNestedShift, at::kFloat)
+      .add_(offset);
+}
+
+BlockScales Nf4Scales::view() const {
+  if (!nested_absmax.defined())
+    return {absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, 0.0f};
+  return {nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(),
+          nested_code.const_data_ptr<float>(), offset};
 }
 
 int64_t leading(const at::Tensor& x) {

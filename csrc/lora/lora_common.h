@@ -7,6 +7,8 @@
 
 #include <tuple>
 
+#include "lora/nf4_scales.h"
+
 namespace lorakit::lora {
 
 using Forward = std::tuple<at::Tensor, at::Tensor>;                           // y, xa
@@ -23,9 +25,28 @@ Sizes check_adapter_args(const char* op, const at::Tensor& x, int64_t out,
                          const at::Tensor& lora_b, const std::optional<at::Tensor>& x_lora);
 // Checks grad_y against the forward's sizes.
 void check_grad_y(const char* op, const at::Tensor& grad_y, const Sizes& s);
-// Checks an NF4 base weight of shape (out, in): dtypes, device and element counts.
-void check_nf4_weight(const char* op, const at::Tensor& x, const at::Tensor& packed,
-                      const at::Tensor& absmax, int64_t blocksize, int64_t out);
+
+// An NF4 weight's block scales as the ops take them: float32 absmax, one per block; or, double-
+// quantized, absmax holds uint8 codes into nested_code (float32, 256) scaled by nested_absmax
+// (float32, one per 256 blocks) plus offset. All contiguous.
+struct Nf4Scales {
+  at::Tensor absmax, nested_absmax,
+      nested_code;  // the nested pair undefined unless double-quantized
+  float offset;
+
+  // Float32 scales, one per block, for the paths that expand the whole weight anyway: absmax
+  // itself, or the double-quantized ones through blockwise8_dequantize and + offset.
+  at::Tensor expanded() const;
+  // What the decode kernels read: they rebuild each block's scale as they reach it.
+  BlockScales view() const;
+};
+
+// Checks an NF4 base weight of shape (out, in) (dtypes, devices, element counts) and returns its
+// scales.
+Nf4Scales check_nf4_weight(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                           const at::Tensor& absmax, int64_t blocksize, int64_t out,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, double nested_offset);
 
 // The product of x's leading sizes (tokens), x viewed as (tokens, in), and the low-rank input (x
 // itself when x_lora is empty) likewise.

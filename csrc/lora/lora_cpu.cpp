@@ -74,42 +74,42 @@ void for_each_tile(const at::Tensor& packed, const at::Tensor& absmax, int64_t b
 }
 
 bool use_direct_kernel(const Sizes& s) {
-  return s.tokens <= kDecodeRows && s.in % 16 == 0 && cpu_has_avx2_fma();
+  return s.tokens <= kDecodeRows && s.in % 32 == 0 && cpu_has_avx2_fma();
 }
 
 // y = x W^T (+ bias) in float32 from the 4-bit codes, for a few rows of x.
-at::Tensor nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& absmax,
+at::Tensor nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales& scales,
                     int64_t blocksize, const Sizes& s) {
   const at::Tensor x32 = x2.to(at::kFloat).contiguous();
   at::Tensor xs = at::empty_like(x32);
   at::Tensor y = at::empty({s.tokens, s.out}, x32.options());
-  for (int64_t i = 0; i < s.tokens; ++i)
-    deinterleave16(x32.const_data_ptr<float>() + i * s.in, s.in,
-                   xs.mutable_data_ptr<float>() + i * s.in);
+  order_for_gemv(x32.const_data_ptr<float>(), x32.numel(), xs.mutable_data_ptr<float>());
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
-  const float* a = absmax.const_data_ptr<float>();
   at::parallel_for(0, s.out, kDecodeGrain, [&](int64_t begin, int64_t end) {
-    nf4_gemv_avx2(p, a, blocksize, s.in, xs.const_data_ptr<float>(), s.tokens, begin, end,
+    nf4_gemv_avx2(p, scales, blocksize, s.in, xs.const_data_ptr<float>(), s.tokens, begin, end,
                   y.mutable_data_ptr<float>(), s.out);
   });
   return y;
 }
 
 Forward lora_linear_nf4_cpu(const at::Tensor& x, const at::Tensor& packed_in,
-                            const at::Tensor& absmax_in, int64_t blocksize,
+                            const at::Tensor& absmax, int64_t blocksize,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                             const at::Tensor& lora_b, double scale,
-                            const std::optional<at::Tensor>& x_lora) {
+                            const std::optional<at::Tensor>& x_lora,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code, double nested_offset) {
   constexpr const char* op = "lora_linear_nf4";
   const Sizes s = check_adapter_args(op, x, lora_b.size(0), bias, lora_a, lora_b, x_lora);
-  check_nf4_weight(op, x, packed_in, absmax_in, blocksize, s.out);
-  const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
+  const Nf4Scales scales = check_nf4_weight(op, x, packed_in, absmax, blocksize, s.out,
+                                            nested_absmax, nested_code, nested_offset);
+  const at::Tensor packed = packed_in.contiguous();
   const at::Tensor x2 = rows(x);
   const at::Tensor xl = low_rank_input(x, x_lora);
 
   if (use_direct_kernel(s)) {
     // Accumulate bias and low-rank term in float32 too, then round once.
-    at::Tensor y = nf4_gemv(x2, packed, absmax, blocksize, s);
+    at::Tensor y = nf4_gemv(x2, packed, scales.view(), blocksize, s);
     if (bias) y.add_(*bias);
     at::Tensor xa =
         add_low_rank_(y, xl.to(at::kFloat), lora_a.to(at::kFloat), lora_b.to(at::kFloat), scale);
@@ -117,7 +117,7 @@ Forward lora_linear_nf4_cpu(const at::Tensor& x, const at::Tensor& packed_in,
   }
 
   at::Tensor y = at::empty({s.tokens, s.out}, x.options());
-  for_each_tile(packed, absmax, blocksize, s.out, s.in, x.options(),
+  for_each_tile(packed, scales.expanded(), blocksize, s.out, s.in, x.options(),
                 [&](int64_t row0, int64_t count, const at::Tensor& tile) {
                   at::Tensor y_tile = y.narrow(1, row0, count);
                   if (bias) {
@@ -131,21 +131,25 @@ Forward lora_linear_nf4_cpu(const at::Tensor& x, const at::Tensor& packed_in,
 }
 
 Backward lora_linear_nf4_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                      const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                                      const at::Tensor& packed_in, const at::Tensor& absmax,
                                       int64_t blocksize, const at::Tensor& lora_a,
                                       const at::Tensor& lora_b, const at::Tensor& xa, double scale,
-                                      const std::optional<at::Tensor>& x_lora) {
+                                      const std::optional<at::Tensor>& x_lora,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      double nested_offset) {
   constexpr const char* op = "lora_linear_nf4_backward";
   const Sizes s = check_adapter_args(op, x, lora_b.size(0), std::nullopt, lora_a, lora_b, x_lora);
-  check_nf4_weight(op, x, packed_in, absmax_in, blocksize, s.out);
+  const Nf4Scales scales = check_nf4_weight(op, x, packed_in, absmax, blocksize, s.out,
+                                            nested_absmax, nested_code, nested_offset);
   check_grad_y(op, grad_y, s);
-  const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
+  const at::Tensor packed = packed_in.contiguous();
   const at::Tensor g = grad_y.reshape({s.tokens, s.out});
 
   // grad_x = sum over tiles of grad_y[:, tile] W[tile, :], accumulated in place.
   at::Tensor grad_x = s.out == 0 ? at::zeros({s.tokens, s.in}, x.options())
                                  : at::empty({s.tokens, s.in}, x.options());
-  for_each_tile(packed, absmax, blocksize, s.out, s.in, x.options(),
+  for_each_tile(packed, scales.expanded(), blocksize, s.out, s.in, x.options(),
                 [&](int64_t row0, int64_t count, const at::Tensor& tile) {
                   const at::Tensor g_tile = g.narrow(1, row0, count);
                   if (row0 == 0) {

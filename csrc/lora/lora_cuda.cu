@@ -3,7 +3,8 @@
 //    one cuBLAS GEMM writes the output, with the bias in its beta term and the low-rank update
 //    accumulated into the same output by a second, rank-r GEMM;
 //  - 1 to 16 rows (decode): nf4_gemv_kernel reads the 4-bit codes directly (0.5625 bytes per
-//    weight with 64-value blocks), never writing the expanded weight, then the low-rank update.
+//    weight with 64-value blocks; double-quantized scales decoded in the kernel too), never
+//    writing the expanded weight, then the low-rank update.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -44,12 +45,17 @@ __device__ __forceinline__ void load8(const scalar_t* p, float* out) {
 // takes 8 consecutive weights per step (one 32-bit load; in % 8 == 0 keeps it aligned and inside
 // one block), so a warp reads 128 contiguous bytes of codes per step.
 template <typename scalar_t>
-__global__ void nf4_gemv_kernel(const uint8_t* __restrict__ packed,
-                                const float* __restrict__ absmax, int shift, int64_t in,
-                                int64_t out, const scalar_t* __restrict__ x, int m,
+__global__ void nf4_gemv_kernel(const uint8_t* __restrict__ packed, BlockScales scales, int shift,
+                                int64_t in, int64_t out, const scalar_t* __restrict__ x, int m,
                                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ y) {
-  __shared__ float code[16];  // lanes index it with different codes: shared, not constant, memory
+  // Lanes index both tables with different codes: shared, not constant, memory.
+  __shared__ float code[16];
+  __shared__ float nested_code[256];
   if (threadIdx.x < 16) code[threadIdx.x] = kDeviceCode[threadIdx.x];
+  if (scales.code) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = scales.code[i];
+    scales.code = nested_code;
+  }
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -59,7 +65,7 @@ __global__ void nf4_gemv_kernel(const uint8_t* __restrict__ packed,
   const int64_t row = o * in;
   for (int64_t k = lane * kValuesPerLane; k < in; k += 32 * kValuesPerLane) {
     const uint32_t codes = *reinterpret_cast<const uint32_t*>(packed + (row + k) / 2);
-    const float scale = absmax[(row + k) >> shift];
+    const float scale = block_scale(scales, (row + k) >> shift);
     float w[kValuesPerLane];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {  // byte b (little-endian) holds elements 2b (high), 2b+1
@@ -95,14 +101,15 @@ __global__ void nf4_gemv_kernel(const uint8_t* __restrict__ packed,
 // ---- launcher -----------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void launch_nf4_gemv(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t in,
-                     int64_t out, const scalar_t* x, int m, const scalar_t* bias, scalar_t* y) {
+void launch_nf4_gemv(const uint8_t* packed, const BlockScales& scales, int64_t blocksize,
+                     int64_t in, int64_t out, const scalar_t* x, int m, const scalar_t* bias,
+                     scalar_t* y) {
   if (out == 0 || m == 0) return;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   const dim3 grid(static_cast<unsigned>(ceil_div(out, kWarpsPerBlock)));
   const dim3 block(32 * kWarpsPerBlock);
   nf4_gemv_kernel<scalar_t><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      packed, absmax, shift, in, out, x, m, bias, y);
+      packed, scales, shift, in, out, x, m, bias, y);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -123,25 +130,29 @@ Forward lora_linear_nf4_cuda(const at::Tensor& x, const at::Tensor& packed,
                              const at::Tensor& absmax, int64_t blocksize,
                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                              const at::Tensor& lora_b, double scale,
-                             const std::optional<at::Tensor>& x_lora) {
+                             const std::optional<at::Tensor>& x_lora,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code, double nested_offset) {
   constexpr const char* op = "lora_linear_nf4";
   const Sizes s = check_adapter_args(op, x, lora_b.size(0), bias, lora_a, lora_b, x_lora);
-  check_nf4_weight(op, x, packed, absmax, blocksize, s.out);
+  const Nf4Scales scales = check_nf4_weight(op, x, packed, absmax, blocksize, s.out, nested_absmax,
+                                            nested_code, nested_offset);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = rows(x).contiguous();
   at::Tensor y;
   if (s.tokens <= kMaxDecodeRows && s.in % kValuesPerLane == 0) {
     y = at::empty({s.tokens, s.out}, x.options());
-    const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
+    const at::Tensor p = packed.contiguous();
     const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
     LORAKIT_DISPATCH_FLOAT(x.scalar_type(), "lora_linear_nf4_cuda", [&] {
-      launch_nf4_gemv<scalar_t>(
-          p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(), blocksize, s.in, s.out,
-          x2.const_data_ptr<scalar_t>(), static_cast<int>(s.tokens),
-          bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+      launch_nf4_gemv<scalar_t>(p.const_data_ptr<uint8_t>(), scales.view(), blocksize, s.in, s.out,
+                                x2.const_data_ptr<scalar_t>(), static_cast<int>(s.tokens),
+                                bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                                y.mutable_data_ptr<scalar_t>());
     });
   } else {
-    const at::Tensor w = dequantize_weight(packed, absmax, blocksize, s.out, s.in, x.scalar_type());
+    const at::Tensor w =
+        dequantize_weight(packed, scales.expanded(), blocksize, s.out, s.in, x.scalar_type());
     y = bias ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   }
   at::Tensor xa = add_low_rank_(y, low_rank_input(x, x_lora), lora_a, lora_b, scale);
@@ -152,15 +163,19 @@ Backward lora_linear_nf4_backward_cuda(const at::Tensor& grad_y, const at::Tenso
                                        const at::Tensor& packed, const at::Tensor& absmax,
                                        int64_t blocksize, const at::Tensor& lora_a,
                                        const at::Tensor& lora_b, const at::Tensor& xa, double scale,
-                                       const std::optional<at::Tensor>& x_lora) {
+                                       const std::optional<at::Tensor>& x_lora,
+                                       const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       double nested_offset) {
   constexpr const char* op = "lora_linear_nf4_backward";
   const Sizes s = check_adapter_args(op, x, lora_b.size(0), std::nullopt, lora_a, lora_b, x_lora);
-  check_nf4_weight(op, x, packed, absmax, blocksize, s.out);
+  const Nf4Scales scales = check_nf4_weight(op, x, packed, absmax, blocksize, s.out, nested_absmax,
+                                            nested_code, nested_offset);
   check_grad_y(op, grad_y, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad_y.reshape({s.tokens, s.out});
-  at::Tensor grad_x =
-      at::mm(g, dequantize_weight(packed, absmax, blocksize, s.out, s.in, x.scalar_type()));
+  at::Tensor grad_x = at::mm(
+      g, dequantize_weight(packed, scales.expanded(), blocksize, s.out, s.in, x.scalar_type()));
   auto [grad_xa, grad_a, grad_b] = low_rank_backward(g, low_rank_input(x, x_lora), lora_a, lora_b,
                                                      rows(xa), scale, x_lora ? nullptr : &grad_x);
   return unflatten_grads(x, grad_x, grad_xa, grad_a, grad_b);

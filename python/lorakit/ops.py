@@ -352,21 +352,43 @@ def lora_linear_nf4(
     lora_b: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: float = 0.0,
 ) -> torch.Tensor:
     """:func:`lora_linear` with an NF4 base weight, never expanded in full.
+
+    Double-quantized scales (QLoRA) are passed as they are stored: the kernels rebuild each
+    block's scale ``nested_code[absmax[b]] * nested_absmax[b // 256] + nested_offset`` when they
+    need it, bit for bit as :func:`blockwise8_dequantize` (blocksize 256) plus the offset.
 
     Args:
         packed: uint8 codes of the ``(out, in)`` weight, as from :func:`nf4_quantize`
             (``out`` is ``lora_b``'s row count, ``in`` is x's last size).
-        absmax: float32 block scales (dequantize double-quantized ones first).
+        absmax: float32 block scales ``(ceil(out * in / blocksize),)``, or their uint8 codes when
+            ``nested_absmax`` and ``nested_code`` are given.
         blocksize: the blocksize it was quantized with.
+        nested_absmax: float32 ``(ceil(absmax.numel() / 256),)``, or None.
+        nested_code: float32 ``(256,)``, the map the scales were quantized with, or None.
+        nested_offset: added to every rebuilt scale (the scales' mean, taken out before quantizing).
         Others as in :func:`lora_linear`; the weight is expanded to x's dtype.
 
     Returns:
         ``(..., out)`` in x's dtype.
     """
-    return torch.ops.lorakit.lora_linear_nf4(
-        x, packed, absmax, blocksize, bias, lora_a, lora_b, scale, x_lora
+    return torch.ops.lorakit.lora_linear_nf4.default(
+        x,
+        packed,
+        absmax,
+        blocksize,
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+        x_lora,
+        nested_absmax,
+        nested_code,
+        nested_offset,
     )[0]
 
 
@@ -414,6 +436,9 @@ def _lora_linear_nf4_fake(
     lora_b: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _lora_fake_outputs(x, lora_b.shape[0], lora_a.shape[0])
 
@@ -444,6 +469,9 @@ def _lora_linear_nf4_backward_fake(
     xa: torch.Tensor,
     scale: float,
     x_lora: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _lora_fake_grads(x, lora_a, lora_b)
 
@@ -493,22 +521,37 @@ def _lora_linear_nf4_setup(
     inputs: tuple[object, ...],
     output: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
-    x, packed, absmax, blocksize, _bias, lora_a, lora_b, scale, x_lora = inputs
+    x, packed, absmax, blocksize, _bias, lora_a, lora_b, scale, x_lora, *nested = inputs
+    nested_absmax, nested_code, ctx.nested_offset = nested
     ctx.scale, ctx.blocksize = scale, blocksize
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, packed, absmax, lora_a, lora_b, output[1], x_lora)
+    ctx.save_for_backward(
+        x, packed, absmax, lora_a, lora_b, output[1], x_lora, nested_absmax, nested_code
+    )
 
 
 def _lora_linear_nf4_backward(
     ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor, _grad_xa: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
-    x, packed, absmax, lora_a, lora_b, xa, x_lora = ctx.saved_tensors
+    x, packed, absmax, lora_a, lora_b, xa, x_lora, nested_absmax, nested_code = ctx.saved_tensors
     grads = torch.ops.lorakit.lora_linear_nf4_backward(
-        grad_y, x, packed, absmax, ctx.blocksize, lora_a, lora_b, xa, ctx.scale, x_lora
+        grad_y,
+        x,
+        packed,
+        absmax,
+        ctx.blocksize,
+        lora_a,
+        lora_b,
+        xa,
+        ctx.scale,
+        x_lora,
+        nested_absmax,
+        nested_code,
+        ctx.nested_offset,
     )
     grad_x, grad_a, grad_b, grad_x_lora = _lora_grads(grad_y, grads, lora_a, x_lora is not None)
     bias = _bias_grad(ctx, grad_y, 4)
-    return grad_x, None, None, None, bias, grad_a, grad_b, None, grad_x_lora
+    return grad_x, None, None, None, bias, grad_a, grad_b, None, grad_x_lora, None, None, None
 
 
 torch.library.register_autograd(
