@@ -10,18 +10,9 @@ import torch
 import transformers
 from torch import nn
 
+from adapter_models import PROJECTIONS, SMALL_LLAMA
 from lorakit import LoraConfig, apply_lora
 from lorakit.nn import LoRALinear, NF4Linear
-
-SMALL = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-}
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(kind: str, **overrides) -> nn.Module:
@@ -33,7 +24,7 @@ def build(kind: str, **overrides) -> nn.Module:
             "qwen2": transformers.Qwen2Config,
             "mistral": transformers.MistralConfig,
         }[kind]
-        config = config_class(**(SMALL | overrides))
+        config = config_class(**(SMALL_LLAMA | overrides))
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
