@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lorakit.data.encode import IGNORE
 from lorakit.data.packing import Row, collate
 from lorakit.optim import AdamW
 from lorakit.train import checkpoint
@@ -114,7 +115,7 @@ class Trainer:
         """One optimizer step; returns the mean loss per trained token and the tokens seen."""
         first = step * self.config.grad_accum
         batches = [self._micro_batch(m) for m in range(first, first + self.config.grad_accum)]
-        trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         total = 0.0
         for batch in batches:
             loss_sum, _ = self._loss_sum(batch)
