@@ -1,4 +1,4 @@
-"""How lorakit was built, what it refuses to load with, and the command line."""
+"""How lorakit was built, what it refuses to load with, and `lorakit info`."""
 
 import re
 
@@ -38,17 +38,6 @@ def test_torch_version_mismatch_is_refused_with_a_rebuild_hint(monkeypatch) -> N
         _native._load()
 
 
-def test_demo_reports_memory(capsys) -> None:
-    assert main(["demo", "--hidden", "256", "--layers", "1", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    bits = float(re.search(r"NF4, ([\d.]+) bits/parameter", out).group(1))
-    # 4 bits + 8-bit scales per 64 (0.125) + float32 per 16384 (0.002) + code tables, which at
-    # this tiny size (0.5M parameters, 7 matrices) still add ~0.1 bit.
-    assert 4.12 < bits < 4.3
-    assert "MiB" in out
-
-
-def test_cli_user_error_is_one_line_and_nonzero(capsys) -> None:
-    assert main(["demo", "--hidden", "256", "--layers", "1", "--blocksize", "48", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "blocksize must be one of" in err and "Traceback" not in err
+def test_info_prints_how_lorakit_was_built(capsys) -> None:
+    assert main(["info"]) == 0
+    assert f"version: {lorakit.build_info().version}" in capsys.readouterr().out

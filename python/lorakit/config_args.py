@@ -1,0 +1,166 @@
+"""Command-line options and YAML configs generated from config dataclasses.
+
+A dataclass whose fields are dataclasses (*groups*, like ``RunConfig``) gives one option per
+leaf field (a plain dataclass is one group): ``--<field>`` with the field's ``help`` metadata and
+its default, prefixed by the group name where the group asks for it (``--lora-r``), so nothing
+is declared twice. A YAML file gives the same options, nested by group (``train: {lr: 1e-4}``)
+or flat by option name (``lr: 1e-4``); options on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+# Groups whose field names are prefixed on the command line (their names clash or are vague).
+PREFIXED = {"lora"}
+# Fields that are no options: LoRA's quantize follows --method.
+SKIPPED = {("lora", "quantize")}
+Leaf = tuple[str, str, dataclasses.Field[Any], Any]  # group, option name, field, type
+
+
+def _groups(cls: type) -> dict[str, type] | None:
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    if all(dataclasses.is_dataclass(hints[f.name]) for f in fields):
+        return {f.name: hints[f.name] for f in fields}
+    return None
+
+
+def _leaf_fields(cls: type) -> list[Leaf]:
+    """Every option of ``cls``: its groups' fields, or its own fields if it has no groups."""
+    groups = _groups(cls) or {"": cls}
+    leaves = []
+    for group, sub in groups.items():
+        hints = typing.get_type_hints(sub)
+        for f in dataclasses.fields(sub):
+            if (group, f.name) not in SKIPPED:
+                name = f"{group}_{f.name}" if group in PREFIXED else f.name
+                leaves.append((group, name, f, hints[f.name]))
+    names = [name for _, name, _, _ in leaves]
+    assert len(set(names)) == len(names), f"{cls.__name__}: options clash: {names}"
+    return leaves
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _argument(tp: Any) -> dict[str, Any]:
+    tp, _ = _unwrap_optional(tp)
+    origin = get_origin(tp)
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        choices = get_args(tp)
+        return {"type": type(choices[0]), "choices": choices}
+    if origin is list:
+        return {"type": get_args(tp)[0], "nargs": "+"}
+    if origin in (typing.Union, types.UnionType):  # e.g. list[str] | str: take the list form
+        lists = [a for a in get_args(tp) if get_origin(a) is list]
+        return {"type": get_args(lists[0])[0], "nargs": "+"}
+    return {"type": tp}
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, required: set[str]) -> None:
+    """Adds an option for every leaf field of ``cls`` (see the module docstring), and --config.
+
+    Options in ``required`` must come from the command line or the YAML file.
+    """
+    parser.add_argument(
+        "--config", type=Path, help="YAML file of options (nested by group or flat)."
+    )
+    leaves = _leaf_fields(cls)
+    for group in dict.fromkeys(g for g, *_ in leaves):
+        box = parser.add_argument_group(group or "options")
+        for g, name, f, tp in leaves:
+            if g != group:
+                continue
+            default = _default(f)
+            text = f.metadata.get("help", "")
+            shown = " (required)" if name in required else f" (default: {default})"
+            box.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                default=argparse.SUPPRESS,
+                help=text + shown,
+                **_argument(tp),
+            )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of options, not a {type(loaded).__name__}")
+    return loaded
+
+
+def _flatten(cls: type, loaded: dict[str, Any], source: str) -> dict[str, Any]:
+    leaves = _leaf_fields(cls)
+    groups = {g for g, *_ in leaves}
+    flat: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key in groups and isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}_{sub}" if key in PREFIXED else sub] = v
+        else:
+            flat[key.replace("-", "_")] = value
+    unknown = sorted(set(flat) - {name for _, name, _, _ in leaves})
+    if unknown:
+        raise ValueError(f"{source}: unknown options {unknown}")
+    return flat
+
+
+def build(
+    cls: type[T], args: argparse.Namespace, required: set[str], overrides: dict[str, Any]
+) -> T:
+    """``cls`` from the YAML file named by ``--config``, then the command line, then
+    ``overrides`` (later wins).
+
+    Raises:
+        ValueError: a required option is missing, the YAML file is bad, or a value is invalid.
+    """
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        values.update(_flatten(cls, _read_yaml(args.config), str(args.config)))
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
+    values.update(overrides)
+    missing = sorted(name for name in required if values.get(name) in (None, "", []))
+    if missing:
+        raise ValueError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing))
+    kwargs: dict[str, dict[str, Any]] = {}
+    for group, name, f, _ in _leaf_fields(cls):
+        if name in values:
+            kwargs.setdefault(group, {})[f.name] = values[name]
+    groups = _groups(cls)
+    try:
+        if groups is None:
+            return cls(**kwargs.get("", {}))
+        return cls(**{g: sub(**kwargs.get(g, {})) for g, sub in groups.items()})
+    except TypeError as e:
+        raise ValueError(str(e)) from None

@@ -1,0 +1,93 @@
+"""What data to train on and how to prepare it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lorakit.data.formats import FORMATS, Format
+
+
+@dataclass
+class DataConfig:
+    """Data files, their format, and the preparation steps (dedup, filters, packing, split)."""
+
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training data: JSONL, JSON, CSV or Parquet files, or directories saved by "
+            "datasets (local paths only)."
+        },
+    )
+    mix: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Share of each data file in the mixture (e.g. 0.8 0.2), one per file; as "
+            "many rows as the scarcest file allows are drawn, none repeated. Default: all rows."
+        },
+    )
+    format: Format = field(
+        default="auto",
+        metadata={
+            "help": "Row format: chat (messages), alpaca (instruction/input/output), "
+            "prompt_completion, text (plain text, every token trained on), or auto "
+            "(from the columns of the first row)."
+        },
+    )
+    val_data: str | None = field(
+        default=None,
+        metadata={"help": "Validation file; default: a share of the training rows."},
+    )
+    val_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Share of training rows held out for validation when no val_data."},
+    )
+    seq_len: int = field(
+        default=512,
+        metadata={
+            "help": "Tokens per row. Longer examples are truncated (plain text is split into "
+            "pieces instead); with packing, rows hold several examples up to this length."
+        },
+    )
+    pack: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack several examples into each row (attention and position ids stay "
+            "within each example)."
+        },
+    )
+    dedup: Literal["none", "exact", "near"] = field(
+        default="near",
+        metadata={
+            "help": "Drop rows whose text repeats an earlier row exactly (exact), or also rows "
+            "that nearly repeat one (near: MinHash estimate of word 5-gram Jaccard similarity "
+            ">= near_dup_threshold)."
+        },
+    )
+    near_dup_threshold: float = field(
+        default=0.8, metadata={"help": "Similarity from which a row counts as a near duplicate."}
+    )
+    min_tokens: int = field(
+        default=0, metadata={"help": "Drop examples with fewer tokens than this (before cutting)."}
+    )
+    max_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Drop examples with more tokens than this instead of cutting them; 0: keep."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown data format {self.format!r}; choose one of {FORMATS}")
+        if self.mix is not None:
+            if len(self.mix) != len(self.data):
+                raise ValueError(f"mix has {len(self.mix)} shares for {len(self.data)} files")
+            if any(r <= 0 for r in self.mix):
+                raise ValueError(f"mix shares must be positive, got {self.mix}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ValueError(f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")

@@ -1,0 +1,154 @@
+"""Rows of a data file -> text segments, each marked as trained on (a response) or not (a prompt).
+
+Formats (``auto`` picks by the row's columns, in this order):
+
+- ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
+  rendered with the tokenizer's chat template, or :data:`BUILTIN_CHAT_TEMPLATE` when it has none.
+  Only assistant turns are trained on.
+- ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``, rendered with
+  :data:`ALPACA_PROMPT`; only the output is trained on.
+- ``prompt_completion``: ``{"prompt": str, "completion": str}``; only the completion is trained on.
+- ``text``: ``{"text": str}``, for continued pre-training; every token is trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
+
+Format = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
+FORMATS: tuple[str, ...] = ("auto", "chat", "alpaca", "prompt_completion", "text")
+Segment = tuple[str, bool]  # (text, trained on)
+
+# The prompt of Stanford Alpaca (Taori et al. 2023), with and without an input.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+
+# Used when a tokenizer has no chat template: each turn is "<|role|>\n" + content + "\n", and an
+# assistant turn ends with the tokenizer's EOS token so that the model learns to stop.
+BUILTIN_CHAT_TEMPLATE = "<|{role}|>\n{content}{end}\n"
+ROLES = ("system", "user", "assistant")
+
+
+class RowError(ValueError):
+    """A data row that cannot be used; the message names the row and the reason."""
+
+    def __init__(self, source: str, index: int, reason: str) -> None:
+        super().__init__(f"{source}: row {index}: {reason}")
+
+
+class ChatTokenizer(Protocol):
+    chat_template: str | None
+    eos_token: str | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+
+def detect(row: Mapping[str, Any]) -> str:
+    """The format of a row from its columns (see the module docstring)."""
+    if "messages" in row:
+        return "chat"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    raise ValueError(
+        f"cannot tell the format from the columns {sorted(row)}; expected 'messages' (chat), "
+        "'instruction' + 'output' (alpaca), 'prompt' + 'completion', or 'text'"
+    )
+
+
+def _text(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
+    value = row.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    if not value.strip() and not optional:
+        raise ValueError(f"'{key}' is empty")
+    return value
+
+
+def _check_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES:
+            raise ValueError(f"message {i} needs a role among {ROLES}, got {m!r:.80}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m['role']}) needs string content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message: nothing to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _chat_builtin(messages: list[dict[str, str]], eos: str) -> list[Segment]:
+    segments: list[Segment] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            segments.append(("<|assistant|>\n", False))
+            segments.append((m["content"] + eos, True))
+            segments.append(("\n", False))
+        else:
+            turn = BUILTIN_CHAT_TEMPLATE.format(role=m["role"], content=m["content"], end="")
+            segments.append((turn, False))
+    return segments
+
+
+def _chat_template(messages: list[dict[str, str]], tokenizer: ChatTokenizer) -> list[Segment]:
+    # Each assistant turn is the difference between the conversation rendered through that turn
+    # and the conversation before it with the generation prompt: the template's own markup for
+    # the turn's end is trained on (so the model learns to stop), its header is not.
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    segments: list[Segment] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, through = render(i, True), render(i + 1, False)
+        if not (prefix.startswith(done) and through.startswith(prefix)):
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations as growing "
+                "prefixes, so assistant turns cannot be located; use a prompt/completion file"
+            )
+        segments += [(prefix[len(done) :], False), (through[len(prefix) :], True)]
+        done = through
+    rest = render(len(messages), False)[len(done) :]
+    return [s for s in [*segments, (rest, False)] if s[0]]
+
+
+def to_segments(row: Mapping[str, Any], fmt: str, tokenizer: ChatTokenizer) -> list[Segment]:
+    """Renders one row as ``(text, trained)`` segments, ending with the tokenizer's EOS token.
+
+    Raises:
+        ValueError: the row lacks a field of its format or a field has the wrong type.
+    """
+    fmt = detect(row) if fmt == "auto" else fmt
+    # The EOS token ends every response (and every document) so the model learns to stop.
+    eos = tokenizer.eos_token or ""
+    if fmt == "text":
+        return [(_text(row, "text") + eos, True)]
+    if fmt == "prompt_completion":
+        return [(_text(row, "prompt"), False), (_text(row, "completion") + eos, True)]
+    if fmt == "alpaca":
+        extra = _text(row, "input", optional=True)
+        prompt = ALPACA_PROMPT.format(
+            ctx=", paired with an input that provides further context" if extra else "",
+            instruction=_text(row, "instruction"),
+            input=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        return [(prompt, False), (_text(row, "output") + eos, True)]
+    if fmt == "chat":
+        messages = _check_messages(row.get("messages"))
+        if tokenizer.chat_template:
+            return _chat_template(messages, tokenizer)
+        return _chat_builtin(messages, eos)
+    raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS}")

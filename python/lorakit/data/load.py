@@ -1,0 +1,65 @@
+"""Loading a local data file (JSONL, JSON, CSV, Parquet, text) or a saved ``datasets`` directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+# .txt: one row per line, in a "text" column.
+_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+def _check_jsonl(path: Path) -> None:
+    # datasets reports a bad line as an Arrow parse error without its number; find it first.
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number} is a {type(row).__name__}, not an object")
+
+
+def load_rows(path: str | Path) -> datasets.Dataset:
+    """Reads a local file or a directory written by ``Dataset.save_to_disk``; never downloads.
+
+    Raises:
+        ValueError: the path does not exist, has an unknown suffix, or a line is not JSON.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data path {path} does not exist")
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise ValueError(f"{path} is not a directory saved by datasets: {e}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise ValueError(f"{path} holds splits {list(loaded)} but no 'train' split")
+            loaded = loaded["train"]
+        return loaded
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_BUILDERS)} "
+            "or a directory saved by datasets"
+        )
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl(path)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise ValueError(f"{path}: cannot be read as {builder}: {cause}") from None

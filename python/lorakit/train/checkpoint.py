@@ -1,0 +1,134 @@
+"""Checkpoints written atomically and read back without pickle.
+
+A checkpoint is a directory ``checkpoint-<step>`` holding
+
+- ``trainable.safetensors``: every parameter that trains, by its name in the model (the adapter
+  for LoRA / QLoRA, the whole model for full fine-tuning);
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and everything else;
+- ``rng.safetensors``: the CPU (and CUDA) random generator states;
+- ``trainer.json``: step, data position, early-stopping state and the scheduler's state.
+
+It is written under a temporary name and renamed into place, then ``latest`` (a one-line file
+naming it) is replaced with ``os.replace``: a run killed at any moment leaves either the previous
+checkpoint or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LATEST = "latest"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: nn.Module, path: Path) -> None:
+    """Every trainable parameter, keyed by its name in the model, as safetensors."""
+    save_file(trainable_state(model), str(path))
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    """Copies saved parameters into ``model``'s trainable parameters of the same names."""
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    unknown = [n for n in saved if n not in params]
+    if missing or unknown:
+        raise ValueError(
+            f"{path} does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        rest["state"][str(index)] = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                rest["state"][str(index)][key] = value
+    return tensors, rest
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state[int(index)][name] = tensor
+    # JSON has no tuples; torch.optim keeps betas as one.
+    groups = [{**g, "betas": tuple(g["betas"])} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[f"cuda{i}"] for i in range(len(state) - 1)]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Writes ``out/checkpoint-<step>`` atomically, points ``latest`` at it, keeps ``keep``."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=out))
+    save_trainable(model, tmp / "trainable.safetensors")
+    tensors, rest = _split_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(rest))
+    save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps(trainer_state))
+    if final.exists():  # a rerun of the same step after a crash between rename and `latest`
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = out / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, out / LATEST)
+    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest(out: Path) -> Path | None:
+    pointer = out / LATEST
+    return out / pointer.read_text().strip() if pointer.exists() else None
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restores the model's trainable parameters, the optimizer and the RNG; returns the
+    trainer state."""
+    load_trainable(model, path / "trainable.safetensors")
+    rest = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), rest))
+    _set_rng_state(load_file(str(path / "rng.safetensors")))
+    return json.loads((path / "trainer.json").read_text())

@@ -1,0 +1,98 @@
+"""How to train: optimisation, schedule, evaluation, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Schedule = Literal["cosine", "wsd", "constant"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of the :class:`~lorakit.train.Trainer` loop shared by every recipe."""
+
+    out: str = field(
+        default="lorakit-out",
+        metadata={"help": "Output directory: checkpoints, metrics.jsonl, loss.png, the result."},
+    )
+    epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training data (may be fractional)."}
+    )
+    max_steps: int = field(
+        default=0, metadata={"help": "Stop after this many optimizer steps; 0: use epochs."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Rows per micro-batch."})
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimizer step; the loss is averaged over all their "
+            "trained tokens, as one batch of batch_size * grad_accum rows would be."
+        },
+    )
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
+    optim_bits: Literal[32, 8] = field(
+        default=32,
+        metadata={"help": "AdamW state precision: 32 (float32 moments) or 8 (blockwise 8-bit)."},
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the gradient's total 2-norm to this; 0: no clipping."}
+    )
+    schedule: Schedule = field(
+        default="cosine",
+        metadata={
+            "help": "Learning-rate schedule: cosine (linear warmup, then cosine decay to 0), "
+            "wsd (warmup 10%%, constant 80%%, linear decay to 0 over the last 10%%), constant "
+            "(after warmup)."
+        },
+    )
+    warmup: float = field(
+        default=0.1,
+        metadata={"help": "Warmup as a share of the steps (cosine and constant; wsd uses 10%%)."},
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "Evaluate on the validation rows every N steps; 0: at end."}
+    )
+    patience: int = field(
+        default=0,
+        metadata={
+            "help": "Stop early after this many evaluations without a lower validation loss; "
+            "0: never."
+        },
+    )
+    save_every: int = field(
+        default=0, metadata={"help": "Write a checkpoint every N steps; 0: only at the end."}
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "How many of the latest checkpoints to keep."}
+    )
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Continue from the latest checkpoint in out, if there is one."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and init."})
+    log_every: int = field(default=1, metadata={"help": "Write metrics every N steps."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    autocast: Literal["auto", "bf16", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast on the GPU (auto: where the GPU supports bf16); ignored on "
+            "the CPU."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass to save memory."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")

@@ -1,0 +1,30 @@
+"""The causal language-modelling loss as a pure function."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.data.encode import IGNORE
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of predicting ``labels[:, t + 1]`` from ``logits[:, t]``.
+
+    Args:
+        logits: (batch, n, vocab), any float dtype (computed in float32).
+        labels: (batch, n) token ids, :data:`IGNORE` where not trained on.
+
+    Returns:
+        The sum over trained tokens (a 0-d float32 tensor) and their number. Summing, not
+        averaging, lets the caller divide by the tokens of a whole accumulated step, so that
+        gradient accumulation matches one large batch exactly.
+    """
+    targets = labels[:, 1:]
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        targets.flatten(),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return total, int((targets != IGNORE).sum())

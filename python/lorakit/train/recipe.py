@@ -1,0 +1,175 @@
+"""What SFT and continued pre-training share: load a model, make it trainable (full, LoRA or
+QLoRA), prepare the data, run the :class:`Trainer`, save the result."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.data import DataConfig, PreparedData, prepare
+from lorakit.peft import LoraConfig, apply_lora, count_parameters
+from lorakit.train.checkpoint import trainable_state
+from lorakit.train.config import TrainConfig
+from lorakit.train.trainer import Trainer, TrainResult
+
+Method = Literal["full", "lora", "qlora"]
+METHODS = ("full", "lora", "qlora")
+ADAPTER_FILE = "adapter.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how."""
+
+    model: str = field(
+        default="",
+        metadata={"help": "Local directory of a Hugging Face causal LM and its tokenizer."},
+    )
+    method: Method = field(
+        default="qlora",
+        metadata={
+            "help": "full: train every weight; lora: frozen base + trainable low-rank adapters; "
+            "qlora: the same with the frozen base in 4-bit NF4."
+        },
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto keeps the checkpoint's (torch_dtype in config)."},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+
+
+@dataclass
+class RunConfig:
+    """A recipe's whole configuration; the CLI's options are generated from these fields."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model: nn.Module
+    tokenizer: Any
+    train: TrainResult
+    trainable: int
+    total: int
+    saved: Path
+
+
+def _model_dir(config: ModelConfig) -> Path:
+    path = Path(config.model)
+    if not config.model or not (path / "config.json").is_file():
+        raise ValueError(f"model directory {path} does not exist or has no config.json")
+    return path
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The tokenizer of a local model directory (never downloaded).
+
+    Raises:
+        ValueError: the directory does not exist or holds no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path = _model_dir(config)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def load_model(config: ModelConfig) -> nn.Module:
+    """The causal LM of a local model directory (never downloaded), on ``config.device``.
+
+    Raises:
+        ValueError: the directory does not exist or holds no loadable causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = _model_dir(config)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a causal LM from {path}: {e}") from None
+    return model.to(device)
+
+
+def make_trainable(model: nn.Module, method: str, lora: LoraConfig) -> tuple[int, int]:
+    """Applies ``method`` in place; returns (trainable, total) parameters."""
+    if method == "full":
+        model.requires_grad_(True)
+        return count_parameters(model)
+    quantize = "nf4" if method == "qlora" else None
+    report = apply_lora(model, LoraConfig(**{**asdict(lora), "quantize": quantize}))
+    return report.trainable, report.total
+
+
+def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig) -> Path:
+    """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter weights.
+
+    The adapter file holds every ``lora_A`` / ``lora_B`` keyed by its parameter name in the
+    model, with the LoRA configuration in the safetensors metadata; the PEFT layout
+    (``adapter_model.safetensors`` + ``adapter_config.json``) replaces it with issue 5.
+    """
+    out = Path(config.train.out)
+    if method == "full":
+        target = out / "model"
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        return target
+    target = out / ADAPTER_FILE
+    metadata = {"lora_config": json.dumps(asdict(config.lora)), "base_model": config.model.model}
+    save_file(trainable_state(model), str(target), metadata=metadata)
+    return target
+
+
+def train_and_save(
+    model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData
+) -> tuple[TrainResult, Path]:
+    """Trains a model that :func:`make_trainable` prepared, and saves the result."""
+    if config.train.progress:
+        print(data.report)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(model, config.train, data.train, data.val, pad if pad is not None else 0)
+    result = trainer.fit()
+    return result, save_result(model, tokenizer, config.model.method, config)
+
+
+def _trained(model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData) -> RunResult:
+    torch.manual_seed(config.train.seed)  # LoRA's A init and dropout
+    trainable, total = make_trainable(model, config.model.method, config.lora)
+    result, saved = train_and_save(model, tokenizer, config, data)
+    return RunResult(model, tokenizer, result, trainable, total, saved)
+
+
+def finetune(model: nn.Module, tokenizer: Any, config: RunConfig) -> RunResult:
+    """Trains an already loaded ``model`` as ``config`` says and saves the result."""
+    return _trained(model, tokenizer, config, prepare(config.data, tokenizer, config.train.seed))
+
+
+def run(config: RunConfig) -> RunResult:
+    """Loads ``config.model.model`` and fine-tunes it; the data is read first, so that a bad
+    data file is reported before a large model is loaded."""
+    tokenizer = load_tokenizer(config.model)
+    data = prepare(config.data, tokenizer, config.train.seed)
+    return _trained(load_model(config.model), tokenizer, config, data)

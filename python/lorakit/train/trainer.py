@@ -1,0 +1,232 @@
+"""The training loop every recipe uses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lorakit.data.encode import IGNORE
+from lorakit.data.packing import Row, collate
+from lorakit.optim import AdamW
+from lorakit.train import checkpoint
+from lorakit.train.config import TrainConfig
+from lorakit.train.loss import causal_lm_loss_sum
+from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_losses, read
+from lorakit.train.schedule import scheduler
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    last_loss: float
+    best_val_loss: float | None
+    stopped_early: bool
+    seconds: float
+    peak_memory_mib: float
+    metrics: Path
+    plot: Path
+
+
+class Trainer:
+    """Trains ``model``'s trainable parameters on ``train`` rows with :class:`lorakit.optim.AdamW`.
+
+    Micro-batch ``m`` of the run is batch ``m % per_epoch`` of epoch ``m // per_epoch``, whose
+    order is a permutation seeded by ``seed + epoch``; optimizer step ``s`` uses micro-batches
+    ``s * grad_accum`` to ``s * grad_accum + grad_accum - 1``. The data position is therefore the
+    step, and a resumed run sees exactly the batches the uninterrupted run would have.
+
+    Args:
+        model: a causal LM taking ``input_ids`` and ``position_ids`` and returning ``.logits``
+            (any Hugging Face ``*ForCausalLM``); only parameters with ``requires_grad`` train.
+        config: the loop's options.
+        train: training rows (examples, or packed examples).
+        val: validation rows; may be empty (no evaluation, no early stopping).
+        pad_id: the token id used to pad batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train: list[Row],
+        val: list[Row],
+        pad_id: int,
+    ) -> None:
+        if not train:
+            raise ValueError("no training rows")
+        self.model, self.config, self.train_rows, self.val_rows = model, config, train, val
+        self.pad_id = pad_id
+        self.out = Path(config.out)
+        self.device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = AdamW(
+            params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            state_bits=config.optim_bits,
+            max_grad_norm=config.max_grad_norm or None,
+        )
+        self.per_epoch = math.ceil(len(train) / config.batch_size)
+        micro = config.max_steps * config.grad_accum or math.ceil(config.epochs * self.per_epoch)
+        self.total_steps = max(1, math.ceil(micro / config.grad_accum))
+        self.scheduler = scheduler(self.optimizer, config.schedule, self.total_steps, config.warmup)
+        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            # Non-reentrant checkpointing works when the inputs need no gradient (frozen
+            # embeddings under LoRA); the reentrant kind would silently drop the adapters' grads.
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        use = self.device.type == "cuda" and (
+            self.config.autocast == "bf16"
+            or (self.config.autocast == "auto" and torch.cuda.is_bf16_supported())
+        )
+        if use:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _micro_batch(self, m: int) -> dict[str, torch.Tensor]:
+        epoch, index = divmod(m, self.per_epoch)
+        order = torch.randperm(
+            len(self.train_rows), generator=torch.Generator().manual_seed(self.config.seed + epoch)
+        )
+        size = self.config.batch_size
+        rows = [self.train_rows[i] for i in order[index * size : (index + 1) * size].tolist()]
+        return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        with self._autocast():
+            out = self.model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            )
+        return causal_lm_loss_sum(out.logits, batch["labels"])
+
+    def _step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns the mean loss per trained token and the tokens seen."""
+        first = step * self.config.grad_accum
+        batches = [self._micro_batch(m) for m in range(first, first + self.config.grad_accum)]
+        trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss_sum, _ = self._loss_sum(batch)
+            (loss_sum / max(1, trained)).backward()
+            total += loss_sum.item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seen = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
+        return total / max(1, trained), seen
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per trained token over the validation rows."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        size = self.config.batch_size
+        for i in range(0, len(self.val_rows), size):
+            batch = collate(self.val_rows[i : i + size], self.pad_id)
+            loss_sum, n = self._loss_sum({k: v.to(self.device) for k, v in batch.items()})
+            total, count = total + float(loss_sum), count + n
+        self.model.train(was_training)
+        return total / max(1, count)
+
+    def _resume(self, log_path: Path) -> dict[str, Any]:
+        path = checkpoint.latest(self.out) if self.config.resume else None
+        if path is None:
+            log_path.unlink(missing_ok=True)
+            return {"step": 0, "best_val": None, "bad_evals": 0}
+        state = checkpoint.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        # Records written after the checkpoint belong to steps that will be run again.
+        records = read(log_path) if log_path.exists() else []
+        kept = [r for r in records if r["step"] <= state["step"]]
+        log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
+        return state
+
+    def _save(self, step: int, state: dict[str, Any]) -> None:
+        state = {
+            **state,
+            "step": step,
+            "micro_batch": step * self.config.grad_accum,
+            "scheduler": self.scheduler.state_dict(),
+            "config": asdict(self.config),
+        }
+        checkpoint.save(
+            self.out, step, self.model, self.optimizer, state, self.config.keep_checkpoints
+        )
+
+    def fit(self) -> TrainResult:
+        """Runs (or resumes) training to the end or an early stop; writes ``metrics.jsonl``,
+        ``loss.png`` and checkpoints under ``config.out``."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        state = self._resume(log_path)
+        start = state["step"]
+        log = MetricsLog(log_path)
+        self.model.train()
+        started = time.perf_counter()
+        loss, stopped, done = math.nan, False, start
+        bar = tqdm(
+            range(start, self.total_steps),
+            initial=start,
+            total=self.total_steps,
+            desc="training",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for step in bar:
+                tic = time.perf_counter()
+                loss, tokens = self._step(step)
+                done = step + 1
+                record: dict[str, Any] = {"step": done, "loss": loss}
+                record["lr"] = self.scheduler.get_last_lr()[0]
+                record["tokens_per_s"] = tokens / (time.perf_counter() - tic)
+                record["memory_mib"] = peak_memory_mib(self.device)
+                last = done == self.total_steps
+                if self.val_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+                    record["val_loss"] = val = self.evaluate()
+                    if state["best_val"] is None or val < state["best_val"]:
+                        state["best_val"], state["bad_evals"] = val, 0
+                    else:
+                        state["bad_evals"] += 1
+                    stopped = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+                if done % cfg.log_every == 0 or last or stopped or "val_loss" in record:
+                    log.write(record)
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    mem=f"{record['memory_mib']:.0f}MiB",
+                )
+                if last or stopped or (cfg.save_every and done % cfg.save_every == 0):
+                    self._save(done, state)
+                if stopped:
+                    break
+        finally:
+            bar.close()
+            log.close()
+        plot = self.out / "loss.png"
+        plot_losses(read(log_path), plot)
+        return TrainResult(
+            steps=done,
+            last_loss=loss,
+            best_val_loss=state["best_val"],
+            stopped_early=stopped,
+            seconds=time.perf_counter() - started,
+            peak_memory_mib=peak_memory_mib(self.device),
+            metrics=log_path,
+            plot=plot,
+        )

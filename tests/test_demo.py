@@ -1,0 +1,38 @@
+"""`lorakit demo`, reduced to seconds: the pipeline runs and reports accuracy; its shipped data
+is what the generator writes."""
+
+import re
+
+from lorakit.cli import main
+from lorakit.demo_data import facts
+
+
+def test_shipped_demo_data_is_what_the_generator_writes() -> None:
+    for name, text in facts.render().items():
+        assert (facts.HERE / name).read_text() == text, name
+    assert set(facts.render()) == set(facts.FILES)
+
+
+def test_heldout_questions_are_about_countries_sft_never_mentions() -> None:
+    def countries(name: str) -> set[str]:
+        return set(re.findall(r"(?:of|in) (\w+) \?", (facts.HERE / name).read_text()))
+
+    sft, heldout = countries("sft.jsonl"), countries("heldout.jsonl")
+    assert len(sft) == len(heldout) == facts.COUNTRIES // 2
+    assert not sft & heldout
+    assert all(c in (facts.HERE / "corpus.txt").read_text() for c in heldout)
+
+
+def test_reduced_demo_runs_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--pretrain-epochs", "1", "--sft-epochs", "1"]
+    assert main([*argv, "--hidden", "32", "--layers", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    before = re.search(r"before QLoRA SFT:\s+([\d.]+)%", printed)
+    after = re.search(r"after QLoRA SFT:\s+([\d.]+)%", printed)
+    assert before and after and 0 <= float(after.group(1)) <= 100
+    assert re.search(r"trainable parameters: [\d,]+ of [\d,]+ \([\d.]+%\)", printed)
+    assert "MiB NF4" in printed
+    assert (out / "sft" / "adapter.safetensors").exists()
+    assert (out / "pretrain" / "loss.png").exists() and (out / "sft" / "loss.png").exists()
+    assert str(out / "sft" / "adapter.safetensors") in printed

@@ -1,0 +1,109 @@
+"""The Trainer: learning, gradient accumulation, exact resume, early stopping, outputs."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, apply_lora
+from lorakit.data import Row, encode, to_segments
+from lorakit.train import TrainConfig, Trainer
+from lorakit.train.checkpoint import LATEST
+from sft_helpers import llama, qa_rows, tokenizer
+
+TOK = tokenizer()
+
+
+def rows(data: list[dict[str, str]]) -> list[Row]:
+    return [Row.of(encode(to_segments(r, "auto", TOK), TOK)) for r in data]
+
+
+def model(lora_dropout: float | None = None):
+    m = llama(TOK)
+    if lora_dropout is not None:
+        apply_lora(m, LoraConfig(r=4, dropout=lora_dropout))
+    return m
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def config(tmp_path, name: str, **kw) -> TrainConfig:
+    return TrainConfig(out=str(tmp_path / name), progress=False, lr=1e-2, **kw)
+
+
+def test_full_training_lowers_the_loss_and_writes_metrics_plot_and_checkpoint(tmp_path) -> None:
+    cfg = config(tmp_path, "run", max_steps=30, batch_size=4, schedule="wsd")
+    result = Trainer(model(), cfg, rows(qa_rows(12)), rows(qa_rows(4)), pad_id=0).fit()
+    history = losses(tmp_path / "run")
+    assert len(history) == result.steps == 30
+    assert history[-1] < 0.5 * history[0]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "tokens_per_s", "memory_mib", "val_loss"} <= set(record)
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / LATEST).read_text() == "checkpoint-30"
+    assert not list((tmp_path / "run").glob(".checkpoint-tmp-*"))
+
+
+def test_accumulating_two_half_batches_equals_one_batch(tmp_path) -> None:
+    data = rows(qa_rows(16))
+    whole, halves = model(), model()
+    Trainer(whole, config(tmp_path, "a", max_steps=6, batch_size=4), data, [], 0).fit()
+    accumulated = config(tmp_path, "b", max_steps=6, batch_size=2, grad_accum=2)
+    Trainer(halves, accumulated, data, [], 0).fit()
+    # Same rows per step and the same token-weighted mean; only float summation order differs.
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+    for p, q in zip(whole.parameters(), halves.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_run_resumes_to_exactly_the_same_losses(tmp_path, monkeypatch) -> None:
+    data = rows(qa_rows(20))
+    # LoRA dropout draws random numbers every step: equality needs the RNG state restored too.
+    cfg = dict(max_steps=10, batch_size=4, save_every=2, optim_bits=32)
+    torch.manual_seed(1)
+    Trainer(model(lora_dropout=0.1), config(tmp_path, "whole", **cfg), data, [], 0).fit()
+
+    torch.manual_seed(1)
+    crashing = Trainer(model(lora_dropout=0.1), config(tmp_path, "cut", **cfg), data, [], 0)
+    original = Trainer._step
+
+    def crash_at_step_7(self, step):
+        if step == 6:  # after the checkpoint of step 6, before step 7 finishes
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert len(losses(tmp_path / "cut")) == 6
+
+    torch.manual_seed(99)  # a fresh process: other initial weights and RNG state
+    resumed = Trainer(model(lora_dropout=0.1), config(tmp_path, "cut", **cfg), data, [], 0)
+    result = resumed.fit()
+    assert result.steps == 10
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_early_stopping_when_validation_loss_stops_improving(tmp_path) -> None:
+    train = qa_rows(12)
+    # The validation answers contradict the training ones: once the model has learnt the
+    # format, fitting the training data makes the validation loss rise.
+    val = [{**r, "completion": " three"} for r in train]
+    cfg = config(tmp_path, "run", max_steps=200, batch_size=4, eval_every=2, patience=2)
+    result = Trainer(model(), cfg, rows(train), rows(val), 0).fit()
+    assert result.stopped_early
+    assert result.steps < 200
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    assert min(val_losses) == result.best_val_loss
+    assert val_losses[-1] > result.best_val_loss and val_losses[-2] > result.best_val_loss
+
+
+def test_checkpoints_keep_only_the_latest(tmp_path) -> None:
+    cfg = config(tmp_path, "run", max_steps=6, batch_size=4, save_every=1, keep_checkpoints=2)
+    Trainer(model(), cfg, rows(qa_rows(8)), [], 0).fit()
+    kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert kept == ["checkpoint-5", "checkpoint-6"]
