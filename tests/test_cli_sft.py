@@ -31,8 +31,8 @@ def test_sft_with_adapters_saves_only_the_adapter(tmp_path, model_dir, method, c
     with safe_open(str(out / "adapter.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert json.loads(f.metadata()["lora_config"])["r"] == 4
-    assert keys and all(k.endswith(("lora_A", "lora_B")) for k in keys)
-    assert "model.layers.0.self_attn.q_proj.lora_A" in keys
+    assert keys and all(k.endswith((".lora_A.default", ".lora_B.default")) for k in keys)
+    assert "model.layers.0.self_attn.q_proj.lora_A.default" in keys
     printed = capsys.readouterr().out
     assert "trained 3 steps" in printed and "trainable parameters" in printed
     assert (out / "loss.png").exists() and (out / "metrics.jsonl").exists()
@@ -68,7 +68,7 @@ def test_yaml_config_nested_or_flat_and_the_command_line_wins(tmp_path, model_di
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 2
     with safe_open(str(out / "adapter.safetensors"), "pt") as f:
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.lora_A").shape[0] == 2
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.lora_A.default").shape[0] == 2
 
 
 def test_help_explains_every_option(capsys) -> None:
