@@ -3,7 +3,10 @@
 from lorakit import nn, ops, optim, peft, quant
 from lorakit._native import BuildInfo, build_info
 from lorakit.peft import (
+    BottleneckConfig,
     LoraConfig,
+    apply_bottleneck,
+    apply_full,
     apply_lora,
     disable_adapters,
     load_adapter,
@@ -15,8 +18,11 @@ from lorakit.peft import (
 )
 
 __all__ = [
+    "BottleneckConfig",
     "BuildInfo",
     "LoraConfig",
+    "apply_bottleneck",
+    "apply_full",
     "apply_lora",
     "build_info",
     "disable_adapters",

@@ -64,6 +64,11 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None)
         ValueError: no layer holds that adapter, or its layers mix rsLoRA and plain scaling
             (PEFT has one ``use_rslora`` per adapter).
     """
+    # Bottleneck hook, until save/load dispatch by method; imported here as it imports us.
+    from lorakit.peft import bottleneck, bottleneck_io
+
+    if bottleneck.bottleneck_layers(model) and not lora_layers(model):
+        return bottleneck_io.save_bottleneck(model, out_dir, name)
     out = Path(out_dir)
     name = name or active_adapter(model)
     layers = {n: layer for n, layer in lora_layers(model) if name in layer.settings}
@@ -141,8 +146,13 @@ def load_adapter(
             matches no linear layer of ``model``, a layer already has adapter ``name``, or a
             tensor's shape does not fit its layer.
     """
+    # Bottleneck hook, until save/load dispatch by peft_type; imported here as it imports us.
+    from lorakit.peft import bottleneck_io
+
     folder = Path(in_dir)
     config = read_json(folder / CONFIG_NAME)
+    if config.get("peft_type") == bottleneck_io.PEFT_TYPE:
+        return bottleneck_io.load_bottleneck(model, folder, name, trainable)
     _check_config(config, folder / CONFIG_NAME)
     pairs = _pairs(read_tensors(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
     adaptable = adaptable_layers(model)
