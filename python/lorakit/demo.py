@@ -179,7 +179,7 @@ def _run(config: DemoConfig) -> DemoReport:
     model = load_model(sft.model)
     linear_before = _linear_mib(model)
     torch.manual_seed(config.seed)
-    trainable, total = make_trainable(model, "qlora", sft.lora)
+    report = make_trainable(model, "qlora", sft)
     heldout_before = completion_accuracy(model, tokenizer, heldout)
     recall_nf4 = completion_accuracy(model, tokenizer, probe)
     train_and_save(model, tokenizer, sft, data)
@@ -192,8 +192,8 @@ def _run(config: DemoConfig) -> DemoReport:
         recall_pretrained=recall_pretrained,
         recall_nf4=recall_nf4,
         recall_after=completion_accuracy(model, tokenizer, probe),
-        trainable=trainable,
-        total=total,
+        trainable=report.trainable,
+        total=report.total,
         linear_mib_before=linear_before,
         linear_mib_after=_linear_mib(model),
         peak_rss_mib=peak_memory_mib(torch.device("cpu")),

@@ -1,25 +1,26 @@
-"""What SFT and continued pre-training share: load a model, make it trainable (full, LoRA or
-QLoRA), prepare the data, run the :class:`Trainer`, save the result."""
+"""What SFT and continued pre-training share: load a model, make it trainable (a method of
+:data:`lorakit.peft.methods.METHODS`: full, LoRA, QLoRA, bottleneck adapters, ...), prepare the
+data, run the :class:`Trainer`, save the result."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.data import DataConfig, PreparedData, prepare
-from lorakit.peft import LoraConfig, apply_lora, count_parameters
+from lorakit.peft import BottleneckConfig, LoraConfig, LoraReport, save_adapter
+from lorakit.peft.methods import MethodName, apply_method, methods_help
 from lorakit.train.checkpoint import trainable_state
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer, TrainResult
 
-Method = Literal["full", "lora", "qlora"]
-METHODS = ("full", "lora", "qlora")
+METHODS = get_args(MethodName)
 ADAPTER_FILE = "adapter.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,13 +33,7 @@ class ModelConfig:
         default="",
         metadata={"help": "Local directory of a Hugging Face causal LM and its tokenizer."},
     )
-    method: Method = field(
-        default="qlora",
-        metadata={
-            "help": "full: train every weight; lora: frozen base + trainable low-rank adapters; "
-            "qlora: the same with the frozen base in 4-bit NF4."
-        },
-    )
+    method: MethodName = field(default="qlora", metadata={"help": methods_help()})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={"help": "Weights' dtype: auto keeps the checkpoint's (torch_dtype in config)."},
@@ -60,6 +55,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
 
 
 @dataclass(frozen=True)
@@ -114,20 +110,16 @@ def load_model(config: ModelConfig) -> nn.Module:
     return model.to(device)
 
 
-def make_trainable(model: nn.Module, method: str, lora: LoraConfig) -> tuple[int, int]:
-    """Applies ``method`` in place; returns (trainable, total) parameters."""
-    if method == "full":
-        model.requires_grad_(True)
-        return count_parameters(model)
-    quantize = "nf4" if method == "qlora" else None
-    report = apply_lora(model, LoraConfig(**{**asdict(lora), "quantize": quantize}))
-    return report.trainable, report.total
+def make_trainable(model: nn.Module, method: str, config: RunConfig) -> LoraReport:
+    """Applies ``method`` in place, with its options from ``config`` (e.g. ``config.lora``)."""
+    return apply_method(model, method, config)
 
 
 def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig) -> Path:
     """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter weights.
+    Bottleneck adapters: ``out/adapter`` written by :func:`lorakit.save_adapter`.
 
-    The adapter file holds every ``lora_A`` / ``lora_B`` keyed by its parameter name in the
+    The LoRA adapter file holds every ``lora_A`` / ``lora_B`` keyed by its parameter name in the
     model, with the LoRA configuration in the safetensors metadata; the PEFT layout
     (``adapter_model.safetensors`` + ``adapter_config.json``) replaces it with issue 5.
     """
@@ -137,6 +129,8 @@ def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         return target
+    if method == "bottleneck":
+        return save_adapter(model, out / "adapter")
     target = out / ADAPTER_FILE
     metadata = {"lora_config": json.dumps(asdict(config.lora)), "base_model": config.model.model}
     save_file(trainable_state(model), str(target), metadata=metadata)
@@ -156,10 +150,10 @@ def train_and_save(
 
 
 def _trained(model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData) -> RunResult:
-    torch.manual_seed(config.train.seed)  # LoRA's A init and dropout
-    trainable, total = make_trainable(model, config.model.method, config.lora)
+    torch.manual_seed(config.train.seed)  # adapters' init and dropout
+    report = make_trainable(model, config.model.method, config)
     result, saved = train_and_save(model, tokenizer, config, data)
-    return RunResult(model, tokenizer, result, trainable, total, saved)
+    return RunResult(model, tokenizer, result, report.trainable, report.total, saved)
 
 
 def finetune(model: nn.Module, tokenizer: Any, config: RunConfig) -> RunResult:
