@@ -53,6 +53,18 @@ def _recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from lorakit.train import compare
+
+    config = build(compare.CompareConfig, args, set(), {})
+    if not config.progress:
+        _quiet()
+    result = compare.run(config)
+    print(compare.format_table(result.rows))
+    print(f"table {result.table}; data {result.data}; chart {result.chart}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import lorakit
 
@@ -63,6 +75,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lorakit.demo import DemoConfig
+    from lorakit.train.compare import CompareConfig
     from lorakit.train.recipe import RunConfig
 
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__)
@@ -82,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         add_arguments(sub, RunConfig, REQUIRED)
         sub.set_defaults(run=_recipe)
+
+    text = "fine-tune one small model on one task with every method; tabulate cost and loss"
+    compare = commands.add_parser("compare", help=text, description=text)
+    add_arguments(compare, CompareConfig, set())
+    compare.set_defaults(run=_compare)
 
     info = commands.add_parser("info", help="print how lorakit was built")
     info.set_defaults(run=_info)

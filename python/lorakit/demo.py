@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,39 +129,65 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Within the block, torch uses ``n`` CPU threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shipped_tokenizer() -> object:
+    """The word-level tokenizer of every shipped demo file (trained on the spot)."""
+    texts = [(facts.HERE / name).read_text() for name in facts.FILES]
+    return build_tokenizer([line for text in texts for line in text.splitlines()])
+
+
+def pretrain_config(
+    out: Path, seed: int, progress: bool, epochs: float = 1.0, max_steps: int = 0
+) -> RunConfig:
+    """Full-model pre-training on the shipped corpus (``max_steps`` > 0 overrides ``epochs``)."""
+    return RunConfig(
+        model=ModelConfig(method="full"),
+        # Exact dedup only: sentences from one template differ in a name or two, which MinHash
+        # over 5-grams rightly calls near duplicates.
+        data=DataConfig(
+            data=[str(facts.HERE / "corpus.txt")], format="text", seq_len=64, val_fraction=0.0,
+            dedup="exact",
+        ),
+        train=TrainConfig(
+            out=str(out), epochs=epochs, max_steps=max_steps, batch_size=16, lr=3e-3,
+            weight_decay=0.0, seed=seed, resume=False, progress=progress,
+        ),
+    )  # fmt: skip
+
+
+def sft_data_config() -> DataConfig:
+    """The shipped SFT questions, a tenth of them held out for validation."""
+    return DataConfig(data=[str(facts.HERE / "sft.jsonl")], seq_len=64, val_fraction=0.1)
+
+
 def run(config: DemoConfig) -> DemoReport:
     """Runs the three stages of the module docstring with ``config.threads`` torch threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: DemoConfig) -> DemoReport:
     out = Path(config.out)
     data_dir = facts.HERE
-    texts = [(data_dir / name).read_text() for name in facts.FILES]
     heldout, probe = _rows(data_dir / "heldout.jsonl"), _rows(data_dir / "probe.jsonl")
     sft_rows = _rows(data_dir / "sft.jsonl")
-    tokenizer = build_tokenizer([line for text in texts for line in text.splitlines()])
+    tokenizer = shipped_tokenizer()
     seconds = {}
 
     tic = time.perf_counter()
-    pretrain = RunConfig(
-        model=ModelConfig(method="full"),
-        # Exact dedup only: sentences from one template differ in a name or two, which MinHash
-        # over 5-grams rightly calls near duplicates.
-        data=DataConfig(
-            data=[str(data_dir / "corpus.txt")], format="text", seq_len=64, val_fraction=0.0,
-            dedup="exact",
-        ),
-        train=TrainConfig(
-            out=str(out / "pretrain"), epochs=config.pretrain_epochs, batch_size=16, lr=3e-3,
-            weight_decay=0.0, seed=config.seed, resume=False, progress=config.progress,
-        ),
-    )  # fmt: skip
+    pretrain = pretrain_config(
+        out / "pretrain", config.seed, config.progress, epochs=config.pretrain_epochs
+    )
     base = finetune(build_llama(config, tokenizer), tokenizer, pretrain)
     recall_pretrained = completion_accuracy(base.model, tokenizer, probe)
     seconds["pre-training"] = time.perf_counter() - tic
@@ -167,7 +195,7 @@ def _run(config: DemoConfig) -> DemoReport:
     tic = time.perf_counter()
     sft = RunConfig(
         model=ModelConfig(model=str(base.saved), method="qlora", device="cpu"),
-        data=DataConfig(data=[str(data_dir / "sft.jsonl")], seq_len=64, val_fraction=0.1),
+        data=sft_data_config(),
         train=TrainConfig(
             out=str(out / "sft"), epochs=config.sft_epochs, batch_size=16, lr=1e-3,
             eval_every=20, seed=config.seed, resume=False, progress=config.progress,

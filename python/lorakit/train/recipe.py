@@ -137,14 +137,19 @@ def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig
     return target
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The token that pads batches: the tokenizer's pad token, else its end of sequence, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
+
+
 def train_and_save(
     model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData
 ) -> tuple[TrainResult, Path]:
     """Trains a model that :func:`make_trainable` prepared, and saves the result."""
     if config.train.progress:
         print(data.report)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(model, config.train, data.train, data.val, pad if pad is not None else 0)
+    trainer = Trainer(model, config.train, data.train, data.val, pad_id(tokenizer))
     result = trainer.fit()
     return result, save_result(model, tokenizer, config.model.method, config)
 

@@ -1,0 +1,109 @@
+"""One method of ``lorakit compare``, measured in a process of its own.
+
+Run as ``python -m lorakit.train.compare_worker SPEC.json RESULT.json``: a fresh process per
+method, so that its peak memory is its own (a process's peak RSS never goes down, and torch's
+CPU allocator keeps freed memory), and one method's warm caches cannot speed up the next.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.data import prepare
+from lorakit.demo import sft_data_config, torch_threads
+from lorakit.peft import LoraConfig
+from lorakit.train.config import TrainConfig
+from lorakit.train.metrics import peak_memory_mib
+from lorakit.train.recipe import (
+    ModelConfig,
+    RunConfig,
+    load_model,
+    load_tokenizer,
+    make_trainable,
+    pad_id,
+)
+from lorakit.train.trainer import Trainer
+
+
+class _TimedTrainer(Trainer):
+    """Records each optimizer step's wall time and the memory peak reached by the steps alone
+    (the checkpoint written at the end serialises the whole state and would count otherwise)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_seconds: list[float] = []
+        self.peak_mib = 0.0
+
+    def _step(self, step: int) -> tuple[float, int]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        tic = time.perf_counter()
+        out = super()._step(step)  # .item() on the loss already waits for the GPU
+        self.step_seconds.append(time.perf_counter() - tic)
+        self.peak_mib = peak_memory_mib(self.device)
+        return out
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tunes ``spec["model"]`` with ``spec["method"]`` and returns its measurements."""
+    r = spec["lora_r"]
+    config = RunConfig(
+        model=ModelConfig(model=spec["model"], method=spec["method"], device=spec["device"]),
+        data=sft_data_config(),
+        train=TrainConfig(
+            out=spec["out"], max_steps=spec["steps"], batch_size=spec["batch_size"],
+            lr=spec["lr"], seed=spec["seed"], resume=False, progress=False,
+        ),
+        lora=LoraConfig(r=r, alpha=2 * r),
+    )  # fmt: skip
+    tokenizer = load_tokenizer(config.model)
+    data = prepare(config.data, tokenizer, spec["seed"])
+    rss_before = peak_memory_mib(torch.device("cpu"))  # libraries and data loaded, no model
+    gpu_before = 0.0
+    if torch.cuda.is_available():  # a clean peak, also when methods share a process
+        gpu_before = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(config.model)
+    device = next(model.parameters()).device
+    torch.manual_seed(spec["seed"])
+    report = make_trainable(model, spec["method"], config)
+    trainer = _TimedTrainer(model, config.train, data.train, data.val, pad_id(tokenizer))
+    val_before = trainer.evaluate()
+    result = trainer.fit()
+    peak: float | None = trainer.peak_mib - (gpu_before if device.type == "cuda" else rss_before)
+    if device.type == "cpu" and not spec["isolated"]:
+        peak = None  # the process's peak RSS includes the methods measured before this one
+    timed = trainer.step_seconds[spec["warmup_steps"] :] or trainer.step_seconds[1:]
+    return {
+        "method": spec["method"],
+        "trainable": report.trainable,
+        "total": report.total,
+        "trainable_pct": 100.0 * report.trainable / report.total,
+        "peak_mib": peak,
+        "peak_process_mib": trainer.peak_mib,
+        "step_ms": 1000.0 * statistics.median(timed or trainer.step_seconds),
+        "val_loss_before": val_before,
+        "val_loss": result.best_val_loss,
+        "steps": result.steps,
+        "device": str(device),
+    }
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = (Path(a) for a in argv)
+    spec = {**json.loads(spec_path.read_text()), "isolated": True}
+    with torch_threads(spec["threads"]):
+        result = measure(spec)
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
