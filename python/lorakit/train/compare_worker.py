@@ -7,6 +7,7 @@ CPU allocator keeps freed memory), and one method's warm caches cannot speed up 
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -31,14 +32,46 @@ from lorakit.train.recipe import (
 )
 from lorakit.train.trainer import Trainer
 
+_STATUS = Path("/proc/self/status")
+
+
+def _status_mib(key: str) -> float:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 2**10  # kB
+    raise OSError(f"{key} not in {_STATUS}")
+
+
+class CpuPeak:
+    """How far the process's resident set size peaks above its size now.
+
+    On Linux the kernel's peak mark (``VmHWM``) is reset to the current RSS (writing 5 to
+    ``/proc/self/clear_refs``, Linux 4.0+), so the transient peaks of importing libraries and
+    preparing data do not hide a small model's; elsewhere the peak is ``getrusage``'s max RSS,
+    which never goes down, and the growth is measured from the peak so far.
+    """
+
+    def __init__(self) -> None:
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start, self.exact = _status_mib("VmRSS"), True
+        except OSError:
+            self.start, self.exact = peak_memory_mib(torch.device("cpu")), False
+
+    def growth(self) -> float:
+        peak = _status_mib("VmHWM") if self.exact else peak_memory_mib(torch.device("cpu"))
+        return peak - self.start
+
 
 class _TimedTrainer(Trainer):
     """Records each optimizer step's wall time and the memory peak reached by the steps alone
     (the checkpoint written at the end serialises the whole state and would count otherwise)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cpu_peak: CpuPeak, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.step_seconds: list[float] = []
+        self.cpu_peak = cpu_peak
         self.peak_mib = 0.0
 
     def _step(self, step: int) -> tuple[float, int]:
@@ -47,7 +80,8 @@ class _TimedTrainer(Trainer):
         tic = time.perf_counter()
         out = super()._step(step)  # .item() on the loss already waits for the GPU
         self.step_seconds.append(time.perf_counter() - tic)
-        self.peak_mib = peak_memory_mib(self.device)
+        cuda = self.device.type == "cuda"
+        self.peak_mib = peak_memory_mib(self.device) if cuda else self.cpu_peak.growth()
         return out
 
 
@@ -65,7 +99,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     tokenizer = load_tokenizer(config.model)
     data = prepare(config.data, tokenizer, spec["seed"])
-    rss_before = peak_memory_mib(torch.device("cpu"))  # libraries and data loaded, no model
+    cpu_peak = CpuPeak()  # libraries and data loaded, no model yet
     gpu_before = 0.0
     if torch.cuda.is_available():  # a clean peak, also when methods share a process
         gpu_before = torch.cuda.memory_allocated() / 2**20
@@ -74,12 +108,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = next(model.parameters()).device
     torch.manual_seed(spec["seed"])
     report = make_trainable(model, spec["method"], config)
-    trainer = _TimedTrainer(model, config.train, data.train, data.val, pad_id(tokenizer))
+    trainer = _TimedTrainer(
+        model, config.train, data.train, data.val, pad_id(tokenizer), cpu_peak=cpu_peak
+    )
     val_before = trainer.evaluate()
     result = trainer.fit()
-    peak: float | None = trainer.peak_mib - (gpu_before if device.type == "cuda" else rss_before)
+    peak: float | None = trainer.peak_mib - (gpu_before if device.type == "cuda" else 0.0)
     if device.type == "cpu" and not spec["isolated"]:
-        peak = None  # the process's peak RSS includes the methods measured before this one
+        peak = None  # earlier methods' freed memory stays in the process and would be reused
     timed = trainer.step_seconds[spec["warmup_steps"] :] or trainer.step_seconds[1:]
     return {
         "method": spec["method"],
@@ -87,7 +123,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "total": report.total,
         "trainable_pct": 100.0 * report.trainable / report.total,
         "peak_mib": peak,
-        "peak_process_mib": trainer.peak_mib,
         "step_ms": 1000.0 * statistics.median(timed or trainer.step_seconds),
         "val_loss_before": val_before,
         "val_loss": result.best_val_loss,
