@@ -3,24 +3,21 @@ QLoRA), prepare the data, run the :class:`Trainer`, save the result."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.data import DataConfig, PreparedData, prepare
-from lorakit.peft import LoraConfig, apply_lora, count_parameters
-from lorakit.train.checkpoint import trainable_state
+from lorakit.peft import LoraConfig, apply_lora, count_parameters, save_adapter
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer, TrainResult
 
 Method = Literal["full", "lora", "qlora"]
 METHODS = ("full", "lora", "qlora")
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_DIR = "adapter"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -125,22 +122,17 @@ def make_trainable(model: nn.Module, method: str, lora: LoraConfig) -> tuple[int
 
 
 def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig) -> Path:
-    """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter weights.
-
-    The adapter file holds every ``lora_A`` / ``lora_B`` keyed by its parameter name in the
-    model, with the LoRA configuration in the safetensors metadata; the PEFT layout
-    (``adapter_model.safetensors`` + ``adapter_config.json``) replaces it with issue 5.
-    """
+    """Full fine-tuning: a Hugging Face model directory (``out/model``). LoRA / QLoRA: the
+    adapter in the PEFT format (``out/adapter``), which ``peft.PeftModel.from_pretrained`` and
+    :func:`lorakit.load_adapter` load; its ``base_model_name_or_path`` is the model directory
+    the run loaded."""
     out = Path(config.train.out)
     if method == "full":
         target = out / "model"
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         return target
-    target = out / ADAPTER_FILE
-    metadata = {"lora_config": json.dumps(asdict(config.lora)), "base_model": config.model.model}
-    save_file(trainable_state(model), str(target), metadata=metadata)
-    return target
+    return save_adapter(model, out / ADAPTER_DIR)
 
 
 def train_and_save(
