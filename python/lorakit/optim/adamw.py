@@ -29,6 +29,7 @@ class AdamW(torch.optim.Optimizer):
             keep 32-bit state either way.
         max_grad_norm: if set, gradients are scaled as ``clip_grad_norm_`` would (total 2-norm
             over all parameters of this optimizer), inside the step instead of in a separate pass.
+            The last step's norm (before clipping) is kept in ``grad_norm`` for logging.
 
     NaN and Inf gradients: without ``max_grad_norm`` they propagate as in ``torch.optim.AdamW``:
     the parameter elements they touch and their moments become NaN (with 8-bit state the NaN
@@ -70,6 +71,7 @@ class AdamW(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
+        self.grad_norm: float | None = None
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _dynamic_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +99,7 @@ class AdamW(torch.optim.Optimizer):
         if self.max_grad_norm is None or not params:
             return 1.0
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self.grad_norm = norm
         if norm != norm or norm == float("inf"):
             raise FloatingPointError(
                 f"lorakit.optim.AdamW: the gradient norm is {norm}; no parameter was updated"

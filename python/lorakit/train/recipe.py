@@ -12,6 +12,7 @@ from torch import nn
 
 from lorakit.data import DataConfig, PreparedData, prepare
 from lorakit.peft import LoraConfig, apply_lora, count_parameters, save_adapter
+from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer, TrainResult
 
@@ -121,30 +122,36 @@ def make_trainable(model: nn.Module, method: str, lora: LoraConfig) -> tuple[int
     return report.trainable, report.total
 
 
-def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig) -> Path:
-    """Full fine-tuning: a Hugging Face model directory (``out/model``). LoRA / QLoRA: the
-    adapter in the PEFT format (``out/adapter``), which ``peft.PeftModel.from_pretrained`` and
-    :func:`lorakit.load_adapter` load; its ``base_model_name_or_path`` is the model directory
-    the run loaded."""
-    out = Path(config.train.out)
-    if method == "full":
-        target = out / "model"
+def result_path(config: RunConfig) -> Path:
+    """Where :func:`save_result` writes: ``out/model`` (full) or ``out/adapter``."""
+    return Path(config.train.out) / ("model" if config.model.method == "full" else ADAPTER_DIR)
+
+
+def save_result(model: nn.Module, tokenizer: Any, config: RunConfig) -> Path:
+    """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter in the PEFT
+    format, which ``peft.PeftModel.from_pretrained`` and :func:`lorakit.load_adapter` load; its
+    ``base_model_name_or_path`` is the model directory the run loaded."""
+    target = result_path(config)
+    if config.model.method == "full":
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         return target
-    return save_adapter(model, out / ADAPTER_DIR)
+    return save_adapter(model, target)
 
 
 def train_and_save(
     model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData
 ) -> tuple[TrainResult, Path]:
-    """Trains a model that :func:`make_trainable` prepared, and saves the result."""
-    if config.train.progress:
+    """Trains a model that :func:`make_trainable` prepared, and saves the result (under torchrun,
+    rank 0 saves; every rank returns the path)."""
+    if config.train.progress and distributed.is_main():
         print(data.report)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, config.train, data.train, data.val, pad if pad is not None else 0)
     result = trainer.fit()
-    return result, save_result(model, tokenizer, config.model.method, config)
+    if distributed.is_main():
+        save_result(model, tokenizer, config)
+    return result, result_path(config)
 
 
 def _trained(model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData) -> RunResult:
