@@ -33,6 +33,19 @@ _SYNC_BUFFERS = (
 )
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns); pyproject
+    # allows 4.50, which has only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None
+    )
+    if enable is None:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing to enable")
+    # Non-reentrant checkpointing works when the inputs need no gradient (frozen embeddings
+    # under LoRA); the reentrant kind would silently drop the adapters' gradients.
+    enable({"use_reentrant": False})
+
+
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
@@ -101,10 +114,8 @@ class Trainer:
         micro = config.max_steps * accum or math.ceil(config.epochs * self.per_epoch)
         self.total_steps = max(1, math.ceil(micro / accum))
         self.scheduler = scheduler(self.optimizer, config.schedule, self.total_steps, config.warmup)
-        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            # Non-reentrant checkpointing works when the inputs need no gradient (frozen
-            # embeddings under LoRA); the reentrant kind would silently drop the adapters' grads.
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+        if config.gradient_checkpointing:
+            _enable_checkpointing(model)
         self.ddp = self._wrap() if self.world > 1 else None
 
     def _wrap(self) -> DistributedDataParallel:
