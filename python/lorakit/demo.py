@@ -182,7 +182,7 @@ def _run(config: DemoConfig) -> DemoReport:
     trainable, total = make_trainable(model, "qlora", sft.lora)
     heldout_before = completion_accuracy(model, tokenizer, heldout)
     recall_nf4 = completion_accuracy(model, tokenizer, probe)
-    train_and_save(model, tokenizer, sft, data)
+    _, adapter = train_and_save(model, tokenizer, sft, data)
     seconds["QLoRA SFT"] = time.perf_counter() - tic
 
     return DemoReport(
@@ -198,7 +198,7 @@ def _run(config: DemoConfig) -> DemoReport:
         linear_mib_after=_linear_mib(model),
         peak_rss_mib=peak_memory_mib(torch.device("cpu")),
         seconds=seconds,
-        adapter=Path(sft.train.out) / "adapter.safetensors",
+        adapter=adapter,
         plots=(Path(pretrain.train.out) / "loss.png", Path(sft.train.out) / "loss.png"),
     )
 

@@ -32,6 +32,7 @@ class AdamW(torch.optim.Optimizer):
             keep 32-bit state either way.
         max_grad_norm: if set, gradients are scaled as ``clip_grad_norm_`` would (total 2-norm
             over all parameters of this optimizer), inside the step instead of in a separate pass.
+            The last step's norm (before clipping) is kept in ``grad_norm`` for logging.
         paged: keep the state of CUDA parameters in pinned host memory and stream it through a
             pool of pages on the GPU, so that state never takes more than ``page_budget_mb`` of
             GPU memory (see :class:`lorakit.optim.paging.StatePager`). The results are exactly
@@ -87,6 +88,7 @@ class AdamW(torch.optim.Optimizer):
         self.paged = paged and math.isfinite(page_budget_mb)
         self.page_budget_mb = page_budget_mb
         self._pagers: dict[torch.device, StatePager] = {}
+        self.grad_norm: float | None = None
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _pager(self, device: torch.device) -> StatePager | None:
@@ -141,6 +143,7 @@ class AdamW(torch.optim.Optimizer):
         if self.max_grad_norm is None or not params:
             return 1.0
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self.grad_norm = norm
         if norm != norm or norm == float("inf"):
             raise FloatingPointError(
                 f"lorakit.optim.AdamW: the gradient norm is {norm}; no parameter was updated"

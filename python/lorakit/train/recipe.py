@@ -3,24 +3,22 @@ QLoRA), prepare the data, run the :class:`Trainer`, save the result."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.data import DataConfig, PreparedData, prepare
-from lorakit.peft import LoraConfig, apply_lora, count_parameters
-from lorakit.train.checkpoint import trainable_state
+from lorakit.peft import LoraConfig, apply_lora, count_parameters, save_adapter
+from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer, TrainResult
 
 Method = Literal["full", "lora", "qlora"]
 METHODS = ("full", "lora", "qlora")
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_DIR = "adapter"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -124,35 +122,36 @@ def make_trainable(model: nn.Module, method: str, lora: LoraConfig) -> tuple[int
     return report.trainable, report.total
 
 
-def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig) -> Path:
-    """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter weights.
+def result_path(config: RunConfig) -> Path:
+    """Where :func:`save_result` writes: ``out/model`` (full) or ``out/adapter``."""
+    return Path(config.train.out) / ("model" if config.model.method == "full" else ADAPTER_DIR)
 
-    The adapter file holds every ``lora_A`` / ``lora_B`` keyed by its parameter name in the
-    model, with the LoRA configuration in the safetensors metadata; the PEFT layout
-    (``adapter_model.safetensors`` + ``adapter_config.json``) replaces it with issue 5.
-    """
-    out = Path(config.train.out)
-    if method == "full":
-        target = out / "model"
+
+def save_result(model: nn.Module, tokenizer: Any, config: RunConfig) -> Path:
+    """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter in the PEFT
+    format, which ``peft.PeftModel.from_pretrained`` and :func:`lorakit.load_adapter` load; its
+    ``base_model_name_or_path`` is the model directory the run loaded."""
+    target = result_path(config)
+    if config.model.method == "full":
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         return target
-    target = out / ADAPTER_FILE
-    metadata = {"lora_config": json.dumps(asdict(config.lora)), "base_model": config.model.model}
-    save_file(trainable_state(model), str(target), metadata=metadata)
-    return target
+    return save_adapter(model, target)
 
 
 def train_and_save(
     model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData
 ) -> tuple[TrainResult, Path]:
-    """Trains a model that :func:`make_trainable` prepared, and saves the result."""
-    if config.train.progress:
+    """Trains a model that :func:`make_trainable` prepared, and saves the result (under torchrun,
+    rank 0 saves; every rank returns the path)."""
+    if config.train.progress and distributed.is_main():
         print(data.report)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, config.train, data.train, data.val, pad if pad is not None else 0)
     result = trainer.fit()
-    return result, save_result(model, tokenizer, config.model.method, config)
+    if distributed.is_main():
+        save_result(model, tokenizer, config)
+    return result, result_path(config)
 
 
 def _trained(model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData) -> RunResult:
