@@ -1,4 +1,4 @@
-"""Puts LoRA adapters into any torch model, in place."""
+"""Puts LoRA adapters into any torch model, in place; finds the layers any method targets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lorakit.nn import LoRALinear, NF4Linear
+from lorakit.nn import AdapterLayer, LoRALinear, NF4Linear
 from lorakit.nn.lora_linear import LoraSettings
 from lorakit.peft.config import ALL_LINEAR, LoraConfig
 
@@ -53,24 +53,41 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
-def adaptable_layers(model: nn.Module) -> set[str]:
-    """Names of the linear layers and LoRALinear layers, leaving out the bases inside the latter."""
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    return wrapped | {
-        n for n, m in model.named_modules() if _is_linear(m) and n.rpartition(".")[0] not in wrapped
+def adaptable_layers(model: nn.Module, wrapper: type[AdapterLayer] = LoRALinear) -> set[str]:
+    """Names of the layers that an adapter of ``wrapper``'s method can go on: the ``wrapper``
+    layers (one more adapter beside theirs) and the linear layers no adapter wraps yet.
+
+    A layer wrapped by another method is left out: lorakit puts one method on a layer.
+    """
+    modules = dict(model.named_modules())
+    wrapped = {n for n, m in modules.items() if isinstance(m, AdapterLayer)}
+    own = {n for n, m in modules.items() if isinstance(m, wrapper)}
+    return own | {
+        n for n, m in modules.items() if _is_linear(m) and n.rpartition(".")[0] not in wrapped
     }
 
 
-def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    adaptable = adaptable_layers(model)
-    if config.target_modules == ALL_LINEAR:
+def find_targets(
+    model: nn.Module,
+    target_modules: list[str] | str,
+    wrapper: type[AdapterLayer] = LoRALinear,
+) -> list[str]:
+    """Full names of the layers ``target_modules`` picks (see :class:`LoraConfig`) for an adapter
+    of ``wrapper``'s method.
+
+    Raises:
+        ValueError: nothing matches (the message lists the linear layer names), or a match is
+            not a linear layer (nor a ``wrapper`` layer).
+    """
+    adaptable = adaptable_layers(model, wrapper)
+    if target_modules == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return sorted(n for n in adaptable if model.get_submodule(n) is not output)
-    matched = [n for n, _ in model.named_modules() if n and _matches(n, config.target_modules)]
+    matched = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
     if not matched:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
         raise ValueError(
-            f"target_modules {config.target_modules!r} match no module of "
+            f"target_modules {target_modules!r} match no module of "
             f"{type(model).__name__}; its linear layers are named {leaf_names}"
         )
     wrong = [n for n in matched if n not in adaptable]
@@ -78,9 +95,21 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in wrong})
         raise ValueError(
             f"target_modules match {wrong[:5]} which are {kinds}, not linear layers; "
-            "LoRA applies to nn.Linear, NF4Linear and transformers' Conv1D"
+            f"{wrapper.method} applies to nn.Linear, NF4Linear and transformers' Conv1D "
+            "(a layer holds adapters of one method only)"
         )
     return matched
+
+
+def target_names(model: nn.Module, modules: set[str]) -> list[str]:
+    """``target_modules`` for a PEFT config that picks exactly ``modules``: their leaf names
+    (q_proj, ...) when those pick no other linear or adapted layer, else the full names."""
+    leaves = {n.rpartition(".")[2] for n in modules}
+    candidates = {
+        n for n, m in model.named_modules() if _is_linear(m) or isinstance(m, AdapterLayer)
+    }
+    picked = {n for n in candidates if n.rpartition(".")[2] in leaves}
+    return sorted(leaves if picked == modules else modules)
 
 
 def as_linear(module: nn.Module) -> nn.Linear | NF4Linear:
@@ -100,7 +129,7 @@ def as_linear(module: nn.Module) -> nn.Linear | NF4Linear:
 def check_dtype(name: str, base: nn.Module) -> None:
     dtype = base.weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{name}: LoRA needs a float32, float16 or bfloat16 weight, got {dtype}")
+        raise ValueError(f"{name}: an adapter needs a float32, float16 or bfloat16 weight: {dtype}")
     bias = base.bias
     if bias is not None and bias.dtype != dtype:
         raise ValueError(
@@ -137,7 +166,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> L
             is not a linear layer or already has an adapter of that name, a rank does not fit a
             layer, or a layer's dtypes cannot work together. The model is then left as it was.
     """
-    names = _targets(model, config)
+    names = find_targets(model, config.target_modules)
     settings = LoraSettings(config.r, config.alpha, config.dropout, config.use_rslora)
     for target in names:  # every check first, so that an error leaves the model as it was
         module = model.get_submodule(target)

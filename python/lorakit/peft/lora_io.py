@@ -34,6 +34,7 @@ from lorakit.peft.inject import (
     check_dtype,
     linear_features,
     replace_module,
+    target_names,
 )
 
 PREFIX = "base_model.model."
@@ -98,7 +99,7 @@ def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": _target_names(model, set(settings)),
+        "target_modules": target_names(model, set(settings)),
         "rank_pattern": {n: s.r for n, s in settings.items() if s.r != r},
         "alpha_pattern": {n: s.alpha for n, s in settings.items() if s.alpha != alpha},
         "fan_in_fan_out": False,
@@ -107,13 +108,6 @@ def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str
         "layers_pattern": None,
         **_UNSUPPORTED,
     }
-
-
-def _target_names(model: nn.Module, modules: set[str]) -> list[str]:
-    # Leaf names (q_proj, ...) when they pick exactly these layers, else the full names.
-    leaves = {n.rpartition(".")[2] for n in modules}
-    picked = {n for n in adaptable_layers(model) if n.rpartition(".")[2] in leaves}
-    return sorted(leaves if picked == modules else modules)
 
 
 def load_adapter(
