@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -40,6 +40,19 @@ class AdapterLayer(nn.Module):
                 "unmerge it before switching adapters"
             )
         self.active_adapter = name
+
+    @classmethod
+    def wrap(cls, base: nn.Module, name: str, settings: Any) -> Self:
+        """A new layer around ``base`` whose first adapter is ``name`` with ``settings``."""
+        raise NotImplementedError(f"{cls.__name__} does not wrap a layer")
+
+    def add_adapter(self, name: str, settings: Any) -> None:
+        """Adds a fresh adapter beside the others; the active one stays active."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name`` (empty when this module lacks it)."""
+        raise NotImplementedError
 
     def uses_adapter(self) -> bool:
         """Whether forward applies an adapter on top of the (unmerged) base."""

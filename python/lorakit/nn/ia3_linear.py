@@ -76,6 +76,13 @@ class IA3Linear(AdapterLayer):
         self.ia3_l[name] = nn.Parameter(torch.ones(shape, dtype=weight.dtype, device=weight.device))
         self.settings[name] = settings
 
+    @classmethod
+    def wrap(cls, base: nn.Module, name: str, settings: IA3Settings) -> IA3Linear:
+        return cls(base, settings.feedforward, name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.ia3_l[name]] if name in self.settings else []
+
     def check_merge(self, name: str) -> None:
         if isinstance(self.base, NF4Linear):
             raise ValueError("merging IA3 into an NF4 weight is not supported (dense bases only)")

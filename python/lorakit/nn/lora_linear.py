@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -111,6 +111,13 @@ class LoRALinear(AdapterLayer):
         # nn.Linear's default init (Kaiming-uniform with a = sqrt(5)), which PEFT uses for A.
         nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))
         self.settings[name] = settings
+
+    @classmethod
+    def wrap(cls, base: nn.Module, name: str, settings: LoraSettings) -> LoRALinear:
+        return cls(base, name=name, **asdict(settings))
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name], self.lora_B[name]] if name in self.settings else []
 
     def check_merge(self, name: str) -> None:
         pass  # dense and NF4 bases both take a low-rank update

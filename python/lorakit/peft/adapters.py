@@ -54,6 +54,27 @@ def set_adapter(model: nn.Module, name: str) -> None:
         layer.set_adapter(name)
 
 
+def finish_load(
+    model: nn.Module, name: str, loaded: list[AdapterLayer], trainable: bool, previous: str | None
+) -> None:
+    """The end of every ``load_adapter``: adapter ``name`` (on ``loaded``) trains or not, every
+    other adapter keeps its flags, everything else freezes, and ``previous`` (the active adapter
+    before the load) stays active, or ``name`` when there was none."""
+    keep = {
+        id(p)
+        for _, layer in adapter_layers(model)
+        for adapter in layer.settings
+        for p in layer.adapter_parameters(adapter)
+    }
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+    for layer in loaded:
+        for parameter in layer.adapter_parameters(name):
+            parameter.requires_grad_(trainable)
+    set_adapter(model, previous or name)
+
+
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` computes with its frozen base alone (no weight is copied).

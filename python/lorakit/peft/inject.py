@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.nn import AdapterLayer, LoRALinear, NF4Linear
+from lorakit.nn import AdapterLayer, IA3Linear, LoRALinear, NF4Linear
 from lorakit.nn.lora_linear import LoraSettings
 from lorakit.peft.config import ALL_LINEAR, LoraConfig
 
@@ -20,11 +22,11 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 
 
 @dataclass(frozen=True)
-class LoraReport:
-    """What :func:`apply_lora` did.
+class AdapterReport:
+    """What :func:`apply_lora` (or ``apply_ia3``, ``apply_prefix_tuning``) did.
 
     Attributes:
-        replaced: full names of the layers that got an adapter.
+        replaced: full names of the layers (or modules) that got an adapter.
         trainable: parameters that train (the adapters).
         total: all parameters, NF4 weights counted by their number of weights.
     """
@@ -39,6 +41,9 @@ class LoraReport:
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {share:.4f} ({len(self.replaced)} layers adapted)"
         )
+
+
+LoraReport = AdapterReport  # the name apply_lora's report had first
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -145,7 +150,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> LoraReport:
+def train_only(model: nn.Module, name: str, replaced: list[str]) -> AdapterReport:
+    """Freezes ``model`` except adapter ``name``, which becomes every adapter layer's active one.
+
+    Returns:
+        The report of an ``apply_*`` call that put ``name`` on the modules ``replaced``.
+    """
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module.set_adapter(name)
+            for parameter in module.adapter_parameters(name):
+                parameter.requires_grad_(True)
+    trainable, total = count_parameters(model)
+    return AdapterReport(replaced=tuple(replaced), trainable=trainable, total=total)
+
+
+def apply_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> AdapterReport:
     """Adds a LoRA adapter called ``name`` to the targeted linear layers of ``model``, in place.
 
     A plain linear layer is replaced by a :class:`LoRALinear`; one that already is gets another
@@ -171,45 +192,66 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> L
     for target in names:  # every check first, so that an error leaves the model as it was
         module = model.get_submodule(target)
         if isinstance(module, LoRALinear):
-            _check_can_add(target, module, name, config)
+            check_can_add(target, module, name, config.quantize)
         else:
             check_dtype(target, module)
         try:
             settings.check(*linear_features(module))
         except ValueError as e:
             raise ValueError(f"{target}: {e}") from e
+
+    def make_base(module: nn.Module) -> nn.Module:
+        return frozen_base(module, config.quantize, config.blocksize, config.double_quant)
+
     for target in names:
-        module = model.get_submodule(target)
-        if isinstance(module, LoRALinear):
-            module.add_adapter(name, settings)
-            continue
-        base = as_linear(module)
-        if config.quantize == "nf4" and isinstance(base, nn.Linear):
-            base = NF4Linear.from_linear(base, config.blocksize, config.double_quant)
-        replace_module(model, target, LoRALinear(base, name=name, **asdict(settings)))
-    model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.set_adapter(name)
-            if name in module.settings:
-                module.lora_A[name].requires_grad_(True)
-                module.lora_B[name].requires_grad_(True)
-    trainable, total = count_parameters(model)
-    return LoraReport(replaced=tuple(names), trainable=trainable, total=total)
+        put_adapter(model, target, LoRALinear, name, settings, make_base)
+    return train_only(model, name, names)
 
 
-def _check_can_add(target: str, layer: LoRALinear, name: str, config: LoraConfig) -> None:
+def put_adapter(
+    model: nn.Module,
+    target: str,
+    wrapper: type[AdapterLayer],
+    name: str,
+    settings: Any,
+    make_base: Callable[[nn.Module], nn.Module] = as_linear,
+) -> AdapterLayer:
+    """Gives layer ``target`` adapter ``name``: added beside the others of a ``wrapper`` layer,
+    or in a new ``wrapper`` around ``make_base(layer)``, which replaces it in ``model``."""
+    layer = model.get_submodule(target)
+    if isinstance(layer, wrapper):
+        layer.add_adapter(name, settings)
+        return layer
+    wrapped = wrapper.wrap(make_base(layer), name, settings)
+    replace_module(model, target, wrapped)
+    return wrapped
+
+
+def frozen_base(
+    module: nn.Module, quantize: str | None, blocksize: int, double_quant: bool
+) -> nn.Linear | NF4Linear:
+    """The base an adapter wraps: ``module`` as a linear layer, in NF4 if asked (QLoRA)."""
+    base = as_linear(module)
+    if quantize == "nf4" and isinstance(base, nn.Linear):
+        base = NF4Linear.from_linear(base, blocksize, double_quant)
+    return base
+
+
+def check_can_add(
+    target: str, layer: LoRALinear | IA3Linear, name: str, quantize: str | None
+) -> None:
+    """Raises ValueError unless ``layer`` can take one more adapter called ``name``."""
     if name in layer.settings:
-        raise ValueError(f"{target} already has a LoRA adapter named {name!r}")
+        raise ValueError(f"{target} already has a {layer.method} adapter named {name!r}")
     if layer.merged_adapter is not None:
         raise ValueError(f"{target}: adapter {layer.merged_adapter!r} is merged; unmerge it first")
-    if config.quantize == "nf4" and not isinstance(layer.base, NF4Linear):
+    if quantize == "nf4" and not isinstance(layer.base, NF4Linear):
         raise ValueError(f"{target} already has a dense base weight; quantize='nf4' cannot apply")
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear layer, Conv1D (weight stored (in, out)) included."""
-    if isinstance(module, nn.Linear | NF4Linear | LoRALinear):
+    if isinstance(module, nn.Linear | NF4Linear | LoRALinear | IA3Linear):
         return module.in_features, module.out_features
     rows, cols = module.weight.shape
     return rows, cols
