@@ -10,7 +10,16 @@ import safetensors.torch
 import torch
 
 import lorakit
-from adapter_models import PROJECTIONS, assert_logits_close, llama, logits, randomize_adapters
+from adapter_models import (
+    PROJECTIONS,
+    assert_logits_close,
+    assert_unchanged,
+    llama,
+    logits,
+    randomize_adapters,
+    snapshot,
+    train,
+)
 from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
 from lorakit.nn import LoRALinear
 
@@ -37,14 +46,6 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path, rslora):
     assert sorted(ours_config["target_modules"]) == sorted(their_config["target_modules"])
 
 
-def train_peft(model: torch.nn.Module, ids: torch.Tensor, steps: int = 5) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def test_adapter_trained_and_saved_by_peft_loads_with_the_same_logits(tmp_path):
     base = llama()
     config = peft.LoraConfig(
@@ -57,7 +58,7 @@ def test_adapter_trained_and_saved_by_peft_loads_with_the_same_logits(tmp_path):
     )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     ids = torch.randint(0, 128, (2, 12))
-    train_peft(theirs, ids)
+    train(theirs, ids, steps=5)
     theirs.save_pretrained(tmp_path)
     ours = copy.deepcopy(base)
     loaded = load_adapter(ours, tmp_path)
@@ -82,21 +83,6 @@ def test_round_trip_through_lorakit_files(tmp_path):
     torch.testing.assert_close(logits(again, ids), logits(ours, ids), rtol=0, atol=0)
     trainable = {n for n, p in again.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in ours.named_parameters() if p.requires_grad}
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, object]:
-    return {
-        "types": [type(m).__name__ for m in model.modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-    }
-
-
-def assert_unchanged(model: torch.nn.Module, before: dict[str, object]) -> None:
-    after = snapshot(model)
-    assert after["types"] == before["types"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 @pytest.fixture

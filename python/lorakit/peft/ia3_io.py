@@ -54,10 +54,11 @@ def save_ia3(model: nn.Module, out: Path, name: str) -> None:
     layers = ia3_layers(model, name)
     tensors = {f"{PREFIX}{module}.ia3_l": layer.ia3_l[name] for module, layer in layers.items()}
     feedforward = {m for m, layer in layers.items() if layer.settings[name].feedforward}
+    targets, feedforward_names = _names(model, set(layers), feedforward)
     config = {
         **peft_header(model, "IA3"),
-        "target_modules": target_names(model, set(layers)),
-        "feedforward_modules": _feedforward_names(set(layers), feedforward),
+        "target_modules": targets,
+        "feedforward_modules": feedforward_names,
         "exclude_modules": None,
         "fan_in_fan_out": False,  # PEFT sets it itself for Conv1D; the vectors do not depend on it
         "init_ia3_weights": True,
@@ -67,13 +68,18 @@ def save_ia3(model: nn.Module, out: Path, name: str) -> None:
     write_json(out / CONFIG_NAME, config)
 
 
-def _feedforward_names(modules: set[str], feedforward: set[str]) -> list[str]:
-    # Leaf names when PEFT's suffix rule picks exactly these layers among the targets, else the
-    # full names (for GPT-2, "c_proj" would also pick attn.c_proj were it targeted).
-    leaves = sorted({n.rpartition(".")[2] for n in feedforward})
-    if {m for m in modules if is_feedforward(m, leaves)} == feedforward:
-        return leaves
-    return sorted(feedforward)
+def _names(
+    model: nn.Module, modules: set[str], feedforward: set[str]
+) -> tuple[list[str], list[str]]:
+    # PEFT wants feedforward_modules to be a subset of target_modules (as strings): take the
+    # target entries that name feed-forward layers, if PEFT's suffix rule then picks exactly those
+    # layers among the targets; else full names for both (GPT-2: "c_proj" would also pick the
+    # attention's c_proj).
+    targets = target_names(model, modules)
+    names = [t for t in targets if any(m == t or m.endswith(f".{t}") for m in feedforward)]
+    if {m for m in modules if is_feedforward(m, names)} == feedforward:
+        return targets, names
+    return sorted(modules), sorted(feedforward)
 
 
 def load_ia3(
@@ -135,9 +141,9 @@ def _plan(
     settings = IA3Settings(feedforward=is_feedforward(module, feedforward))
     expected = (1, in_features) if settings.feedforward else (out_features, 1)
     if tuple(vector.shape) != expected:
-        kind = "feed-forward (input)" if settings.feedforward else "output"
+        kind = "a feed-forward (input)" if settings.feedforward else "an output"
         raise ValueError(
-            f"{module}: ia3_l {list(vector.shape)} does not fit an {kind} scaling of a "
+            f"{module}: ia3_l {list(vector.shape)} does not fit {kind} scaling of a "
             f"{in_features} -> {out_features} layer (expected {list(expected)})"
         )
     return settings, vector

@@ -242,7 +242,8 @@ def check_can_add(
 ) -> None:
     """Raises ValueError unless ``layer`` can take one more adapter called ``name``."""
     if name in layer.settings:
-        raise ValueError(f"{target} already has a {layer.method} adapter named {name!r}")
+        article = "an" if layer.method[0] in "AEIOU" else "a"
+        raise ValueError(f"{target} already has {article} {layer.method} adapter named {name!r}")
     if layer.merged_adapter is not None:
         raise ValueError(f"{target}: adapter {layer.merged_adapter!r} is merged; unmerge it first")
     if quantize == "nf4" and not isinstance(layer.base, NF4Linear):

@@ -8,6 +8,7 @@ from typing import Literal
 from torch import nn
 
 from lorakit.nn.prefix import KVPrefix, PrefixSettings, PrefixShape
+from lorakit.peft.files import is_causal_lm
 from lorakit.peft.inject import AdapterReport, train_only
 
 # Where the prefix lives on the model (its state dict keys are lorakit_prefix.embedding.<name>).
@@ -53,7 +54,7 @@ def prefix_shape(model: nn.Module) -> PrefixShape:
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not type(model).__name__.endswith("ForCausalLM"):
+    if model_type not in SUPPORTED_MODEL_TYPES or not is_causal_lm(model):
         raise ValueError(
             f"prefix tuning supports Hugging Face causal LMs of model_type "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {type(model).__name__} "
@@ -106,7 +107,7 @@ def apply_prefix_tuning(
     attention_mask=..., labels=...)`` works as before and its logits keep the input's length.
     Afterwards ``name`` is the active adapter and the only thing that trains.
 
-    Supported: ``model_type`` gpt2, llama, mistral, qwen2, qwen3 (``...ForCausalLM``), full
+    Supported: causal LMs of ``model_type`` gpt2, llama, mistral, qwen2, qwen3; full
     forward passes only (no ``generate()``), no gradient checkpointing.
 
     Returns:
