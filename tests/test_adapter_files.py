@@ -200,3 +200,40 @@ def test_save_names_a_missing_adapter():
         save_adapter(model, "/nonexistent/never-written", name="x")
     assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), LoRALinear)
     assert lorakit.peft.adapter_names(model) == ["default"]
+
+
+def test_another_method_plugs_in_with_one_format_entry(tmp_path, monkeypatch):
+    """A method with its own format (peft_type of its own) needs one entry in FORMATS."""
+    calls = []
+
+    def save(model, out, name):
+        calls.append(("save", name))
+        (out / "adapter_config.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORAKIT_TOY"}))
+
+    def load(model, folder, config, name, trainable):
+        calls.append(("load", name, config["peft_type"]))
+        return []
+
+    class Toy(lorakit.nn.AdapterLayer):
+        method = "toy"
+
+    monkeypatch.setitem(
+        lorakit.peft.adapter_io.FORMATS, "LORAKIT_TOY", lorakit.peft.AdapterFormat(Toy, save, load)
+    )
+    model = llama()
+    toy = Toy("t")
+    toy.settings["t"] = None
+    model.add_module("toy", toy)
+    save_adapter(model, tmp_path, name="t")
+    load_adapter(llama(), tmp_path, name="u")
+    assert calls == [("save", "t"), ("load", "u", "LORAKIT_TOY")]
+
+
+def test_an_adapter_name_that_spans_two_methods_is_not_saved_as_one(tmp_path):
+    model = llama()
+    apply_lora(model, LoraConfig(target_modules=["q_proj"]))
+    lorakit.apply_ia3(model, lorakit.IA3Config())
+    with pytest.raises(ValueError, match=r"spans several methods \(LoRA, IA3\)"):
+        save_adapter(model, tmp_path)
+    assert not tmp_path.joinpath("adapter_config.json").exists()
