@@ -1,6 +1,8 @@
-"""Layers: frozen NF4 linears and LoRA adapters around them, built on the native ops."""
+"""Layers: frozen NF4 linears and the adapters around them (LoRA, IA3), built on the native ops."""
 
+from lorakit.nn.adapter_layer import AdapterLayer
+from lorakit.nn.ia3_linear import IA3Linear
 from lorakit.nn.lora_linear import LoRALinear
 from lorakit.nn.nf4_linear import NF4Linear
 
-__all__ = ["LoRALinear", "NF4Linear"]
+__all__ = ["AdapterLayer", "IA3Linear", "LoRALinear", "NF4Linear"]
