@@ -10,7 +10,16 @@ import safetensors.torch
 import torch
 
 import lorakit
-from adapter_models import PROJECTIONS, assert_logits_close, llama, logits, randomize_adapters
+from adapter_models import (
+    PROJECTIONS,
+    assert_logits_close,
+    assert_unchanged,
+    llama,
+    logits,
+    randomize_adapters,
+    snapshot,
+    train,
+)
 from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
 from lorakit.nn import LoRALinear
 
@@ -37,14 +46,6 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path, rslora):
     assert sorted(ours_config["target_modules"]) == sorted(their_config["target_modules"])
 
 
-def train_peft(model: torch.nn.Module, ids: torch.Tensor, steps: int = 5) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def test_adapter_trained_and_saved_by_peft_loads_with_the_same_logits(tmp_path):
     base = llama()
     config = peft.LoraConfig(
@@ -57,7 +58,7 @@ def test_adapter_trained_and_saved_by_peft_loads_with_the_same_logits(tmp_path):
     )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     ids = torch.randint(0, 128, (2, 12))
-    train_peft(theirs, ids)
+    train(theirs, ids, steps=5)
     theirs.save_pretrained(tmp_path)
     ours = copy.deepcopy(base)
     loaded = load_adapter(ours, tmp_path)
@@ -82,21 +83,6 @@ def test_round_trip_through_lorakit_files(tmp_path):
     torch.testing.assert_close(logits(again, ids), logits(ours, ids), rtol=0, atol=0)
     trainable = {n for n, p in again.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in ours.named_parameters() if p.requires_grad}
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, object]:
-    return {
-        "types": [type(m).__name__ for m in model.modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-    }
-
-
-def assert_unchanged(model: torch.nn.Module, before: dict[str, object]) -> None:
-    after = snapshot(model)
-    assert after["types"] == before["types"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 @pytest.fixture
@@ -214,3 +200,40 @@ def test_save_names_a_missing_adapter():
         save_adapter(model, "/nonexistent/never-written", name="x")
     assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), LoRALinear)
     assert lorakit.peft.adapter_names(model) == ["default"]
+
+
+def test_another_method_plugs_in_with_one_format_entry(tmp_path, monkeypatch):
+    """A method with its own format (peft_type of its own) needs one entry in FORMATS."""
+    calls = []
+
+    def save(model, out, name):
+        calls.append(("save", name))
+        (out / "adapter_config.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORAKIT_TOY"}))
+
+    def load(model, folder, config, name, trainable):
+        calls.append(("load", name, config["peft_type"]))
+        return []
+
+    class Toy(lorakit.nn.AdapterLayer):
+        method = "toy"
+
+    monkeypatch.setitem(
+        lorakit.peft.adapter_io.FORMATS, "LORAKIT_TOY", lorakit.peft.AdapterFormat(Toy, save, load)
+    )
+    model = llama()
+    toy = Toy("t")
+    toy.settings["t"] = None
+    model.add_module("toy", toy)
+    save_adapter(model, tmp_path, name="t")
+    load_adapter(llama(), tmp_path, name="u")
+    assert calls == [("save", "t"), ("load", "u", "LORAKIT_TOY")]
+
+
+def test_an_adapter_name_that_spans_two_methods_is_not_saved_as_one(tmp_path):
+    model = llama()
+    apply_lora(model, LoraConfig(target_modules=["q_proj"]))
+    lorakit.apply_ia3(model, lorakit.IA3Config())
+    with pytest.raises(ValueError, match=r"spans several methods \(LoRA, IA3\)"):
+        save_adapter(model, tmp_path)
+    assert not tmp_path.joinpath("adapter_config.json").exists()

@@ -1,5 +1,6 @@
 """Bottleneck adapters: parameter count, identity at start, a plain-PyTorch reference, training,
-files (round trip and every way a load can fail)."""
+named adapters (switching, disabling, merge refused), files (round trip and every way a load can
+fail)."""
 
 import copy
 import json
@@ -12,11 +13,10 @@ import transformers
 from torch.nn import functional as F
 
 import lorakit
-from adapter_models import llama, logits
+from adapter_models import assert_unchanged, llama, logits, snapshot
 from lorakit import BottleneckConfig, apply_bottleneck, load_adapter, save_adapter
 from lorakit.nn import BottleneckBlock
 from lorakit.peft.bottleneck_io import load_bottleneck
-from test_adapter_files import assert_unchanged, snapshot
 
 HIDDEN, LAYERS = 64, 2
 
@@ -56,12 +56,14 @@ MODELS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2}
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-def randomize(model: torch.nn.Module, std: float = 0.2) -> None:
+def randomize(model: torch.nn.Module, std: float = 0.2, name: str = "default") -> None:
     """A new adapter's up-projection is zero; random values make the adapter count in checks."""
     with torch.no_grad():
         for _, block in lorakit.peft.bottleneck_layers(model):
-            block.bottleneck.up.weight.normal_(std=std)
-            block.bottleneck.up.bias.normal_(std=std)
+            if name not in block.settings:
+                continue
+            block.bottleneck[name].up.weight.normal_(std=std)
+            block.bottleneck[name].up.bias.normal_(std=std)
 
 
 @pytest.mark.parametrize(
@@ -105,11 +107,9 @@ def reference_logits(base: torch.nn.Module, adapted: torch.nn.Module, act) -> to
     def hook(name: str):
         def adapt(module, args, out):
             def f(h):
-                d = (
-                    weights[f"{name}.bottleneck.down.weight"],
-                    weights[f"{name}.bottleneck.down.bias"],
-                )
-                u = weights[f"{name}.bottleneck.up.weight"], weights[f"{name}.bottleneck.up.bias"]
+                key = f"{name}.bottleneck.default"
+                d = weights[f"{key}.down.weight"], weights[f"{key}.down.bias"]
+                u = weights[f"{key}.up.weight"], weights[f"{key}.up.bias"]
                 return h + act(h @ d[0].T + d[1]) @ u[0].T + u[1]
 
             return (f(out[0]), *out[1:]) if isinstance(out, tuple) else f(out)
@@ -208,7 +208,7 @@ def test_unsupported_models_and_second_applications_are_refused() -> None:
     model = llama()
     apply_bottleneck(model, BottleneckConfig())
     before = snapshot(model)
-    with pytest.raises(ValueError, match="already has bottleneck adapters"):
+    with pytest.raises(ValueError, match="already has a bottleneck adapter named 'default'"):
         apply_bottleneck(model, BottleneckConfig())
     assert_unchanged(model, before)
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
@@ -220,7 +220,7 @@ def test_unsupported_models_and_second_applications_are_refused() -> None:
 def test_save_refuses_an_unknown_name(tmp_path) -> None:
     model = llama()
     apply_bottleneck(model, BottleneckConfig())
-    with pytest.raises(ValueError, match="no bottleneck adapter named 'other'"):
+    with pytest.raises(ValueError, match="no bottleneck layer holds an adapter named 'other'"):
         save_adapter(model, tmp_path, name="other")
     assert not (tmp_path / "adapter_config.json").exists()
 
@@ -266,7 +266,7 @@ def edit_config(folder: Path, **changes) -> None:
             ValueError,
             "is not a readable safetensors file",
         ),
-        (lambda d: edit_config(d, peft_type="IA3"), ValueError, "peft_type 'IA3'"),
+        (lambda d: edit_config(d, peft_type="ADAPTER"), ValueError, "'ADAPTER' is not one"),
         (lambda d: edit_config(d, nonlinearity="swish"), ValueError, "'swish' is not supported"),
         (lambda d: edit_config(d, size=0), ValueError, "size must be a positive integer"),
         (lambda d: rewrite(d, rename), ValueError, "'model.layers.1.mlq' matches no attention"),
@@ -295,15 +295,63 @@ def test_load_bottleneck_refuses_other_peft_types(tmp_path) -> None:
     model = llama()
     lorakit.apply_lora(model, lorakit.LoraConfig(r=2))
     save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
     with pytest.raises(ValueError, match="peft_type 'LORA' is not 'LORAKIT_BOTTLENECK'"):
-        load_bottleneck(llama(), tmp_path)
+        load_bottleneck(llama(), tmp_path, config, "default", False)
 
 
-def test_loading_into_a_model_that_has_bottleneck_adapters_is_refused(saved) -> None:
-    model = llama()
+def test_loading_a_taken_name_is_refused_and_another_name_is_added(saved) -> None:
+    base = llama()
+    model = copy.deepcopy(base)
     apply_bottleneck(model, BottleneckConfig())
     before = snapshot(model)
-    with pytest.raises(ValueError, match="already has bottleneck adapters"):
+    with pytest.raises(ValueError, match="already has a bottleneck adapter named 'default'"):
         load_adapter(model, saved)
     assert_unchanged(model, before)
+    assert load_adapter(model, saved, name="saved") == sorted(
+        f"model.layers.{i}.{m}" for i in range(LAYERS) for m in ("self_attn", "mlp")
+    )
     assert sum(isinstance(m, BottleneckBlock) for m in model.modules()) == 2 * LAYERS
+    assert lorakit.peft.adapter_names(model) == ["default", "saved"]
+    assert lorakit.peft.active_adapter(model) == "default"  # a load keeps the active adapter
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, saved)
+    lorakit.set_adapter(model, "saved")
+    torch.testing.assert_close(logits(model, IDS), logits(fresh, IDS), rtol=0, atol=0)
+
+
+def test_two_named_adapters_switch_and_disable_adapters_gives_the_base() -> None:
+    base = llama()
+    model = copy.deepcopy(base)
+    apply_bottleneck(model, BottleneckConfig(size=4), name="a")
+    randomize(model, name="a")
+    report = apply_bottleneck(model, BottleneckConfig(placement="mlp", size=8), name="b")
+    randomize(model, name="b")
+    assert len(report.replaced) == LAYERS
+    assert lorakit.peft.adapter_names(model) == ["a", "b"]
+    assert lorakit.peft.active_adapter(model) == "b"  # the new adapter is active and trains
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".bottleneck.b." in n for n in trainable)
+    with_b = logits(model, IDS)
+    lorakit.set_adapter(model, "a")
+    with_a = logits(model, IDS)
+    # each equals a model holding that adapter alone (b only after the MLPs)
+    only_a, only_b = copy.deepcopy(base), copy.deepcopy(base)
+    apply_bottleneck(only_a, BottleneckConfig(size=4), name="a")
+    apply_bottleneck(only_b, BottleneckConfig(placement="mlp", size=8), name="b")
+    state = model.state_dict()
+    only_a.load_state_dict({k: v for k, v in state.items() if ".bottleneck.b." not in k})
+    only_b.load_state_dict(
+        {k: v for k, v in state.items() if ".bottleneck.a." not in k and "self_attn.base." not in k}
+        | {k: v for k, v in base.state_dict().items() if ".self_attn." in k}
+    )
+    torch.testing.assert_close(with_a, logits(only_a, IDS), rtol=0, atol=0)
+    torch.testing.assert_close(with_b, logits(only_b, IDS), rtol=0, atol=0)
+    assert (with_a - with_b).abs().max() > 1e-2
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(logits(model, IDS), logits(base, IDS), rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, IDS), with_a, rtol=0, atol=0)  # on again
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="bottleneck adapters cannot be merged"):
+        lorakit.merge_adapter(model)
+    assert_unchanged(model, before)

@@ -3,11 +3,19 @@ configs, and one-line errors for user mistakes."""
 
 import json
 
+import peft
 import pytest
+import torch
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
+from adapter_models import assert_logits_close, logits
 from lorakit.cli import main
-from sft_helpers import qa_rows, saved_model
+from lorakit.data import DataConfig
+from lorakit.peft import LoraConfig
+from lorakit.train import TrainConfig
+from lorakit.train.recipe import ModelConfig, RunConfig, run
+from sft_helpers import qa_rows, saved_model, tokenizer
 
 FAST = ["--max-steps", "3", "--batch-size", "4", "--no-progress"]
 
@@ -28,11 +36,14 @@ def test_sft_with_adapters_saves_only_the_adapter(tmp_path, model_dir, method, c
     out = tmp_path / "out"
     argv = ["sft", "--model", str(model_dir), "--data", data_file(tmp_path), "--method", method]
     assert main([*argv, "--out", str(out), "--lora-r", "4", *FAST]) == 0
-    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["base_model_name_or_path"] == str(model_dir)
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-        assert json.loads(f.metadata()["lora_config"])["r"] == 4
-    assert keys and all(k.endswith((".lora_A.default", ".lora_B.default")) for k in keys)
-    assert "model.layers.0.self_attn.q_proj.lora_A.default" in keys
+    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert not list(out.glob("*.safetensors"))  # the adapter only, in its directory
     printed = capsys.readouterr().out
     assert "trained 3 steps" in printed and "trainable parameters" in printed
     assert (out / "loss.png").exists() and (out / "metrics.jsonl").exists()
@@ -52,7 +63,7 @@ def test_pretrain_trains_on_plain_text(tmp_path, model_dir) -> None:
     out = tmp_path / "out"
     argv = ["pretrain", "--model", str(model_dir), "--data", str(text), "--method", "lora"]
     assert main([*argv, "--out", str(out), "--val-fraction", "0", *FAST]) == 0
-    assert (out / "adapter.safetensors").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_yaml_config_nested_or_flat_and_the_command_line_wins(tmp_path, model_dir) -> None:
@@ -67,8 +78,7 @@ def test_yaml_config_nested_or_flat_and_the_command_line_wins(tmp_path, model_di
     assert main(["sft", "--config", str(config), "--max-steps", "2"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 2
-    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.lora_A.default").shape[0] == 2
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
 
 
 def test_help_explains_every_option(capsys) -> None:
@@ -110,3 +120,23 @@ def test_an_unknown_method_is_refused_by_the_parser(capsys) -> None:
         main(["sft", "--model", "m", "--data", "d", "--method", "dora"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'dora'" in capsys.readouterr().err
+
+
+def test_peft_loads_the_sft_adapter_with_the_trained_models_logits(tmp_path, model_dir) -> None:
+    config = RunConfig(
+        model=ModelConfig(model=str(model_dir), method="lora"),
+        data=DataConfig(data=[data_file(tmp_path)], val_fraction=0.0),
+        train=TrainConfig(out=str(tmp_path / "out"), max_steps=5, batch_size=4, progress=False),
+        lora=LoraConfig(r=4, alpha=8),
+    )
+    trained = run(config)  # what `lorakit sft` runs
+    assert trained.saved == tmp_path / "out" / "adapter"
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+
+    theirs = peft.PeftModel.from_pretrained(base(), trained.saved).eval()
+    ids = torch.randint(0, len(tokenizer()), (2, 10))
+    assert_logits_close(logits(theirs, ids), logits(trained.model.eval(), ids))
+    # Training moved the adapter, so the check compares trained weights, not a zero lora_B.
+    assert (logits(theirs, ids) - logits(base(), ids)).abs().max() > 1e-3

@@ -33,6 +33,6 @@ def test_reduced_demo_runs_end_to_end(tmp_path, capsys) -> None:
     assert before and after and 0 <= float(after.group(1)) <= 100
     assert re.search(r"trainable parameters: [\d,]+ of [\d,]+ \([\d.]+%\)", printed)
     assert "MiB NF4" in printed
-    assert (out / "sft" / "adapter.safetensors").exists()
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "pretrain" / "loss.png").exists() and (out / "sft" / "loss.png").exists()
-    assert str(out / "sft" / "adapter.safetensors") in printed
+    assert f"adapter: {out / 'sft' / 'adapter'}\n" in printed

@@ -134,7 +134,7 @@ def test_state_on_another_device_is_rejected() -> None:
     p.grad = torch.randn(8)
     opt.step()
     opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].to("meta")
-    with pytest.raises(RuntimeError, match="parameter 0 is on cpu but its optimizer state is on"):
+    with pytest.raises(RuntimeError, match="state should be on cpu, but it is on meta"):
         opt.step()
 
 

@@ -1,5 +1,6 @@
 """The Trainer: learning, gradient accumulation, exact resume, early stopping, outputs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -107,3 +108,38 @@ def test_checkpoints_keep_only_the_latest(tmp_path) -> None:
     Trainer(model(), cfg, rows(qa_rows(8)), [], 0).fit()
     kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert kept == ["checkpoint-5", "checkpoint-6"]
+
+
+@pytest.mark.parametrize("lora_dropout", [None, 0.1])
+def test_gradient_checkpointing_gives_the_same_gradients_and_losses(tmp_path, lora_dropout):
+    # None: full fine-tuning; 0.1: LoRA with dropout, frozen embeddings (inputs need no grad).
+    data = rows(qa_rows(12))
+    runs, calls = {}, []
+    for checkpointing in (False, True):
+        torch.manual_seed(3)
+        m = model(lora_dropout)
+        cfg = config(tmp_path, str(checkpointing), max_steps=4, batch_size=4)
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
+        trainer = Trainer(m, cfg, data, [], 0)
+        calls.clear()
+        # Inside the checkpointed layer (transformers checkpoints forward, outside the hooks).
+        attention = m.model.layers[0].self_attn
+        hook = attention.register_forward_hook(lambda *_: calls.append(1))
+        m.train()
+        loss_sum, _ = trainer._loss_sum(m, trainer._micro_batch(0))
+        loss_sum.backward()
+        hook.remove()
+        assert len(calls) == (2 if checkpointing else 1)  # the backward ran the layer again
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.fit()
+        runs[checkpointing] = grads, losses(tmp_path / str(checkpointing)), list(m.parameters())
+    # The recomputed forward repeats the same float operations (and, with its RNG state
+    # restored, the same dropout masks), so the results agree to float32 rounding at most.
+    (grads, history, params), (grads_ckpt, history_ckpt, params_ckpt) = runs[False], runs[True]
+    assert grads.keys() == grads_ckpt.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7)
+    assert history_ckpt == pytest.approx(history, rel=1e-6)
+    for p, q in zip(params, params_ckpt, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@
 #include "blockwise8/blockwise8_checks.h"
 #include "blockwise8/blockwise8_code.h"
 #include "common/checks.h"
+#include "common/cuda_vector.cuh"
 #include "common/dispatch.h"
 #include "nf4/nf4_code.h"
 
@@ -33,11 +34,6 @@ constexpr int kDequantPerThread = 16;
 // Grid sizing only: threads one SM holds on sm_80 and sm_90 (sm_86 / sm_89 hold 1536, which just
 // means a second wave of CTAs there).
 constexpr int kMaxThreadsPerSm = 2048;
-
-template <typename T, int N>
-struct alignas(16) Vec {
-  T v[N];
-};
 
 // nan_max over the CTA; every thread gets the result. warp_max holds kThreads / 32 floats.
 template <int kThreads>
@@ -83,25 +79,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Unsigned integer of kBytes bytes: the codes behind one 16-byte store of output.
-template <int kBytes>
-struct CodeWord;
-template <>
-struct CodeWord<8> {
-  using type = uint2;
-};
-template <>
-struct CodeWord<4> {
-  using type = uint32_t;
-};
-
-// Output values per 16-byte store: 8 for 16-bit types, 4 for float.
-template <typename scalar_t>
-constexpr int dequant_vec() {
-  return 16 / static_cast<int>(sizeof(scalar_t));
-}
-
-// Byte i of a CodeWord.
+// Byte i of a packed word of codes.
 __device__ __forceinline__ uint32_t byte_of(uint32_t w, int i) { return (w >> (8 * i)) & 0xFF; }
 __device__ __forceinline__ uint32_t byte_of(uint2 w, int i) {
   return byte_of(i < 4 ? w.x : w.y, i % 4);
@@ -116,11 +94,11 @@ __global__ void __launch_bounds__(kDequantThreads)
     blockwise8_dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
                                  const float* __restrict__ code, int64_t n, int log2_blocksize,
                                  bool vector_ok, scalar_t* __restrict__ out) {
-  constexpr int kVec = dequant_vec<scalar_t>();
+  constexpr int kVec = values_per_16_bytes<scalar_t>();
   constexpr int kChunks = kDequantPerThread / kVec;
   constexpr int kChunkStride = kDequantThreads * kVec;
   constexpr int64_t kTile = int64_t{kDequantThreads} * kDequantPerThread;
-  using Word = typename CodeWord<kVec>::type;
+  using Word = typename UnsignedWord<kVec>::type;
 
   __shared__ float values[kCodeSize];
   for (int i = threadIdx.x; i < kCodeSize; i += kDequantThreads) values[i] = code[i];
@@ -195,7 +173,7 @@ void launch_dequantize(const uint8_t* q, const float* absmax, const float* code,
   const int64_t needed = ceil_div(n, int64_t{kDequantThreads} * kDequantPerThread);
   const int64_t grid =
       std::min<int64_t>(needed, int64_t{sm_count()} * (kMaxThreadsPerSm / kDequantThreads));
-  const bool vector_ok = reinterpret_cast<uintptr_t>(q) % dequant_vec<scalar_t>() == 0;
+  const bool vector_ok = reinterpret_cast<uintptr_t>(q) % values_per_16_bytes<scalar_t>() == 0;
   blockwise8_dequantize_kernel<scalar_t>
       <<<static_cast<unsigned>(grid), kDequantThreads, 0, stream>>>(q, absmax, code, n,
                                                                     log2_blocksize, vector_ok, out);

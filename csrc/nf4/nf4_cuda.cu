@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "common/checks.h"
+#include "common/cuda_vector.cuh"
 #include "common/dispatch.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_code.h"
@@ -129,11 +130,6 @@ constexpr int kQuantPerThread = 8;     // values per thread in quantize
 constexpr int kDequantPerThread = 16;  // values per thread in dequantize
 constexpr int kDequantThreads = 256;
 
-template <typename T, int N>
-struct alignas(16) Vec {
-  T v[N];
-};
-
 // Threads per quantize CTA: at least 256, and whole quant blocks (BS / 8 threads each).
 constexpr int quant_threads(int blocksize) {
   return blocksize / kQuantPerThread > 256 ? blocksize / kQuantPerThread : 256;
@@ -226,24 +222,6 @@ __global__ void __launch_bounds__(quant_threads(kBlocksize))
   }
 }
 
-// Unsigned integer of kBytes bytes: the packed bytes behind one 16-byte store of output.
-template <int kBytes>
-struct PackedWord;
-template <>
-struct PackedWord<4> {
-  using type = uint32_t;
-};
-template <>
-struct PackedWord<2> {
-  using type = uint16_t;
-};
-
-// Output values per 16-byte store: 8 for 16-bit types, 4 for float.
-template <typename scalar_t>
-constexpr int dequant_vec() {
-  return 16 / static_cast<int>(sizeof(scalar_t));
-}
-
 // A CTA expands a tile of kDequantThreads * 16 values. Thread t writes its 16 values as chunks of
 // kVec at tile + c * kDequantThreads * kVec + t * kVec (c = 0, 1, ...), so each store instruction
 // of a warp covers 512 contiguous bytes and each load of the chunk's kVec / 2 packed bytes is
@@ -253,11 +231,11 @@ __global__ void __launch_bounds__(kDequantThreads)
     nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                           int64_t n, int log2_blocksize, bool vector_ok, CodeTable codes,
                           scalar_t* __restrict__ out) {
-  constexpr int kVec = dequant_vec<scalar_t>();
+  constexpr int kVec = values_per_16_bytes<scalar_t>();
   constexpr int kChunks = kDequantPerThread / kVec;
   constexpr int kChunkStride = kDequantThreads * kVec;
   constexpr int64_t kTile = int64_t{kDequantThreads} * kDequantPerThread;
-  using Word = typename PackedWord<kVec / 2>::type;
+  using Word = typename UnsignedWord<kVec / 2>::type;
 
   __shared__ float code[16];
   const int tid = threadIdx.x;
@@ -355,7 +333,7 @@ void launch_dequantize(const uint8_t* packed, const float* absmax, int64_t n, in
   const int64_t blocks = ceil_div(n, int64_t{kDequantThreads} * kDequantPerThread);
   TORCH_CHECK(blocks <= INT_MAX, "nf4_dequantize: ", n, " values is too many for one launch");
   nf4_dequantize_kernel<scalar_t><<<static_cast<unsigned>(blocks), kDequantThreads, 0, stream>>>(
-      packed, absmax, n, log2_blocksize, aligned_to(packed, dequant_vec<scalar_t>() / 2),
+      packed, absmax, n, log2_blocksize, aligned_to(packed, values_per_16_bytes<scalar_t>() / 2),
       code_table(), out);
 }
 

@@ -1,13 +1,18 @@
-"""lorakit: fast, memory-lean LoRA / QLoRA fine-tuning for PyTorch."""
+"""lorakit: fast, memory-lean LoRA / QLoRA (and IA3, prefix tuning) fine-tuning for PyTorch."""
 
 from lorakit import nn, ops, optim, peft, quant
 from lorakit._native import BuildInfo, build_info
 from lorakit.peft import (
     BottleneckConfig,
+    IA3Config,
     LoraConfig,
+    PrefixConfig,
+    PrefixTuningConfig,
     apply_bottleneck,
     apply_full,
+    apply_ia3,
     apply_lora,
+    apply_prefix_tuning,
     disable_adapters,
     load_adapter,
     merge_adapter,
@@ -20,10 +25,15 @@ from lorakit.peft import (
 __all__ = [
     "BottleneckConfig",
     "BuildInfo",
+    "IA3Config",
     "LoraConfig",
+    "PrefixConfig",
+    "PrefixTuningConfig",
     "apply_bottleneck",
     "apply_full",
+    "apply_ia3",
     "apply_lora",
+    "apply_prefix_tuning",
     "build_info",
     "disable_adapters",
     "load_adapter",

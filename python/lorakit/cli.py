@@ -33,14 +33,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from lorakit.train import recipe
+    from lorakit.train import distributed, recipe
 
     # Continued pre-training trains on every token of plain text.
     overrides = {"format": "text"} if args.command == "pretrain" else {}
     config = build(recipe.RunConfig, args, REQUIRED, overrides)
-    if not config.train.progress:
-        _quiet()
-    result = recipe.run(config)
+    # Under torchrun every worker runs this; they join one process group for the run.
+    with distributed.process_group():
+        if not (config.train.progress and distributed.is_main()):
+            _quiet()
+        result = recipe.run(config)
+        if not distributed.is_main():
+            return 0
     share = result.trainable / max(1, result.total)
     trained = result.train
     best = trained.best_val_loss

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 T = TypeVar("T")
 
 # Groups whose field names are prefixed on the command line (their names clash or are vague).
-PREFIXED = {"lora", "bottleneck"}
+PREFIXED = {"lora", "bottleneck", "ia3", "prefix"}
 # Fields that are no options: LoRA's quantize follows --method.
 SKIPPED = {("lora", "quantize")}
 Leaf = tuple[str, str, dataclasses.Field[Any], Any]  # group, option name, field, type

@@ -210,7 +210,7 @@ def _run(config: DemoConfig) -> DemoReport:
     report = make_trainable(model, "qlora", sft)
     heldout_before = completion_accuracy(model, tokenizer, heldout)
     recall_nf4 = completion_accuracy(model, tokenizer, probe)
-    train_and_save(model, tokenizer, sft, data)
+    _, adapter = train_and_save(model, tokenizer, sft, data)
     seconds["QLoRA SFT"] = time.perf_counter() - tic
 
     return DemoReport(
@@ -226,7 +226,7 @@ def _run(config: DemoConfig) -> DemoReport:
         linear_mib_after=_linear_mib(model),
         peak_rss_mib=peak_memory_mib(torch.device("cpu")),
         seconds=seconds,
-        adapter=Path(sft.train.out) / "adapter.safetensors",
+        adapter=adapter,
         plots=(Path(pretrain.train.out) / "loss.png", Path(sft.train.out) / "loss.png"),
     )
 

@@ -3,10 +3,13 @@ transformer sub-block, the sub-block itself frozen."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from lorakit.nn.adapter_layer import AdapterLayer
 
 Nonlinearity = Literal["relu", "gelu", "silu", "tanh"]
 NONLINEARITIES: dict[str, type[nn.Module]] = {
@@ -53,28 +56,73 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-class BottleneckBlock(nn.Module):
-    """A frozen sub-block (``base``: attention or MLP) followed by a :class:`BottleneckAdapter`.
+@dataclass(frozen=True)
+class BottleneckSettings:
+    """The hyperparameters of one adapter of a :class:`BottleneckBlock`."""
+
+    hidden: int  # width of the sub-block's output
+    size: int  # bottleneck width
+    nonlinearity: str = "relu"
+
+
+class BottleneckBlock(AdapterLayer):
+    """A frozen sub-block (``base``: attention or MLP) followed by a :class:`BottleneckAdapter`,
+    several by name (``bottleneck[name]``), one active.
 
     The adapter applies to the sub-block's output before the layer's own residual addition, where
     Houlsby et al. put it. Hugging Face attention modules return a tuple ``(output, weights)``:
-    only the first element passes through the adapter.
+    only the first element passes through the adapter. With adapters disabled, or an active
+    adapter this block lacks, it returns the sub-block's output unchanged. A bottleneck adapter
+    is nonlinear, so it cannot be merged into the base weights (:meth:`merge` refuses).
 
     Args:
-        base: the sub-block; its parameters are frozen.
-        adapter: the adapter (its device and dtype should match ``base``'s).
-        name: the adapter's name, kept for saving.
+        base: the sub-block; its parameters are frozen. New adapters take the device and dtype
+            of its first parameter.
+        name: the first adapter's name; it becomes the active one.
+        settings: its sizes and nonlinearity.
     """
 
-    def __init__(self, base: nn.Module, adapter: BottleneckAdapter, name: str = "default") -> None:
-        super().__init__()
+    method = "bottleneck"
+
+    def __init__(self, base: nn.Module, name: str, settings: BottleneckSettings) -> None:
+        super().__init__(name)
         base.requires_grad_(False)
         self.base = base
-        self.bottleneck = adapter
-        self.adapter_name = name
+        self.bottleneck = nn.ModuleDict()
+        self.settings: dict[str, BottleneckSettings] = {}
+        self.add_adapter(name, settings)
+
+    @classmethod
+    def wrap(cls, base: nn.Module, name: str, settings: BottleneckSettings) -> BottleneckBlock:
+        return cls(base, name, settings)
+
+    def add_adapter(self, name: str, settings: BottleneckSettings) -> None:
+        """Adds a fresh adapter (the identity: ``up`` is zero); the active one stays active.
+
+        Raises:
+            ValueError: the name is taken, or the settings are invalid.
+        """
+        if name in self.settings:
+            raise ValueError(f"this block already has a bottleneck adapter named {name!r}")
+        reference = next(self.base.parameters())
+        adapter = BottleneckAdapter(settings.hidden, settings.size, settings.nonlinearity)
+        self.bottleneck[name] = adapter.to(device=reference.device, dtype=reference.dtype)
+        self.settings[name] = settings
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.bottleneck[name].parameters()) if name in self.settings else []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
+        if not self.uses_adapter():
+            return out
+        adapter = self.bottleneck[self.active_adapter]
         if isinstance(out, tuple):
-            return (self.bottleneck(out[0]), *out[1:])
-        return self.bottleneck(out)
+            return (adapter(out[0]), *out[1:])
+        return adapter(out)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}: size {s.size}, {s.nonlinearity}" for n, s in self.settings.items()
+        )
+        return f"active={self.active_adapter!r}, {adapters}"

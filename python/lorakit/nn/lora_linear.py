@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lorakit import ops
+from lorakit.nn.adapter_layer import AdapterLayer
 from lorakit.nn.nf4_linear import NF4Linear, nf4_lora_linear
 
 
@@ -39,7 +40,7 @@ class LoraSettings:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """``y = base(x) + s · B A dropout(x)`` with ``base`` frozen (Hu et al. 2021, QLoRA 2023).
 
     The layer holds any number of named adapters (``lora_A[name]``, ``lora_B[name]``) over one
@@ -65,6 +66,8 @@ class LoRALinear(nn.Module):
         ValueError: ``r`` or ``dropout`` out of range.
     """
 
+    method = "LoRA"
+
     def __init__(
         self,
         base: nn.Linear | NF4Linear,
@@ -74,7 +77,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         name: str = "default",
     ) -> None:
-        super().__init__()
+        super().__init__(name)
         if not isinstance(base, nn.Linear | NF4Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
         base.requires_grad_(False)
@@ -82,10 +85,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.settings: dict[str, LoraSettings] = {}
-        self.active_adapter = name
-        self.adapters_enabled = True
-        # The adapter whose update has been added into the base weight (merge), if any.
-        self.merged_adapter: str | None = None
         self.add_adapter(name, LoraSettings(r, alpha, dropout, use_rslora))
 
     @property
@@ -113,63 +112,31 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))
         self.settings[name] = settings
 
-    def set_adapter(self, name: str) -> None:
-        """Makes ``name`` the adapter that forward uses; a name this layer lacks passes the base
-        through (a model-wide adapter need not cover every adapted layer)."""
-        if self.merged_adapter is not None and name != self.merged_adapter:
-            raise ValueError(
-                f"adapter {self.merged_adapter!r} is merged into the base weight; "
-                "unmerge it before switching adapters"
-            )
-        self.active_adapter = name
+    @classmethod
+    def wrap(cls, base: nn.Module, name: str, settings: LoraSettings) -> LoRALinear:
+        return cls(base, name=name, **asdict(settings))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Adds the active adapter's update ``s · B A`` into the base weight, in place.
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name], self.lora_B[name]] if name in self.settings else []
 
-        Forward then runs the base alone. A dense weight changes by one rounding of its dtype; an
-        NF4 weight is quantized again (a further NF4 rounding, which :meth:`unmerge` cannot undo
-        exactly: see the NF4 merge test for its size).
+    def check_merge(self, name: str) -> None:
+        pass  # dense and NF4 bases both take a low-rank update
 
-        Raises:
-            ValueError: an adapter is already merged.
-            KeyError: this layer lacks the active adapter.
-        """
-        if self.merged_adapter is not None:
-            raise ValueError(f"adapter {self.merged_adapter!r} is already merged")
-        self._require(self.active_adapter)
-        self._add_update(self.active_adapter, 1.0)
-        self.merged_adapter = self.active_adapter
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtracts the merged adapter's update from the base weight again."""
-        if self.merged_adapter is None:
-            raise ValueError("no adapter is merged into this layer")
-        self._add_update(self.merged_adapter, -1.0)
-        self.merged_adapter = None
-
-    def _add_update(self, name: str, sign: float) -> None:
+    def _update_base(self, name: str, undo: bool) -> None:
+        # W += s B A (merge) or W -= s B A (unmerge). A dense weight changes by one rounding of its
+        # dtype; an NF4 weight is quantized again, which unmerge cannot undo exactly (see the NF4
+        # merge test for its size).
         a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
-        scale = sign * self.settings[name].scaling
+        scale = (-1.0 if undo else 1.0) * self.settings[name].scaling
         if isinstance(self.base, NF4Linear):
             self.base.weight = self.base.weight.with_low_rank_update(a, b, scale)
         else:
             ops.lora_merge_(self.base.weight.data, a, b, scale)
 
-    def _require(self, name: str) -> None:
-        if name not in self.settings:
-            have = sorted(self.settings)
-            raise KeyError(f"no LoRA adapter named {name!r}; this layer has {have}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        if (
-            not self.adapters_enabled
-            or self.merged_adapter is not None
-            or name not in self.settings
-        ):
+        if not self.uses_adapter():
             return self.base(x)
+        name = self.active_adapter
         settings = self.settings[name]
         p = settings.dropout
         x_lora = F.dropout(x, p, training=True) if p > 0 and self.training else None

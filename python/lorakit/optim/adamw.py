@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from lorakit import ops
+from lorakit.optim.paging import PagedParam, StatePager
 from lorakit.optim.state import check_loaded_state, new_state, uses_8bit
 from lorakit.quant import dynamic_map
 
@@ -29,6 +32,14 @@ class AdamW(torch.optim.Optimizer):
             keep 32-bit state either way.
         max_grad_norm: if set, gradients are scaled as ``clip_grad_norm_`` would (total 2-norm
             over all parameters of this optimizer), inside the step instead of in a separate pass.
+            The last step's norm (before clipping) is kept in ``grad_norm`` for logging.
+        paged: keep the state of CUDA parameters in pinned host memory and stream it through a
+            pool of pages on the GPU, so that state never takes more than ``page_budget_mb`` of
+            GPU memory (see :class:`lorakit.optim.paging.StatePager`). The results are exactly
+            those of resident state. CPU parameters are not affected (their state is in host
+            memory already).
+        page_budget_mb: the most GPU memory, per device, that paged optimizer state may take;
+            ``math.inf`` keeps all state resident. When all state fits, nothing is copied.
 
     NaN and Inf gradients: without ``max_grad_norm`` they propagate as in ``torch.optim.AdamW``:
     the parameter elements they touch and their moments become NaN (with 8-bit state the NaN
@@ -48,6 +59,8 @@ class AdamW(torch.optim.Optimizer):
         *,
         state_bits: int = 32,
         max_grad_norm: float | None = None,
+        paged: bool = False,
+        page_budget_mb: float = 1024.0,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -61,6 +74,8 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits}")
         if max_grad_norm is not None and not max_grad_norm > 0.0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not page_budget_mb > 0.0:
+            raise ValueError(f"page_budget_mb must be > 0, got {page_budget_mb}")
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -70,7 +85,38 @@ class AdamW(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
+        self.paged = paged and math.isfinite(page_budget_mb)
+        self.page_budget_mb = page_budget_mb
+        self._pagers: dict[torch.device, StatePager] = {}
+        self.grad_norm: float | None = None
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _pager(self, device: torch.device) -> StatePager | None:
+        """The pager of ``device``'s parameters, planned over all of them on first use; None
+        when their state is not paged (CPU parameters: their state is in host memory already)."""
+        if not self.paged or device.type != "cuda":
+            return None
+        if device not in self._pagers:
+            pager = StatePager(device, int(self.page_budget_mb * 2**20))
+            pager.plan(
+                [
+                    (p, uses_8bit(p, group["state_bits"]))
+                    for group in self.param_groups
+                    for p in group["params"]
+                    if p.device == device and p.requires_grad
+                ]
+            )
+            self._pagers[device] = pager
+        return self._pagers[device]
+
+    def _home(self, param: torch.Tensor) -> torch.device:
+        """Where ``param``'s state lives: pinned host memory when paged, else beside it."""
+        pager = self._pager(param.device)
+        return pager.home(param) if pager is not None else param.device
+
+    def _synchronize(self) -> None:
+        for pager in self._pagers.values():
+            pager.synchronize()
 
     def _dynamic_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._codes:
@@ -97,11 +143,36 @@ class AdamW(torch.optim.Optimizer):
         if self.max_grad_norm is None or not params:
             return 1.0
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self.grad_norm = norm
         if norm != norm or norm == float("inf"):
             raise FloatingPointError(
                 f"lorakit.optim.AdamW: the gradient norm is {norm}; no parameter was updated"
             )
         return min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
+
+    def _update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        hyper: dict[str, Any],
+    ) -> None:
+        """One fused step of ``param`` (or a page of it) with its state (or that page's)."""
+        if "exp_avg_absmax" in state:
+            signed, unsigned = self._dynamic_maps(param.device)
+            ops.adamw8bit_step_(
+                param,
+                grad,
+                state["exp_avg"],
+                state["exp_avg_absmax"],
+                state["exp_avg_sq"],
+                state["exp_avg_sq_absmax"],
+                signed,
+                unsigned,
+                **hyper,
+            )
+        else:
+            ops.adamw_step_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -112,16 +183,19 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         todo = self._params_with_grad()
         grad_scale = self._grad_scale([p for _, _, p in todo])
+        paged: dict[StatePager, list[PagedParam]] = {}
         for group, index, p in todo:
             state = self.state[p]
+            home = self._home(p)
+            eightbit = uses_8bit(p, group["state_bits"])
             if not state:
-                state.update(new_state(p, uses_8bit(p, group["state_bits"])))
+                state.update(new_state(p, eightbit, home, pin_memory=home != p.device))
             device = state["exp_avg"].device
-            if device != p.device:
+            if device != home:
                 raise RuntimeError(
-                    f"lorakit.optim.AdamW: parameter {index} is on {p.device} but its optimizer "
-                    f"state is on {device}; create the optimizer (or load its state) after moving "
-                    "the model"
+                    f"lorakit.optim.AdamW: parameter {index} is on {p.device} and its optimizer "
+                    f"state should be on {home}, but it is on {device}; create the optimizer (or "
+                    "load its state) after moving the model"
                 )
             state["step"] += 1
             beta1, beta2 = group["betas"]
@@ -134,21 +208,14 @@ class AdamW(torch.optim.Optimizer):
                 "step": state["step"],
                 "grad_scale": grad_scale,
             }
-            if "exp_avg_absmax" in state:
-                signed, unsigned = self._dynamic_maps(p.device)
-                ops.adamw8bit_step_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["exp_avg_absmax"],
-                    state["exp_avg_sq"],
-                    state["exp_avg_sq_absmax"],
-                    signed,
-                    unsigned,
-                    **hyper,
-                )
+            update = functools.partial(self._update, hyper=hyper)
+            pager = self._pager(p.device)
+            if pager is not None and home != p.device:
+                paged.setdefault(pager, []).append(PagedParam(p, state, eightbit, update))
             else:
-                ops.adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
+                update(p, p.grad, state)
+        for pager, items in paged.items():
+            pager.step(items)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -175,6 +242,7 @@ class AdamW(torch.optim.Optimizer):
             for index, p in zip(saved["params"], ours["params"], strict=True):
                 if index in state_dict["state"]:
                     check_loaded_state(index, p, state_dict["state"][index], ours["state_bits"])
+        self._synchronize()  # no copy may still be writing the state that is replaced
         # torch.optim would cast floating state to each parameter's dtype (float32 moments of a
         # bf16 parameter to bf16, losing bits), so the state is loaded here, only moved.
         super().load_state_dict({**state_dict, "state": {}})
@@ -182,6 +250,19 @@ class AdamW(torch.optim.Optimizer):
             for index, p in zip(saved["params"], ours["params"], strict=True):
                 if index in state_dict["state"]:
                     self.state[p] = {
-                        k: v.to(device=p.device) if isinstance(v, torch.Tensor) else v
+                        k: self._placed(p, v) if isinstance(v, torch.Tensor) else v
                         for k, v in state_dict["state"][index].items()
                     }
+
+    def _placed(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """A copy of loaded state ``value`` where ``param``'s state lives (pinned when paged)."""
+        home = self._home(param)
+        if home == param.device:
+            return value.to(device=home)
+        return value.to(device=home).pin_memory()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, as ``torch.optim.Optimizer.state_dict``; paged state is read only after
+        every copy of it has landed."""
+        self._synchronize()
+        return super().state_dict()

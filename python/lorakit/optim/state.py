@@ -28,8 +28,8 @@ def uses_8bit(param: torch.Tensor, state_bits: int) -> bool:
     return state_bits == 8 and param.numel() >= MIN_8BIT_NUMEL
 
 
-def _expected(param: torch.Tensor, eightbit: bool) -> dict[str, tuple[torch.dtype, int]]:
-    n = param.numel()
+def state_layout(n: int, eightbit: bool) -> dict[str, tuple[torch.dtype, int]]:
+    """Dtype and number of elements of each state tensor of an ``n``-element parameter."""
     blocks = (n + ADAMW8BIT_BLOCKSIZE - 1) // ADAMW8BIT_BLOCKSIZE
     if eightbit:
         return {
@@ -41,13 +41,21 @@ def _expected(param: torch.Tensor, eightbit: bool) -> dict[str, tuple[torch.dtyp
     return {"exp_avg": (torch.float32, n), "exp_avg_sq": (torch.float32, n)}
 
 
-def new_state(param: torch.Tensor, eightbit: bool) -> dict[str, Any]:
-    """Zero moments for ``param``, on its device. Zero 8-bit codes are index 0 / absmax 0 blocks,
-    which dequantize to exactly 0 as the codes nearest 0 are scaled by 0."""
+def state_bytes(n: int, eightbit: bool) -> int:
+    """Bytes of optimizer state that an ``n``-element parameter needs."""
+    return sum(dtype.itemsize * count for dtype, count in state_layout(n, eightbit).values())
+
+
+def new_state(
+    param: torch.Tensor, eightbit: bool, device: torch.device, pin_memory: bool = False
+) -> dict[str, Any]:
+    """Zero moments for ``param`` on ``device`` (pinned host memory for paged state). Zero 8-bit
+    codes are index 0 / absmax 0 blocks, which dequantize to exactly 0 as the codes nearest 0 are
+    scaled by 0."""
     state: dict[str, Any] = {"step": 0}
-    for key, (dtype, numel) in _expected(param, eightbit).items():
+    for key, (dtype, numel) in state_layout(param.numel(), eightbit).items():
         shape = param.shape if key in MOMENTS else (numel,)
-        state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        state[key] = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
     return state
 
 
@@ -62,7 +70,7 @@ def check_loaded_state(index: int, param: torch.Tensor, state: dict[str, Any], b
             f"keeps {kind} state for it ({sorted(keys)}): the state dict comes from another "
             "optimizer configuration (state_bits, or another optimizer)"
         )
-    for key, (dtype, numel) in _expected(param, eightbit).items():
+    for key, (dtype, numel) in state_layout(param.numel(), eightbit).items():
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.numel() != numel:
             got = (

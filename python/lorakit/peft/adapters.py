@@ -1,4 +1,8 @@
-"""Several named adapters on one frozen base: list them, switch between them, switch them off."""
+"""Several named adapters on one frozen base: list them, switch between them, switch them off.
+
+These work on every :class:`~lorakit.nn.AdapterLayer` of a model, whatever its method (LoRA, IA3,
+prefix tuning): one name may even span several methods' layers.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.nn import LoRALinear
+from lorakit.nn import AdapterLayer, LoRALinear
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -15,21 +19,26 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """The model's adapter modules of every method with their full names, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name that some layer of ``model`` holds, sorted."""
-    return sorted({name for _, layer in lora_layers(model) for name in layer.settings})
+    return sorted({name for _, layer in adapter_layers(model) for name in layer.settings})
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The adapter that forward uses (None when the model has no LoRA layer)."""
-    active = {layer.active_adapter for _, layer in lora_layers(model)}
-    if len(active) > 1:  # only reachable by calling LoRALinear.set_adapter layer by layer
-        raise ValueError(f"the LoRA layers disagree on the active adapter: {sorted(active)}")
+    """The adapter that forward uses (None when the model has no adapter layer)."""
+    active = {layer.active_adapter for _, layer in adapter_layers(model)}
+    if len(active) > 1:  # only reachable by calling AdapterLayer.set_adapter layer by layer
+        raise ValueError(f"the adapter layers disagree on the active adapter: {sorted(active)}")
     return next(iter(active), None)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Makes ``name`` the active adapter of every LoRA layer; copies no weight.
+    """Makes ``name`` the active adapter of every adapter layer; copies no weight.
 
     Layers that lack ``name`` then pass their base through. Which parameters train is left as it
     is (see :func:`lorakit.apply_lora` and :func:`lorakit.load_adapter`).
@@ -41,8 +50,29 @@ def set_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise KeyError(f"no adapter named {name!r}; the model has {names}")
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         layer.set_adapter(name)
+
+
+def finish_load(
+    model: nn.Module, name: str, loaded: list[AdapterLayer], trainable: bool, previous: str | None
+) -> None:
+    """The end of every ``load_adapter``: adapter ``name`` (on ``loaded``) trains or not, every
+    other adapter keeps its flags, everything else freezes, and ``previous`` (the active adapter
+    before the load) stays active, or ``name`` when there was none."""
+    keep = {
+        id(p)
+        for _, layer in adapter_layers(model)
+        for adapter in layer.settings
+        for p in layer.adapter_parameters(adapter)
+    }
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+    for layer in loaded:
+        for parameter in layer.adapter_parameters(name):
+            parameter.requires_grad_(trainable)
+    set_adapter(model, previous or name)
 
 
 @contextmanager
@@ -54,7 +84,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: an adapter is merged into the base weights (unmerge it first).
     """
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in adapter_layers(model)]
     merged = sorted({m for layer in layers if (m := layer.merged_adapter) is not None})
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is merged into the base; unmerge it first")

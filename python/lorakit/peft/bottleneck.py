@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.nn.bottleneck import BottleneckAdapter, BottleneckBlock
+from lorakit.nn.bottleneck import BottleneckBlock, BottleneckSettings
 from lorakit.peft.bottleneck_config import BottleneckConfig
-from lorakit.peft.inject import LoraReport, count_parameters, replace_module
+from lorakit.peft.inject import AdapterReport, put_adapter, train_only
 
 # Child names of a decoder layer's sub-blocks: Llama, Qwen2, Mistral call the attention
 # ``self_attn``, GPT-2 ``attn``; all of them call the feed-forward block ``mlp``.
@@ -60,59 +60,60 @@ def hidden_size(model: nn.Module) -> int:
     return hidden
 
 
-def check_can_wrap(model: nn.Module, target: str) -> torch.nn.Parameter:
-    """Raises ValueError unless ``target`` is a plain float sub-block; returns a parameter of it
-    (its device and dtype are the adapter's)."""
+def check_can_wrap(model: nn.Module, target: str, name: str) -> None:
+    """Raises ValueError unless sub-block ``target`` can take a bottleneck adapter ``name``: a
+    plain float sub-block, or a :class:`BottleneckBlock` without an adapter of that name."""
     module = model.get_submodule(target)
     if isinstance(module, BottleneckBlock):
-        raise ValueError(f"{target} already has a bottleneck adapter (one per sub-block)")
+        if name in module.settings:
+            raise ValueError(f"{target} already has a bottleneck adapter named {name!r}")
+        module = module.base
     param = next(module.parameters(), None)
     if param is None or param.dtype not in _FLOATS:
         found = None if param is None else param.dtype
         raise ValueError(f"{target}: bottleneck adapters need float weights, got {found}")
-    return param
 
 
-def wrap(model: nn.Module, target: str, adapter: BottleneckAdapter, name: str) -> BottleneckBlock:
-    """Replaces sub-block ``target`` by a :class:`BottleneckBlock` of it and ``adapter``."""
-    block = BottleneckBlock(model.get_submodule(target), adapter, name)
-    replace_module(model, target, block)
+def add_bottleneck(
+    model: nn.Module, target: str, name: str, settings: BottleneckSettings
+) -> BottleneckBlock:
+    """Gives sub-block ``target`` adapter ``name`` (checked by :func:`check_can_wrap` first):
+    beside the others of a :class:`BottleneckBlock`, or in a new one that replaces it."""
+    block = put_adapter(model, target, BottleneckBlock, name, settings, make_base=lambda m: m)
+    assert isinstance(block, BottleneckBlock)
     return block
 
 
 def apply_bottleneck(
     model: nn.Module, config: BottleneckConfig, name: str = "default"
-) -> LoraReport:
-    """Adds a bottleneck adapter after the sub-blocks that ``config.placement`` picks, in place.
+) -> AdapterReport:
+    """Adds a bottleneck adapter called ``name`` after the sub-blocks that ``config.placement``
+    picks, in place.
 
     Each adapter is ``h + up(act(down(h)))`` on the sub-block's output ``h`` (see
     :class:`lorakit.nn.BottleneckAdapter`), width ``config.width(hidden_size)``, on the
     sub-block's device and dtype; ``up`` starts at zero, so the model computes what it did
-    before. Afterwards the adapters are the only thing that trains.
+    before. A sub-block that already has bottleneck adapters gets one more beside them. Afterwards
+    ``name`` is the active adapter and the only thing that trains.
 
     Args:
         model: a Hugging Face causal LM (Llama, Qwen2, Mistral, GPT-2, or another whose decoder
             layers have ``self_attn`` / ``attn`` and ``mlp`` children).
         config: where and how large.
-        name: the adapter's name (written by :func:`lorakit.save_adapter`).
+        name: the adapter's name (see :func:`lorakit.set_adapter`, :func:`lorakit.save_adapter`).
 
     Returns:
         The adapted sub-blocks and the trainable / total parameter counts.
 
     Raises:
-        ValueError: the model is not a supported transformer, already has bottleneck adapters, or
-            has non-float weights. The model is then left as it was.
+        ValueError: the model is not a supported transformer, a sub-block already has an adapter
+            called ``name``, or has non-float weights. The model is then left as it was.
     """
     targets = sub_blocks(model, config.placement)
-    if bottleneck_layers(model):
-        raise ValueError("the model already has bottleneck adapters (lorakit keeps one set)")
     hidden = hidden_size(model)
-    params = {t: check_can_wrap(model, t) for t in targets}  # every check before any change
-    for target, param in params.items():
-        adapter = BottleneckAdapter(hidden, config.width(hidden), config.nonlinearity)
-        wrap(model, target, adapter.to(device=param.device, dtype=param.dtype), name)
-    model.requires_grad_(False)
-    for _, block in bottleneck_layers(model):
-        block.bottleneck.requires_grad_(True)
-    trainable, total = count_parameters(model)
-    return LoraReport(replaced=tuple(targets), trainable=trainable, total=total)
+    for target in targets:  # every check before any change
+        check_can_wrap(model, target, name)
+    settings = BottleneckSettings(hidden, config.width(hidden), config.nonlinearity)
+    for target in targets:
+        add_bottleneck(model, target, name, settings)
+    return train_only(model, name, targets)

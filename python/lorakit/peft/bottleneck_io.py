@@ -1,7 +1,8 @@
 """Bottleneck adapters on disk, in the spirit of PEFT's layout (PEFT has no bottleneck adapters).
 
-``adapter_config.json``: ``"peft_type": "LORAKIT_BOTTLENECK"``, ``task_type``,
-``base_model_name_or_path``, ``inference_mode``, and the adapter's fields: ``placement``
+``adapter_config.json``: PEFT's header (:func:`lorakit.peft.files.peft_header`: ``"peft_type":
+"LORAKIT_BOTTLENECK"``, ``task_type``, ``base_model_name_or_path``, ``revision``,
+``inference_mode``) and the adapter's fields: ``placement``
 (both / attention / mlp), ``size`` (the bottleneck width), ``nonlinearity``, ``hidden_size``,
 ``target_modules`` (full names of the adapted sub-blocks).
 
@@ -20,24 +21,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.nn.bottleneck import NONLINEARITIES, BottleneckAdapter
+from lorakit.nn.bottleneck import NONLINEARITIES, BottleneckSettings
+from lorakit.peft.adapters import active_adapter, finish_load
 from lorakit.peft.bottleneck import (
     ATTENTION_NAMES,
+    add_bottleneck,
     bottleneck_layers,
     check_can_wrap,
     hidden_size,
     sub_blocks,
-    wrap,
 )
 from lorakit.peft.files import (
     CONFIG_NAME,
+    PREFIX,
     WEIGHTS_NAME,
-    read_json,
+    peft_header,
     read_tensors,
     write_json,
     write_tensors,
 )
-from lorakit.peft.lora_io import PREFIX
 
 PEFT_TYPE = "LORAKIT_BOTTLENECK"
 PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
@@ -46,94 +48,66 @@ _KEY = re.compile(
 )
 
 
-def save_bottleneck(model: nn.Module, out_dir: str | Path, name: str | None = None) -> Path:
-    """Writes the model's bottleneck adapter in the format of the module docstring.
-
-    Each file is written under a temporary name and renamed into place.
-
-    Returns:
-        ``out_dir`` as a Path.
-
-    Raises:
-        ValueError: the model has no bottleneck adapter, or none called ``name``.
-    """
-    layers = bottleneck_layers(model)
-    if not layers:
-        raise ValueError("the model has no bottleneck adapter")
-    names = {block.adapter_name for _, block in layers}
-    if name is not None and names != {name}:
-        raise ValueError(f"no bottleneck adapter named {name!r}; the model has {sorted(names)}")
-    (nonlinearity,) = {block.bottleneck.nonlinearity for _, block in layers}
-    (size,) = {block.bottleneck.size for _, block in layers}  # one width: one hidden size
+def save_bottleneck(model: nn.Module, out: Path, name: str) -> None:
+    """Writes bottleneck adapter ``name`` in the format of the module docstring (see
+    :func:`lorakit.save_adapter`, which picks this writer)."""
+    layers = [(n, block) for n, block in bottleneck_layers(model) if name in block.settings]
+    # apply_bottleneck gives every sub-block of an adapter the same settings
+    (settings,) = {block.settings[name] for _, block in layers}
     kinds = {"attention" if n.rpartition(".")[2] in ATTENTION_NAMES else "mlp" for n, _ in layers}
     tensors = {
-        f"{PREFIX}{module}.bottleneck.{part}": block.bottleneck.get_parameter(part)
+        f"{PREFIX}{module}.bottleneck.{part}": block.bottleneck[name].get_parameter(part)
         for module, block in layers
         for part in PARTS
     }
-    model_config = getattr(model, "config", None)
     config: dict[str, Any] = {
-        "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
-        "inference_mode": True,
+        **peft_header(model, PEFT_TYPE),
         "placement": "both" if len(kinds) == 2 else kinds.pop(),
-        "size": size,
-        "nonlinearity": nonlinearity,
-        "hidden_size": hidden_size(model),
+        "size": settings.size,
+        "nonlinearity": settings.nonlinearity,
+        "hidden_size": settings.hidden,
         "target_modules": [n for n, _ in layers],
     }
-    out = Path(out_dir)
     write_tensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, config)
-    return out
 
 
 def load_bottleneck(
-    model: nn.Module, in_dir: str | Path, name: str = "default", trainable: bool = False
+    model: nn.Module, folder: Path, config: dict[str, Any], name: str, trainable: bool
 ) -> list[str]:
-    """Loads a bottleneck adapter written by :func:`save_bottleneck` into ``model``.
-
-    Every parameter outside the adapter is frozen. Everything is checked before the model is
-    touched, so an error leaves it as it was.
-
-    Args:
-        model: the bare base model, without bottleneck adapters.
-        in_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-        name: the name to give the adapter.
-        trainable: let the adapter's parameters train.
+    """Loads the bottleneck adapter in ``folder`` (config already read) as ``name``; see
+    :func:`lorakit.load_adapter`, which picks this reader. Sub-blocks without a bottleneck
+    adapter yet are wrapped in a :class:`~lorakit.nn.BottleneckBlock`; the others get one more
+    adapter. Everything is checked before the model is touched.
 
     Returns:
-        The names of the sub-blocks that got an adapter.
+        The names of the sub-blocks that got the adapter.
 
     Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: a file is corrupt, the config is not a bottleneck config, a key matches no
-            attention or MLP sub-block of ``model``, a tensor's shape does not fit, or the
-            model already has bottleneck adapters.
+        ValueError: the config is not a bottleneck config, a key matches no attention or MLP
+            sub-block of ``model``, a tensor's shape does not fit, or a sub-block already has an
+            adapter called ``name``.
     """
-    folder = Path(in_dir)
-    config = read_json(folder / CONFIG_NAME)
     _check_config(config, folder / CONFIG_NAME)
     path = folder / WEIGHTS_NAME
     groups = _groups(read_tensors(path), path)
-    if bottleneck_layers(model):
-        raise ValueError("the model already has bottleneck adapters (lorakit keeps one set)")
-    hidden, size = hidden_size(model), config["size"]
+    hidden = hidden_size(model)
+    settings = BottleneckSettings(hidden, config["size"], config["nonlinearity"])
     allowed = set(sub_blocks(model))
     for module, parts in groups.items():  # every check before any change
         if module not in allowed:
             raise ValueError(f"{path}: {module!r} matches no attention or MLP sub-block")
-        check_can_wrap(model, module)
-        _check_shapes(module, parts, hidden, size, path)
+        check_can_wrap(model, module, name)
+        _check_shapes(module, parts, hidden, settings.size, path)
+    previous = active_adapter(model)
+    loaded = []
     for module, parts in groups.items():
-        param = check_can_wrap(model, module)
-        adapter = BottleneckAdapter(hidden, size, config["nonlinearity"])
-        adapter.load_state_dict(parts)
-        wrap(model, module, adapter.to(device=param.device, dtype=param.dtype), name)
-    model.requires_grad_(False)
-    for _, block in bottleneck_layers(model):
-        block.bottleneck.requires_grad_(trainable)
+        block = add_bottleneck(model, module, name, settings)
+        with torch.no_grad():
+            for part, tensor in parts.items():
+                block.bottleneck[name].get_parameter(part).copy_(tensor)
+        loaded.append(block)
+    finish_load(model, name, loaded, trainable, previous)
     return sorted(groups)
 
 

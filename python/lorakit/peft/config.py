@@ -53,9 +53,14 @@ class LoraConfig:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.quantize not in (None, "nf4"):
-            raise ValueError(f"quantize must be None or 'nf4', got {self.quantize!r}")
-        if self.blocksize not in NF4_BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {NF4_BLOCKSIZES}, got {self.blocksize}")
+        check_quantize(self.quantize, self.blocksize)
         if not self.target_modules:
             raise ValueError("target_modules is empty; name the layers to adapt or 'all-linear'")
+
+
+def check_quantize(quantize: str | None, blocksize: int) -> None:
+    """Raises ValueError unless the NF4 options of a config are valid."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    if blocksize not in NF4_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {NF4_BLOCKSIZES}, got {blocksize}")

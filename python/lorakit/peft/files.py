@@ -12,9 +12,31 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT's prefix of a tensor key of an adapter inside the bare model's module ``<module>``.
+PREFIX = "base_model.model."
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal LM (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def peft_header(model: nn.Module, peft_type: str) -> dict[str, Any]:
+    """The fields every PEFT adapter config starts with, for an adapter of ``model``."""
+    model_config = getattr(model, "config", None)
+    return {
+        "peft_type": peft_type,
+        "task_type": "CAUSAL_LM" if is_causal_lm(model) else None,
+        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+    }
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.nn import NF4Linear
-from lorakit.peft.inject import LoraReport, count_parameters
+from lorakit.peft.inject import AdapterReport, count_parameters
 
 
-def apply_full(model: nn.Module) -> LoraReport:
+def apply_full(model: nn.Module) -> AdapterReport:
     """Makes every parameter of ``model`` trainable, in place; nothing is added or replaced.
 
     Returns:
@@ -23,4 +23,4 @@ def apply_full(model: nn.Module) -> LoraReport:
         raise ValueError(f"{quantized[0]} holds NF4 weights, which full fine-tuning cannot train")
     model.requires_grad_(True)
     trainable, total = count_parameters(model)
-    return LoraReport(replaced=(), trainable=trainable, total=total)
+    return AdapterReport(replaced=(), trainable=trainable, total=total)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,24 @@ from torch import nn
 
 from lorakit.nn import LoRALinear, NF4Linear
 from lorakit.nn.lora_linear import LoraSettings
-from lorakit.peft.adapters import active_adapter, lora_layers, set_adapter
+from lorakit.peft.adapters import active_adapter, finish_load, lora_layers
 from lorakit.peft.files import (
     CONFIG_NAME,
+    PREFIX,
     WEIGHTS_NAME,
-    read_json,
+    peft_header,
     read_tensors,
     write_json,
     write_tensors,
 )
 from lorakit.peft.inject import (
     adaptable_layers,
-    as_linear,
     check_dtype,
     linear_features,
-    replace_module,
+    put_adapter,
+    target_names,
 )
 
-PREFIX = "base_model.model."
 _KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 # PEFT options that change what the files mean; lorakit refuses them rather than misread them.
 _UNSUPPORTED = {
@@ -51,29 +50,14 @@ _UNSUPPORTED = {
 }
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None) -> Path:
-    """Writes adapter ``name`` (default: the active one) in the PEFT format.
-
-    ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads the result. Each file is written
-    under a temporary name and renamed into place.
-
-    Returns:
-        ``out_dir`` as a Path.
+def save_lora(model: nn.Module, out: Path, name: str) -> None:
+    """Writes LoRA adapter ``name`` in the PEFT format (see :func:`lorakit.save_adapter`).
 
     Raises:
-        ValueError: no layer holds that adapter, or its layers mix rsLoRA and plain scaling
-            (PEFT has one ``use_rslora`` per adapter).
+        ValueError: its layers mix rsLoRA and plain scaling (PEFT has one ``use_rslora`` per
+            adapter).
     """
-    # Bottleneck hook, until save/load dispatch by method; imported here as it imports us.
-    from lorakit.peft import bottleneck, bottleneck_io
-
-    if bottleneck.bottleneck_layers(model) and not lora_layers(model):
-        return bottleneck_io.save_bottleneck(model, out_dir, name)
-    out = Path(out_dir)
-    name = name or active_adapter(model)
     layers = {n: layer for n, layer in lora_layers(model) if name in layer.settings}
-    if not layers:
-        raise ValueError(f"no LoRA layer holds an adapter named {name!r}")
     tensors: dict[str, torch.Tensor] = {}
     for module, layer in layers.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.lora_A[name]
@@ -81,7 +65,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None)
     config = peft_config(model, {n: layer.settings[name] for n, layer in layers.items()})
     write_tensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, config)
-    return out
 
 
 def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str, Any]:
@@ -92,18 +75,13 @@ def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str
     r = Counter(s.r for s in settings.values()).most_common(1)[0][0]
     alpha = Counter(s.alpha for s in settings.values()).most_common(1)[0][0]
     dropout = Counter(s.dropout for s in settings.values()).most_common(1)[0][0]
-    model_config = getattr(model, "config", None)
     return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
+        **peft_header(model, "LORA"),
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": _target_names(model, set(settings)),
+        "target_modules": target_names(model, set(settings)),
         "rank_pattern": {n: s.r for n, s in settings.items() if s.r != r},
         "alpha_pattern": {n: s.alpha for n, s in settings.items() if s.alpha != alpha},
         "fan_in_fan_out": False,
@@ -114,68 +92,31 @@ def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str
     }
 
 
-def _target_names(model: nn.Module, modules: set[str]) -> list[str]:
-    # Leaf names (q_proj, ...) when they pick exactly these layers, else the full names.
-    leaves = {n.rpartition(".")[2] for n in modules}
-    picked = {n for n in adaptable_layers(model) if n.rpartition(".")[2] in leaves}
-    return sorted(leaves if picked == modules else modules)
-
-
-def load_adapter(
-    model: nn.Module, in_dir: str | Path, name: str = "default", trainable: bool = False
+def load_lora(
+    model: nn.Module, folder: Path, config: dict[str, Any], name: str, trainable: bool
 ) -> list[str]:
-    """Loads a LoRA adapter saved by PEFT or :func:`save_adapter` into ``model`` as ``name``.
-
-    Layers without a LoRA adapter yet are wrapped in :class:`LoRALinear`; the others get one more
-    adapter. The model's active adapter stays active (a model without adapters activates this
-    one). Every parameter outside the adapters is frozen. Everything is checked before the model
-    is touched, so an error leaves it as it was.
-
-    Args:
-        model: the bare base model (not a PEFT wrapper).
-        in_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-        name: the name to give the adapter (see :func:`lorakit.set_adapter`).
-        trainable: let the loaded adapter's parameters train.
-
-    Returns:
-        The names of the layers that got the adapter.
+    """Loads the LoRA adapter in ``folder`` (config already read) as ``name``; see
+    :func:`lorakit.load_adapter`. Layers without a LoRA adapter yet are wrapped in
+    :class:`LoRALinear`; the others get one more adapter. Everything is checked first.
 
     Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: a file is corrupt, the config is not a LoRA config lorakit supports, a key
-            matches no linear layer of ``model``, a layer already has adapter ``name``, or a
-            tensor's shape does not fit its layer.
+        ValueError: the config is not a LoRA config lorakit supports, a key matches no linear
+            layer of ``model``, a layer already has adapter ``name``, or a tensor's shape does
+            not fit its layer.
     """
-    # Bottleneck hook, until save/load dispatch by peft_type; imported here as it imports us.
-    from lorakit.peft import bottleneck_io
-
-    folder = Path(in_dir)
-    config = read_json(folder / CONFIG_NAME)
-    if config.get("peft_type") == bottleneck_io.PEFT_TYPE:
-        return bottleneck_io.load_bottleneck(model, folder, name, trainable)
     _check_config(config, folder / CONFIG_NAME)
     pairs = _pairs(read_tensors(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
     adaptable = adaptable_layers(model)
     plan = {m: _plan(model, adaptable, m, a, b, config, name) for m, (a, b) in pairs.items()}
     previous = active_adapter(model)
+    loaded = []
     for module, (settings, a, b) in plan.items():
-        layer = model.get_submodule(module)
-        if isinstance(layer, LoRALinear):
-            layer.add_adapter(name, settings)
-        else:
-            layer = LoRALinear(as_linear(layer), name=name, **asdict(settings))
-            replace_module(model, module, layer)
+        layer = put_adapter(model, module, LoRALinear, name, settings)
         with torch.no_grad():
             layer.lora_A[name].copy_(a)
             layer.lora_B[name].copy_(b)
-    for n, parameter in model.named_parameters():  # adapters keep their flags; the base freezes
-        if ".lora_A." not in n and ".lora_B." not in n:
-            parameter.requires_grad_(False)
-    for module in plan:
-        layer = model.get_submodule(module)
-        layer.lora_A[name].requires_grad_(trainable)
-        layer.lora_B[name].requires_grad_(trainable)
-    set_adapter(model, previous or name)
+        loaded.append(layer)
+    finish_load(model, name, loaded, trainable, previous)
     return sorted(plan)
 
 

@@ -1,4 +1,4 @@
-"""Folding LoRA adapters into the base weights: in place (merge / unmerge) or into a new model."""
+"""Folding LoRA and IA3 adapters into the base weights: in place, or into a new model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lorakit import ops
-from lorakit.nn import LoRALinear, NF4Linear
-from lorakit.peft.adapters import lora_layers, set_adapter
+from lorakit.nn import AdapterLayer, IA3Linear, LoRALinear, NF4Linear
+from lorakit.peft.adapters import adapter_layers, set_adapter
 from lorakit.peft.files import write_json
 
 # Files a Hugging Face tokenizer may consist of, copied from the base model's folder on export.
@@ -34,65 +34,95 @@ _TOKENIZER_FILES = (
 def merge_adapter(model: nn.Module, name: str | None = None) -> int:
     """Adds adapter ``name`` (default: the active one) into the base weights, in place.
 
-    Forward then costs what the base model costs. NF4 weights are quantized again, which changes
-    the layer's output a little beyond the adapter (measured in tests/test_merge_model.py and the
-    README); :func:`merge_and_export` avoids that by writing dense weights.
+    Forward then costs what the base model costs. LoRA: ``W += s B A``; NF4 weights are quantized
+    again, which changes the layer's output a little beyond the adapter (measured in
+    tests/test_merge_model.py and the README); :func:`merge_and_export` avoids that by writing
+    dense weights. IA3: W's rows (and the bias) are scaled by ``l``, or its columns for a
+    feed-forward layer; dense weights only.
 
     Returns:
         The number of layers merged.
 
     Raises:
-        ValueError: an adapter is already merged, or no layer holds the adapter.
+        ValueError: an adapter is already merged, no layer holds the adapter, or some layer's
+            adapter cannot be merged (prefix tuning, IA3 on NF4); the model is then unchanged.
     """
     if name is not None:
         set_adapter(model, name)
-    layers = [layer for _, layer in lora_layers(model) if layer.active_adapter in layer.settings]
+    layers = [layer for _, layer in adapter_layers(model) if layer.active_adapter in layer.settings]
     if not layers:
-        raise ValueError("the model has no LoRA layer holding the active adapter")
+        raise ValueError("the model has no adapter layer holding the active adapter")
     merged = [layer.merged_adapter for layer in layers if layer.merged_adapter is not None]
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is already merged; unmerge it first")
+    for layer in layers:  # every check first, so that a refusal leaves the model as it was
+        layer.check_merge(layer.active_adapter)
     for layer in layers:
         layer.merge()
     return len(layers)
 
 
 def unmerge_adapter(model: nn.Module) -> int:
-    """Subtracts the merged adapter from the base weights again; returns the layers unmerged.
+    """Takes the merged adapter out of the base weights again; returns the layers unmerged.
 
-    Dense weights come back within a rounding or two of their dtype; NF4 weights are quantized
-    once more, so they come back within about one NF4 step (see the tests).
+    Dense weights come back within a rounding or two of their dtype (IA3 divides by ``l``); NF4
+    weights are quantized once more, so they come back within about one NF4 step (see the tests).
     """
-    layers = [layer for _, layer in lora_layers(model) if layer.merged_adapter is not None]
+    layers = [layer for _, layer in adapter_layers(model) if layer.merged_adapter is not None]
     for layer in layers:
         layer.unmerge()
     return len(layers)
 
 
-def merged_weight(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight plus the active adapter's update, formed in float32, rounded to ``dtype``."""
+def merged_weight(layer: LoRALinear | IA3Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight with the active adapter folded in: float32 math, rounded to ``dtype``."""
     base = layer.base
     if isinstance(base, NF4Linear):
         weight = base.weight.dequantize(torch.float32)
     else:
         weight = base.weight.detach().to(torch.float32, copy=True)
-    name = layer.active_adapter
-    if layer.merged_adapter is None and layer.adapters_enabled and name in layer.settings:
-        ops.lora_merge_(
-            weight, layer.lora_A[name], layer.lora_B[name], layer.settings[name].scaling
-        )
+    if layer.uses_adapter():
+        name = layer.active_adapter
+        if isinstance(layer, LoRALinear):
+            scaling = layer.settings[name].scaling
+            ops.lora_merge_(weight, layer.lora_A[name], layer.lora_B[name], scaling)
+        else:  # IA3: an (out, 1) column scales rows, a (1, in) row scales columns
+            weight *= layer.ia3_l[name].detach().to(torch.float32)
     return weight.to(dtype)
+
+
+def merged_bias(layer: LoRALinear | IA3Linear, dtype: torch.dtype) -> torch.Tensor | None:
+    """The base bias, scaled by an IA3 output vector when one is active, rounded to ``dtype``."""
+    bias = layer.base.bias
+    if bias is None:
+        return None
+    bias = bias.detach().to(torch.float32)
+    name = layer.active_adapter
+    if isinstance(layer, IA3Linear) and layer.uses_adapter():
+        if not layer.settings[name].feedforward:
+            bias = bias * layer.ia3_l[name].detach().to(torch.float32).flatten()
+    return bias.to(dtype)
 
 
 def merged_state_dict(
     model: nn.Module, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """The model's state dict with each LoRA layer replaced by a plain linear's merged weights.
+    """The state dict with each LoRA / IA3 layer replaced by a plain linear's merged weights.
 
     Keys are the bare model's (``...q_proj.weight``), so the result loads into the model class
     the adapters were applied to. Float tensors are cast to ``dtype`` when given.
+
+    Raises:
+        ValueError: an active adapter of the model cannot be merged (prefix tuning).
     """
-    layers = dict(lora_layers(model))
+    layers: dict[str, AdapterLayer] = dict(adapter_layers(model))
+    unmergeable = [
+        layer.method
+        for layer in layers.values()
+        if layer.uses_adapter() and not isinstance(layer, LoRALinear | IA3Linear)
+    ]
+    if unmergeable:
+        raise ValueError(f"{unmergeable[0]} adapters cannot be merged into the base weights")
     state: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         if not any(key.startswith(f"{name}.") for name in layers):
@@ -100,10 +130,13 @@ def merged_state_dict(
                 tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
             )
     for name, layer in layers.items():
+        if not isinstance(layer, LoRALinear | IA3Linear):
+            continue  # an inactive prefix: the bare model has no such module
         weight_dtype = dtype or layer.base.weight.dtype
         state[f"{name}.weight"] = merged_weight(layer, weight_dtype)
-        if layer.base.bias is not None:
-            state[f"{name}.bias"] = layer.base.bias.detach().to(weight_dtype)
+        bias = merged_bias(layer, weight_dtype)
+        if bias is not None:
+            state[f"{name}.bias"] = bias
     return state
 
 

@@ -17,21 +17,23 @@ from torch import nn
 from lorakit.peft.bottleneck import apply_bottleneck
 from lorakit.peft.config import LoraConfig
 from lorakit.peft.full import apply_full
-from lorakit.peft.inject import LoraReport, apply_lora
+from lorakit.peft.ia3 import apply_ia3
+from lorakit.peft.inject import AdapterReport, apply_lora
+from lorakit.peft.prefix import apply_prefix_tuning
 
-MethodName = Literal["full", "lora", "qlora", "bottleneck"]
+MethodName = Literal["full", "lora", "qlora", "ia3", "prefix", "bottleneck"]
 
 
 @dataclass(frozen=True)
 class Method:
     """How to apply one method: ``apply(model, options)``, options from ``config_group``."""
 
-    apply: Callable[[nn.Module, Any], LoraReport]
+    apply: Callable[[nn.Module, Any], AdapterReport]
     config_group: str | None
     help: str
 
 
-def _lora(quantize: Literal["nf4"] | None) -> Callable[[nn.Module, LoraConfig], LoraReport]:
+def _lora(quantize: Literal["nf4"] | None) -> Callable[[nn.Module, LoraConfig], AdapterReport]:
     return lambda model, config: apply_lora(model, replace(config, quantize=quantize))
 
 
@@ -39,6 +41,14 @@ METHODS: dict[str, Method] = {
     "full": Method(lambda model, _: apply_full(model), None, "train every weight"),
     "lora": Method(_lora(None), "lora", "frozen base + trainable low-rank adapters"),
     "qlora": Method(_lora("nf4"), "lora", "the same with the frozen base in 4-bit NF4"),
+    "ia3": Method(
+        apply_ia3, "ia3", "frozen base + learned vectors scaling keys, values and FFN activations"
+    ),
+    "prefix": Method(
+        apply_prefix_tuning,
+        "prefix",
+        "frozen base + learned key / value prefixes for every attention layer",
+    ),
     "bottleneck": Method(
         apply_bottleneck,
         "bottleneck",
@@ -48,7 +58,7 @@ METHODS: dict[str, Method] = {
 assert set(METHODS) == set(get_args(MethodName)), "METHODS and MethodName must list the same"
 
 
-def apply_method(model: nn.Module, method: str, configs: Any) -> LoraReport:
+def apply_method(model: nn.Module, method: str, configs: Any) -> AdapterReport:
     """Applies ``method`` to ``model`` in place with its options from ``configs.<config_group>``.
 
     Raises:

@@ -5,7 +5,8 @@ A checkpoint is a directory ``checkpoint-<step>`` holding
 - ``trainable.safetensors``: every parameter that trains, by its name in the model (the adapter
   for LoRA / QLoRA, the whole model for full fine-tuning);
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and everything else;
-- ``rng.safetensors``: the CPU (and CUDA) random generator states;
+- ``rng.safetensors``: the CPU (and CUDA) random generator states; under DDP rank 0's, with
+  ``rng-rank<r>.safetensors`` for each other rank (dropout draws differ between ranks);
 - ``trainer.json``: step, data position, early-stopping state and the scheduler's state.
 
 It is written under a temporary name and renamed into place, then ``latest`` (a one-line file
@@ -76,7 +77,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -97,8 +98,12 @@ def save(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Writes ``out/checkpoint-<step>`` atomically, points ``latest`` at it, keeps ``keep``."""
+    """Writes ``out/checkpoint-<step>`` atomically, points ``latest`` at it, keeps ``keep``.
+
+    ``rng_states``: every rank's :func:`rng_state`, in rank order (default: this process's).
+    """
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=out))
@@ -106,7 +111,8 @@ def save(
     tensors, rest = _split_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    for rank, state in enumerate(rng_states or [rng_state()]):
+        save_file(state, str(tmp / _rng_file(rank)))
     (tmp / "trainer.json").write_text(json.dumps(trainer_state))
     if final.exists():  # a rerun of the same step after a crash between rename and `latest`
         shutil.rmtree(final)
@@ -119,16 +125,22 @@ def save(
     return final
 
 
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
+
+
 def latest(out: Path) -> Path | None:
     pointer = out / LATEST
     return out / pointer.read_text().strip() if pointer.exists() else None
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restores the model's trainable parameters, the optimizer and the RNG; returns the
-    trainer state."""
+def load(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+) -> dict[str, Any]:
+    """Restores the model's trainable parameters, the optimizer and rank ``rank``'s RNG; returns
+    the trainer state."""
     load_trainable(model, path / "trainable.safetensors")
     rest = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), rest))
-    _set_rng_state(load_file(str(path / "rng.safetensors")))
+    _set_rng_state(load_file(str(path / _rng_file(rank))))
     return json.loads((path / "trainer.json").read_text())

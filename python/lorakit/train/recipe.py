@@ -4,24 +4,29 @@ data, run the :class:`Trainer`, save the result."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.data import DataConfig, PreparedData, prepare
-from lorakit.peft import BottleneckConfig, LoraConfig, LoraReport, save_adapter
+from lorakit.peft import (
+    AdapterReport,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    save_adapter,
+)
 from lorakit.peft.methods import MethodName, apply_method, methods_help
-from lorakit.train.checkpoint import trainable_state
+from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer, TrainResult
 
 METHODS = get_args(MethodName)
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_DIR = "adapter"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,6 +61,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    ia3: IA3Config = field(default_factory=IA3Config)
+    prefix: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
 
 
 @dataclass(frozen=True)
@@ -110,31 +117,27 @@ def load_model(config: ModelConfig) -> nn.Module:
     return model.to(device)
 
 
-def make_trainable(model: nn.Module, method: str, config: RunConfig) -> LoraReport:
+def make_trainable(model: nn.Module, method: str, config: RunConfig) -> AdapterReport:
     """Applies ``method`` in place, with its options from ``config`` (e.g. ``config.lora``)."""
     return apply_method(model, method, config)
 
 
-def save_result(model: nn.Module, tokenizer: Any, method: str, config: RunConfig) -> Path:
-    """Full fine-tuning: a Hugging Face model directory. LoRA / QLoRA: the adapter weights.
-    Bottleneck adapters: ``out/adapter`` written by :func:`lorakit.save_adapter`.
+def result_path(config: RunConfig) -> Path:
+    """Where :func:`save_result` writes: ``out/model`` (full) or ``out/adapter``."""
+    return Path(config.train.out) / ("model" if config.model.method == "full" else ADAPTER_DIR)
 
-    The LoRA adapter file holds every ``lora_A`` / ``lora_B`` keyed by its parameter name in the
-    model, with the LoRA configuration in the safetensors metadata; the PEFT layout
-    (``adapter_model.safetensors`` + ``adapter_config.json``) replaces it with issue 5.
-    """
-    out = Path(config.train.out)
-    if method == "full":
-        target = out / "model"
+
+def save_result(model: nn.Module, tokenizer: Any, config: RunConfig) -> Path:
+    """Full fine-tuning: a Hugging Face model directory. Every other method: the adapter written
+    by :func:`lorakit.save_adapter` (PEFT's format for LoRA / QLoRA, IA3 and prefix tuning,
+    lorakit's own for bottleneck adapters), which :func:`lorakit.load_adapter` loads; its
+    ``base_model_name_or_path`` is the model directory the run loaded."""
+    target = result_path(config)
+    if config.model.method == "full":
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         return target
-    if method == "bottleneck":
-        return save_adapter(model, out / "adapter")
-    target = out / ADAPTER_FILE
-    metadata = {"lora_config": json.dumps(asdict(config.lora)), "base_model": config.model.model}
-    save_file(trainable_state(model), str(target), metadata=metadata)
-    return target
+    return save_adapter(model, target)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -146,12 +149,15 @@ def pad_id(tokenizer: Any) -> int:
 def train_and_save(
     model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData
 ) -> tuple[TrainResult, Path]:
-    """Trains a model that :func:`make_trainable` prepared, and saves the result."""
-    if config.train.progress:
+    """Trains a model that :func:`make_trainable` prepared, and saves the result (under torchrun,
+    rank 0 saves; every rank returns the path)."""
+    if config.train.progress and distributed.is_main():
         print(data.report)
     trainer = Trainer(model, config.train, data.train, data.val, pad_id(tokenizer))
     result = trainer.fit()
-    return result, save_result(model, tokenizer, config.model.method, config)
+    if distributed.is_main():
+        save_result(model, tokenizer, config)
+    return result, result_path(config)
 
 
 def _trained(model: nn.Module, tokenizer: Any, config: RunConfig, data: PreparedData) -> RunResult:

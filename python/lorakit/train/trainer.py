@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import time
@@ -12,16 +13,37 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lorakit.data.encode import IGNORE
 from lorakit.data.packing import Row, collate
 from lorakit.optim import AdamW
-from lorakit.train import checkpoint
+from lorakit.train import checkpoint, distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.loss import causal_lm_loss_sum
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_losses, read
 from lorakit.train.schedule import scheduler
+
+# torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); pyproject allows 2.11.
+_SYNC_BUFFERS = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns); pyproject
+    # allows 4.50, which has only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None
+    )
+    if enable is None:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing to enable")
+    # Non-reentrant checkpointing works when the inputs need no gradient (frozen embeddings
+    # under LoRA); the reentrant kind would silently drop the adapters' gradients.
+    enable({"use_reentrant": False})
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,14 @@ class Trainer:
     order is a permutation seeded by ``seed + epoch``; optimizer step ``s`` uses micro-batches
     ``s * grad_accum`` to ``s * grad_accum + grad_accum - 1``. The data position is therefore the
     step, and a resumed run sees exactly the batches the uninterrupted run would have.
+
+    Under torchrun (``N`` ranks in a process group, see :mod:`lorakit.train.distributed`) the
+    model is wrapped in ``DistributedDataParallel`` and a step takes ``N * grad_accum``
+    micro-batches, rank ``r`` computing those from ``(s * N + r) * grad_accum`` on: ``N``
+    processes with ``grad_accum`` k train as one with ``N * k``, up to float summation order.
+    Every rank evaluates its share of the validation batches and the sums are reduced, so all
+    ranks see the same validation loss and stop together. Rank 0 alone writes checkpoints,
+    metrics and the plot, and shows the progress bar.
 
     Args:
         model: a causal LM taking ``input_ids`` and ``position_ids`` and returning ``.logits``
@@ -67,6 +97,8 @@ class Trainer:
         self.pad_id = pad_id
         self.out = Path(config.out)
         self.device = next(model.parameters()).device
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.main = self.rank == 0
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -78,13 +110,24 @@ class Trainer:
             max_grad_norm=config.max_grad_norm or None,
         )
         self.per_epoch = math.ceil(len(train) / config.batch_size)
-        micro = config.max_steps * config.grad_accum or math.ceil(config.epochs * self.per_epoch)
-        self.total_steps = max(1, math.ceil(micro / config.grad_accum))
+        accum = config.grad_accum * self.world  # micro-batches per step, over all ranks
+        micro = config.max_steps * accum or math.ceil(config.epochs * self.per_epoch)
+        self.total_steps = max(1, math.ceil(micro / accum))
         self.scheduler = scheduler(self.optimizer, config.schedule, self.total_steps, config.warmup)
-        if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            # Non-reentrant checkpointing works when the inputs need no gradient (frozen
-            # embeddings under LoRA); the reentrant kind would silently drop the adapters' grads.
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+        if config.gradient_checkpointing:
+            _enable_checkpointing(model)
+        self.ddp = self._wrap() if self.world > 1 else None
+
+    def _wrap(self) -> DistributedDataParallel:
+        # Buffers (rotary tables) never change in training, so they are not re-sent every
+        # forward; every trainable parameter takes part in every forward, so no unused-parameter
+        # search. Frozen parameters get no gradient and are never all-reduced.
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=False,
+            **{_SYNC_BUFFERS: False},
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         use = self.device.type == "cuda" and (
@@ -104,77 +147,109 @@ class Trainer:
         rows = [self.train_rows[i] for i in order[index * size : (index + 1) * size].tolist()]
         return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _loss_sum(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, int]:
         with self._autocast():
-            out = self.model(
+            out = model(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
             )
         return causal_lm_loss_sum(out.logits, batch["labels"])
 
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        # DDP all-reduces gradients in the backward pass; once per step (the last micro-batch)
+        # is enough, the earlier ones only accumulate locally.
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
     def _step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns the mean loss per trained token and the tokens seen."""
-        first = step * self.config.grad_accum
-        batches = [self._micro_batch(m) for m in range(first, first + self.config.grad_accum)]
-        trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        """One optimizer step; returns the mean loss per trained token and the tokens seen, over
+        every rank."""
+        k = self.config.grad_accum
+        first = (step * self.world + self.rank) * k
+        batches = [self._micro_batch(m) for m in range(first, first + k)]
+        mine = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        (trained,) = distributed.sum_across([float(mine)])
         total = 0.0
-        for batch in batches:
-            loss_sum, _ = self._loss_sum(batch)
-            (loss_sum / max(1, trained)).backward()
+        for i, batch in enumerate(batches):
+            with self._no_sync(last=i == k - 1):
+                loss_sum, _ = self._loss_sum(self.model if self.ddp is None else self.ddp, batch)
+                # The step's loss is the mean over every rank's trained tokens. DDP averages the
+                # ranks' gradients, so each rank scales by the world size to make that a sum.
+                (loss_sum * self.world / max(1.0, trained)).backward()
             total += loss_sum.item()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seen = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
-        return total / max(1, trained), seen
+        total, all_seen = distributed.sum_across([total, float(seen)])
+        return total / max(1.0, trained), int(all_seen)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per trained token over the validation rows."""
+        """Mean loss per trained token over the validation rows (each rank computes every
+        ``world_size``-th batch; the sums are reduced, so every rank returns the same)."""
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         size = self.config.batch_size
-        for i in range(0, len(self.val_rows), size):
+        for i in range(0, len(self.val_rows), size)[self.rank :: self.world]:
             batch = collate(self.val_rows[i : i + size], self.pad_id)
-            loss_sum, n = self._loss_sum({k: v.to(self.device) for k, v in batch.items()})
+            on_device = {k: v.to(self.device) for k, v in batch.items()}
+            loss_sum, n = self._loss_sum(self.model, on_device)
             total, count = total + float(loss_sum), count + n
         self.model.train(was_training)
-        return total / max(1, count)
+        total, all_count = distributed.sum_across([total, float(count)])
+        return total / max(1.0, all_count)
 
     def _resume(self, log_path: Path) -> dict[str, Any]:
         path = checkpoint.latest(self.out) if self.config.resume else None
         if path is None:
-            log_path.unlink(missing_ok=True)
+            if self.main:
+                log_path.unlink(missing_ok=True)
             return {"step": 0, "best_val": None, "bad_evals": 0}
-        state = checkpoint.load(path, self.model, self.optimizer)
+        state = checkpoint.load(path, self.model, self.optimizer, self.rank)
+        # The data position of a step depends on the number of ranks.
+        if state.get("world_size", 1) != self.world:
+            raise ValueError(
+                f"{path} was written by {state.get('world_size', 1)} process(es), this run has "
+                f"{self.world}: resume with as many, or start afresh with --no-resume"
+            )
         self.scheduler.load_state_dict(state["scheduler"])
-        # Records written after the checkpoint belong to steps that will be run again.
-        records = read(log_path) if log_path.exists() else []
-        kept = [r for r in records if r["step"] <= state["step"]]
-        log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
+        if self.main:  # records written after the checkpoint belong to steps run again
+            records = read(log_path) if log_path.exists() else []
+            kept = [r for r in records if r["step"] <= state["step"]]
+            log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
         return state
 
     def _save(self, step: int, state: dict[str, Any]) -> None:
         state = {
             **state,
             "step": step,
-            "micro_batch": step * self.config.grad_accum,
+            "micro_batch": step * self.config.grad_accum * self.world,
+            "world_size": self.world,
             "scheduler": self.scheduler.state_dict(),
             "config": asdict(self.config),
         }
-        checkpoint.save(
-            self.out, step, self.model, self.optimizer, state, self.config.keep_checkpoints
-        )
+        rng = distributed.gather_to_main(checkpoint.rng_state())
+        if self.main:
+            checkpoint.save(
+                self.out, step, self.model, self.optimizer, state, self.config.keep_checkpoints, rng
+            )
+        # When fit returns on any rank, its last checkpoint is complete.
+        distributed.barrier()
 
     def fit(self) -> TrainResult:
         """Runs (or resumes) training to the end or an early stop; writes ``metrics.jsonl``,
-        ``loss.png`` and checkpoints under ``config.out``."""
+        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only)."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
         state = self._resume(log_path)
         start = state["step"]
-        log = MetricsLog(log_path)
+        log = MetricsLog(log_path) if self.main else None
         self.model.train()
         started = time.perf_counter()
         loss, stopped, done = math.nan, False, start
@@ -183,7 +258,7 @@ class Trainer:
             initial=start,
             total=self.total_steps,
             desc="training",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.main),
             dynamic_ncols=True,
         )
         try:
@@ -193,6 +268,8 @@ class Trainer:
                 done = step + 1
                 record: dict[str, Any] = {"step": done, "loss": loss}
                 record["lr"] = self.scheduler.get_last_lr()[0]
+                if self.optimizer.grad_norm is not None:  # computed where clipping is on
+                    record["grad_norm"] = self.optimizer.grad_norm
                 record["tokens_per_s"] = tokens / (time.perf_counter() - tic)
                 record["memory_mib"] = peak_memory_mib(self.device)
                 last = done == self.total_steps
@@ -203,7 +280,8 @@ class Trainer:
                     else:
                         state["bad_evals"] += 1
                     stopped = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
-                if done % cfg.log_every == 0 or last or stopped or "val_loss" in record:
+                logged = done % cfg.log_every == 0 or last or stopped or "val_loss" in record
+                if log is not None and logged:
                     log.write(record)
                 bar.set_postfix(
                     loss=f"{loss:.3f}",
@@ -217,9 +295,11 @@ class Trainer:
                     break
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         plot = self.out / "loss.png"
-        plot_losses(read(log_path), plot)
+        if self.main:
+            plot_losses(read(log_path), plot)
         return TrainResult(
             steps=done,
             last_loss=loss,

@@ -1,0 +1,88 @@
+"""torch.distributed as the Trainer uses it: torchrun's process group, and the few collectives
+that keep the ranks in step. Outside torchrun (or with one process) every helper is the
+single-process identity, so the Trainer has one code path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets WORLD_SIZE, RANK and LOCAL_RANK in each worker."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """Joins torchrun's process group for the duration of the block, then destroys it.
+
+    NCCL for CUDA tensors and gloo for CPU ones where CUDA is available (a run on ``--device
+    cpu`` still works there), gloo alone otherwise. Each rank's current CUDA device becomes
+    ``LOCAL_RANK``, so ``--device cuda`` (and ``auto``) puts rank r on GPU r of its machine. Does
+    nothing outside torchrun or inside a group someone else created.
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("cuda:nccl,cpu:gloo")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 writes every file and prints; the others only compute."""
+    return rank() == 0
+
+
+def _reduce_device() -> torch.device:
+    # A group made with NCCL alone reduces CUDA tensors only.
+    if "gloo" in str(dist.get_backend()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def sum_across(values: list[float]) -> list[float]:
+    """Each value summed over the ranks (float64, so token counts stay exact)."""
+    if not active():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_to_main(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order on rank 0 (an empty list elsewhere)."""
+    if not active():
+        return [obj]
+    gathered: list[Any] = [None] * world_size() if is_main() else []
+    dist.gather_object(obj, gathered if is_main() else None, dst=0)
+    return gathered
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

@@ -1,0 +1,262 @@
+"""Prefix tuning against PEFT's: logits and loss, parameter counts, files both ways, training."""
+
+import copy
+import json
+
+import peft
+import pytest
+import safetensors.torch
+import torch
+
+from adapter_models import (
+    assert_logits_close,
+    assert_unchanged,
+    llama,
+    logits,
+    snapshot,
+    tiny,
+    train,
+)
+from lorakit import (
+    LoraConfig,
+    PrefixTuningConfig,
+    apply_lora,
+    apply_prefix_tuning,
+    disable_adapters,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    set_adapter,
+)
+from lorakit.peft.prefix import SUPPORTED_MODEL_TYPES
+
+TOKENS = 5
+
+
+def peft_prefix(base: torch.nn.Module) -> peft.PeftModel:
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=TOKENS)
+    return peft.get_peft_model(copy.deepcopy(base), config).eval()
+
+
+def their_prefix(model: peft.PeftModel) -> torch.nn.Parameter:
+    return model.prompt_encoder["default"].embedding.weight
+
+
+def same_prefix_as(theirs: peft.PeftModel, base: torch.nn.Module) -> torch.nn.Module:
+    ours = copy.deepcopy(base)
+    apply_prefix_tuning(ours, PrefixTuningConfig(num_virtual_tokens=TOKENS))
+    with torch.no_grad():
+        ours.lorakit_prefix.embedding["default"].copy_(their_prefix(theirs))
+    return ours
+
+
+def left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 128, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :3] = 0  # the first row is padded on the left, as batched causal LMs are
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
+def test_same_logits_loss_and_parameter_count_as_peft(arch):
+    base = tiny(arch)
+    theirs = peft_prefix(base)
+    ours = same_prefix_as(theirs, base)
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in ours.parameters())
+    assert (trainable, total) == theirs.get_nb_trainable_parameters()
+    ids, mask = left_padded(2, 9)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, labels=ids)
+        got = ours(input_ids=ids, attention_mask=mask, labels=ids)
+        assert got.logits.shape == (2, 9, 128)
+        assert_logits_close(got.logits, expected.logits)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=0)
+        # Without a mask, and positionally, as model(ids) is often called.
+        assert_logits_close(ours(ids).logits, theirs(input_ids=ids).logits)
+        # The prefix matters: without it the logits are the base model's.
+        assert (ours(ids).logits - base(ids).logits).abs().max() > 1e-3
+        with disable_adapters(ours):
+            assert_logits_close(ours(ids).logits, base(ids).logits)
+
+
+def test_report_counts_like_peft():
+    base = llama()
+    report = apply_prefix_tuning(copy.deepcopy(base), PrefixTuningConfig(num_virtual_tokens=7))
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    assert (report.trainable, report.total) == theirs.get_nb_trainable_parameters()
+    assert report.trainable == 7 * 2 * 2 * 2 * 16  # tokens x layers x (k, v) x kv heads x head
+
+
+def test_position_ids_are_shifted_like_peft():
+    base = llama()
+    theirs = peft_prefix(base)
+    ours = same_prefix_as(theirs, base)
+    ids = torch.randint(0, 128, (2, 6))
+    positions = torch.arange(6).expand(2, -1)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, position_ids=positions).logits
+        assert_logits_close(ours(input_ids=ids, position_ids=positions).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_saved_prefix_loads_in_peft_and_peft_files_load_in_lorakit(tmp_path, arch):
+    base = tiny(arch)
+    theirs = peft_prefix(base)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    assert load_adapter(ours, tmp_path / "peft") == ["lorakit_prefix"]
+    ids, mask = left_padded(2, 8)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        assert_logits_close(ours(input_ids=ids, attention_mask=mask).logits, expected)
+    assert not any(p.requires_grad for p in ours.parameters())  # trainable=False by default
+
+    save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert_logits_close(again(input_ids=ids, attention_mask=mask).logits, expected)
+    mine = safetensors.torch.load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    reference = safetensors.torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    their_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key in (
+        "peft_type",
+        "task_type",
+        "num_virtual_tokens",
+        "num_layers",
+        "token_dim",
+        "num_attention_heads",
+        "num_transformer_submodules",
+        "encoder_hidden_size",
+        "prefix_projection",
+    ):
+        assert config[key] == their_config[key], key
+
+
+def test_projected_peft_prefix_loads_as_its_projection(tmp_path):
+    """With prefix_projection PEFT saves the MLP's output, which lorakit loads as the prefix."""
+    base = llama()
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=TOKENS, prefix_projection=True
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path)
+    ids = torch.randint(0, 128, (2, 8))
+    theirs.eval()
+    with torch.no_grad():
+        assert_logits_close(ours(ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_trains_like_peft_and_the_loss_goes_down():
+    base = llama()
+    theirs = peft_prefix(base)
+    ours = same_prefix_as(theirs, base)
+    ids = torch.randint(0, 128, (4, 16))
+    expected = train(theirs.train(), ids, steps=25, lr=0.1)
+    losses = train(ours.train(), ids, steps=25, lr=0.1)
+    # The same start and the same AdamW steps: the same path, to float32 rounding.
+    torch.testing.assert_close(losses, expected, rtol=1e-4, atol=0)
+    assert losses[-1] < losses[0] - 0.1
+    prefix = ours.lorakit_prefix.embedding["default"]
+    assert not torch.equal(prefix, their_prefix(peft_prefix(base)))
+    assert all(p.grad is None for n, p in ours.named_parameters() if "lorakit_prefix" not in n)
+
+
+def test_named_prefixes_switch_and_a_copy_has_its_own(tmp_path):
+    base = llama()
+    model = copy.deepcopy(base)
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=3), name="a")
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=6), name="b")
+    ids = torch.randint(0, 128, (1, 7))
+    b = logits(model, ids)
+    set_adapter(model, "a")
+    a = logits(model, ids)
+    assert (a - b).abs().max() > 1e-3
+    save_adapter(model, tmp_path / "b", name="b")
+    only_b = copy.deepcopy(base)
+    load_adapter(only_b, tmp_path / "b")
+    torch.testing.assert_close(logits(only_b, ids), b, rtol=0, atol=0)
+    # deepcopy hooks the copy's own prefix, not the original's.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lorakit_prefix.embedding["a"].zero_()
+    torch.testing.assert_close(logits(model, ids), a, rtol=0, atol=0)
+    assert (logits(twin, ids) - a).abs().max() > 1e-3
+
+
+def test_unsupported_models_and_calls_are_clear_errors():
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = snapshot(plain)
+    with pytest.raises(ValueError, match="prefix tuning supports Hugging Face causal LMs"):
+        apply_prefix_tuning(plain, PrefixTuningConfig())
+    assert_unchanged(plain, before)
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2))
+    ids = torch.randint(0, 128, (1, 4))
+    with pytest.raises(ValueError, match="not generate"):
+        model.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prefix tuning adapters cannot be merged"):
+        merge_adapter(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, labels=ids)
+    with pytest.raises(ValueError, match="already has a prefix named 'default'"):
+        apply_prefix_tuning(model, PrefixTuningConfig())
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+        PrefixTuningConfig(num_virtual_tokens=0)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
+    return save_adapter(model, tmp_path / "prefix")
+
+
+def set_config(folder, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def set_tensor(folder, tensors) -> None:
+    safetensors.torch.save_file(tensors, folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda d: set_config(d, num_layers=3), "num_layers=3 does not fit LlamaForCausalLM"),
+        (lambda d: set_config(d, token_dim=64), "token_dim=64 does not fit"),
+        (lambda d: set_config(d, task_type="SEQ_2_SEQ_LM"), "task_type 'SEQ_2_SEQ_LM'"),
+        (lambda d: set_config(d, num_virtual_tokens=4), r"\[5, 128\] does not fit"),
+        (
+            lambda d: set_tensor(d, {"prefix_encoder.embedding.weight": torch.zeros(5, 128)}),
+            "expected one tensor 'prompt_embeddings'",
+        ),
+        (lambda d: set_config(d, peft_type="P_TUNING"), "peft_type 'P_TUNING' is not one"),
+    ],
+    ids=["layers", "kv-width", "task", "tokens", "key", "other-method"],
+)
+def test_bad_files_are_clear_errors_and_leave_the_model_as_it_was(saved, damage, match):
+    damage(saved)
+    model = llama()
+    apply_lora(model, LoraConfig(r=2, alpha=2, target_modules=["q_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, saved)
+    assert_unchanged(model, before)
+    assert not hasattr(model, "lorakit_prefix")
+
+
+def test_prefix_files_for_another_model_are_refused(saved):
+    gpt2 = tiny("gpt2")
+    before = snapshot(gpt2)
+    with pytest.raises(ValueError, match="does not fit GPT2LMHeadModel"):
+        load_adapter(gpt2, saved)
+    assert_unchanged(gpt2, before)
