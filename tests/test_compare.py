@@ -35,6 +35,8 @@ def test_a_row_per_registered_method_with_sane_values(compared) -> None:
     assert table["qlora"]["trainable"] == table["lora"]["trainable"]
     size = HIDDEN // 16  # BottleneckConfig's default reduction factor
     assert table["bottleneck"]["trainable"] == 2 * LAYERS * (2 * HIDDEN * size + size + HIDDEN)
+    assert 0 < table["ia3"]["trainable"] < table["lora"]["trainable"]
+    assert 0 < table["prefix"]["trainable"] < table["full"]["trainable"]
     for row in table.values():
         assert row["step_ms"] > 0 and row["steps"] == 4
         assert 0 < row["val_loss"] < 20 and 0 < row["val_loss_before"] < 20
