@@ -11,11 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lorakit
 from lorakit.cli import main
 from sft_helpers import saved_model
 
 NUMBERS = "one two three four five six".split()
-PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+# The workers import the lorakit that this test imported: the installed wheel in CI, the source
+# tree (with its in-place build) in development.
+PYTHON_DIR = Path(lorakit.__file__).resolve().parents[1]
 
 
 def varied_rows(n: int) -> list[dict[str, str]]:
