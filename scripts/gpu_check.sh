@@ -5,7 +5,9 @@
 # exits non-zero when any failed. Everything goes to "$OUT"/gpu_check.log (OUT is set by the device
 # tool; benchmarks/results/ otherwise).
 #
-# Usage (from anywhere): scripts/gpu_check.sh
+# Usage (from anywhere): scripts/gpu_check.sh [build] [tests] [bench]   (default: all three)
+# The device tool allows 10 minutes a command: on a warm machine the steps can run as separate
+# calls (the build stays installed between them).
 # bitsandbytes is not installed on the GPU machines; wheels found in wheels/ (e.g. a carried
 # bitsandbytes wheel) are installed first, without dependencies and without an index.
 set -uo pipefail
@@ -36,18 +38,24 @@ step() {
   if [ "$rc" -ne 0 ]; then failed+=("$name"); fi
 }
 
+wanted=${*:-build tests bench}
 shopt -s nullglob
-for wheel in wheels/*.whl; do
-  step "install $(basename "$wheel")" python -m pip install --no-deps --no-index "$wheel"
-done
-
-step build env LORAKIT_CUDA=on LORAKIT_CUDA_ARCHS=90 \
-  python -m pip install --no-build-isolation --no-deps .
-# A test module that cannot be imported (bitsandbytes missing) must not stop the others.
-step tests python -m pytest -q --continue-on-collection-errors tests
-for bench in benchmarks/bench_*.py; do
-  step "$(basename "$bench" .py)" python "$bench" --device cuda
-done
+if [[ " $wanted " == *" build "* ]]; then
+  for wheel in wheels/*.whl; do
+    step "install $(basename "$wheel")" python -m pip install --no-deps --no-index "$wheel"
+  done
+  step build env LORAKIT_CUDA=on LORAKIT_CUDA_ARCHS=90 \
+    python -m pip install --no-build-isolation --no-deps .
+fi
+if [[ " $wanted " == *" tests "* ]]; then
+  # A test module that cannot be imported (bitsandbytes missing) must not stop the others.
+  step tests python -m pytest -q --continue-on-collection-errors tests
+fi
+if [[ " $wanted " == *" bench "* ]]; then
+  for bench in benchmarks/bench_*.py; do
+    step "$(basename "$bench" .py)" python "$bench" --device cuda
+  done
+fi
 
 if [ ${#failed[@]} -ne 0 ]; then
   echo "# gpu_check: FAILED: ${failed[*]}" | tee -a "$log"
