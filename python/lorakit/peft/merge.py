@@ -38,14 +38,16 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> int:
     again, which changes the layer's output a little beyond the adapter (measured in
     tests/test_merge_model.py and the README); :func:`merge_and_export` avoids that by writing
     dense weights. IA3: W's rows (and the bias) are scaled by ``l``, or its columns for a
-    feed-forward layer; dense weights only.
+    feed-forward layer; NF4 weights are quantized again (rows keep their codes and move by the
+    8-bit scales' rounding, columns by about one NF4 rounding: tests/test_ia3_nf4_merge.py).
 
     Returns:
         The number of layers merged.
 
     Raises:
         ValueError: an adapter is already merged, no layer holds the adapter, or some layer's
-            adapter cannot be merged (prefix tuning, IA3 on NF4); the model is then unchanged.
+            adapter cannot be merged (prefix tuning, bottleneck, IA3 with a zero scale); the
+            model is then unchanged.
     """
     if name is not None:
         set_adapter(model, name)
@@ -66,7 +68,8 @@ def unmerge_adapter(model: nn.Module) -> int:
     """Takes the merged adapter out of the base weights again; returns the layers unmerged.
 
     Dense weights come back within a rounding or two of their dtype (IA3 divides by ``l``); NF4
-    weights are quantized once more, so they come back within about one NF4 step (see the tests).
+    weights are quantized once more, so they come back within about one NF4 step (see the tests;
+    an IA3 row scaled by ``|l|`` near 0 comes back with its 8-bit scale's error over ``|l|``).
     """
     layers = [layer for _, layer in adapter_layers(model) if layer.merged_adapter is not None]
     for layer in layers:
