@@ -46,14 +46,14 @@ def test_nf4_merge_drift(feedforward, std):
         back = relative(layer.base.weight.dequantize(), before)
     if feedforward:
         # Scaling columns mixes scales inside each 64-value block, so every value is rounded to
-        # the 16 codes again: measured 7.6% (std 0.07) and 9.4% (std 0.3) against the 9.2% that
+        # the 16 codes again: measured 7.6% (std 0.07) and 9.5% (std 0.3) against the 9.2% that
         # quantizing W cost, so a small adapter's effect is mostly lost, as with LoRA. Unmerging
-        # rounds once more: the weight comes back 9.7% / 14% off.
+        # rounds once more: the weight comes back 9.7% / 13.8% off.
         assert 0.5 * quantization < drift < 1.2 * quantization
         assert back < 2 * quantization
     else:
         # A row scaling multiplies whole blocks, so the codes stay and only the 8-bit
-        # (double-quantized) scales are rounded again: measured 0.22% / 0.38%, unmerge 0.22% / 1%.
+        # (double-quantized) scales are rounded again: measured 0.22% / 0.37%, unmerge 0.22% / 0.71%.
         assert drift < 0.01 and back < 0.02
 
 
