@@ -53,7 +53,8 @@ def test_nf4_merge_drift(feedforward, std):
         assert back < 2 * quantization
     else:
         # A row scaling multiplies whole blocks, so the codes stay and only the 8-bit
-        # (double-quantized) scales are rounded again: measured 0.22% / 0.37%, unmerge 0.22% / 0.71%.
+        # (double-quantized) scales are rounded again: measured 0.22% / 0.37%, unmerge 0.22% /
+        # 0.71%.
         assert drift < 0.01 and back < 0.02
 
 
