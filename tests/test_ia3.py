@@ -188,16 +188,6 @@ def test_merge_unmerge_and_export(tmp_path):
     assert_logits_close(logits(exported, ids), adapted)
 
 
-def test_merge_into_nf4_is_refused_without_change():
-    model = llama()
-    apply_ia3(model, IA3Config(quantize="nf4"))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="merging IA3 into an NF4 weight is not supported"):
-        merge_adapter(model)
-    assert_unchanged(model, before)
-    assert all(m.merged_adapter is None for m in model.modules() if isinstance(m, IA3Linear))
-
-
 @pytest.fixture
 def saved(tmp_path):
     model = llama()

@@ -12,10 +12,11 @@ from lorakit.peft.adapters import (
 from lorakit.peft.bottleneck import apply_bottleneck, bottleneck_layers
 from lorakit.peft.bottleneck_config import BottleneckConfig
 from lorakit.peft.config import LoraConfig
+from lorakit.peft.export import merge_and_export
 from lorakit.peft.full import apply_full
 from lorakit.peft.ia3 import IA3Config, apply_ia3
 from lorakit.peft.inject import AdapterReport, LoraReport, apply_lora, count_parameters
-from lorakit.peft.merge import merge_adapter, merge_and_export, unmerge_adapter
+from lorakit.peft.merge import merge_adapter, unmerge_adapter
 from lorakit.peft.prefix import PrefixConfig, PrefixTuningConfig, apply_prefix_tuning
 
 __all__ = [

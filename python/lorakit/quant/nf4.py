@@ -103,6 +103,17 @@ class NF4Weight:
         )
         return replace(self, packed=packed, absmax=_stored_scales(absmax, self.double_quant))
 
+    def with_scaling(self, scale: torch.Tensor) -> NF4Weight:
+        """This 2-D weight times ``scale`` (an ``(out, 1)`` column scales rows, a ``(1, in)`` row
+        columns, as IA3 does), expanded to float32 and quantized again as :meth:`from_float` does;
+        scales are double-quantized again if they were.
+
+        A row scaling maps each block (a run of one row) onto the same codes times a new scale,
+        so only double-quantized scales move; a column scaling rounds each value again.
+        """
+        w = self.dequantize(torch.float32) * scale.to(torch.float32)
+        return replace(NF4Weight.from_float(w, self.blocksize, self.double_quant), dtype=self.dtype)
+
     @property
     def double_quant(self) -> bool:
         return isinstance(self.absmax, QuantizedAbsmax)
