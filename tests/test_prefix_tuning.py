@@ -222,7 +222,7 @@ def test_greedy_generate_matches_peft(arch):
     ids, mask = left_padded(2, 7)
     ids = ids.clamp(min=1)  # no pad token (0) in the prompt, so generate() infers no mask
     with torch.no_grad():
-        for kwargs in ({}, {"attention_mask": mask}):
+        for kwargs in ({}, {"attention_mask": mask}, {"attention_mask": mask, "num_beams": 2}):
             got = ours.generate(ids, **kwargs, **GREEDY)
             torch.testing.assert_close(got, theirs.generate(input_ids=ids, **kwargs, **GREEDY))
         # The prefix changes what is generated; disabled, it is the base model's generate().
@@ -299,6 +299,8 @@ def test_caches_without_this_prefix_are_refused():
         with_a = model(ids, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="attention_mask has 3 columns; expected 5"):
             model(ids[:, :1], attention_mask=torch.ones(1, 3), past_key_values=with_a)
+        with pytest.raises(ValueError, match="generate\\(use_cache=False\\) is not supported"):
+            model.generate(ids, use_cache=False, **GREEDY)
         legacy = tuple((k, v) for k, v, _ in with_a)
         with pytest.raises(ValueError, match="got past_key_values of type tuple"):
             model(ids, past_key_values=legacy)

@@ -126,11 +126,18 @@ class KVPrefix(AdapterLayer):
         setattr(cache, _HOLDS_PREFIX, self.active_adapter)
         return cache
 
-    def _cache_for(self, cache: Any, batch: int) -> DynamicCache:
+    def _cache_for(self, cache: Any, batch: int, use_cache: bool) -> DynamicCache:
         """The cache a call runs with: ``cache`` if it holds the active prefix, else a new or
         the given empty one started with it."""
         holds = getattr(cache, _HOLDS_PREFIX, None)
         if holds is not None:
+            if not use_cache:
+                # The model returns the prefix's cache even when asked not to cache, so
+                # generate(use_cache=False) would feed the whole sequence on top of it.
+                raise ValueError(
+                    "prefix tuning: past_key_values holds the prefix but use_cache is False "
+                    "(generate(use_cache=False) is not supported; leave use_cache on)"
+                )
             if holds != self.active_adapter:
                 raise ValueError(
                     f"prefix tuning: past_key_values holds prefix {holds!r} but the active one is "
@@ -181,7 +188,10 @@ class KVPrefix(AdapterLayer):
             inputs = call.get("inputs_embeds")
         batch, length = inputs.shape[:2]
         tokens = self.settings[self.active_adapter].num_virtual_tokens
-        cache = self._cache_for(call.get("past_key_values"), batch)
+        use_cache = call.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", True)
+        cache = self._cache_for(call.get("past_key_values"), batch, use_cache)
         call["past_key_values"] = cache
         mask = call.get("attention_mask")
         if mask is not None:
