@@ -7,6 +7,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+from transformers import DynamicCache
 
 from adapter_models import (
     assert_logits_close,
@@ -198,8 +199,6 @@ def test_unsupported_models_and_calls_are_clear_errors():
     model = llama()
     apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2))
     ids = torch.randint(0, 128, (1, 4))
-    with pytest.raises(ValueError, match="not generate"):
-        model.generate(ids, max_new_tokens=2)
     with pytest.raises(ValueError, match="prefix tuning adapters cannot be merged"):
         merge_adapter(model)
     model.gradient_checkpointing_enable()
@@ -210,6 +209,101 @@ def test_unsupported_models_and_calls_are_clear_errors():
         apply_prefix_tuning(model, PrefixTuningConfig())
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         PrefixTuningConfig(num_virtual_tokens=0)
+
+
+GREEDY = {"do_sample": False, "max_new_tokens": 8, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
+def test_greedy_generate_matches_peft(arch):
+    base = tiny(arch)
+    theirs = peft_prefix(base)
+    ours = same_prefix_as(theirs, base)
+    ids, mask = left_padded(2, 7)
+    ids = ids.clamp(min=1)  # no pad token (0) in the prompt, so generate() infers no mask
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}, {"attention_mask": mask, "num_beams": 2}):
+            got = ours.generate(ids, **kwargs, **GREEDY)
+            torch.testing.assert_close(got, theirs.generate(input_ids=ids, **kwargs, **GREEDY))
+        # The prefix changes what is generated; disabled, it is the base model's generate().
+        assert not torch.equal(got, base.generate(ids, attention_mask=mask, **GREEDY))
+        with disable_adapters(ours):
+            expected = base.generate(ids, attention_mask=mask, **GREEDY)
+            torch.testing.assert_close(ours.generate(ids, attention_mask=mask, **GREEDY), expected)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Left padding's positions, as generate() computes them: 0 at each row's first token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("with_prefix_in_mask", [False, True])
+def test_incremental_decoding_gives_the_full_forward_logits(arch, with_prefix_in_mask):
+    model = tiny(arch)
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
+    ids, mask = left_padded(2, 10)
+    prompt = 6
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        out = model(
+            input_ids=ids[:, :prompt],
+            attention_mask=mask[:, :prompt],
+            position_ids=positions(mask)[:, :prompt],
+            use_cache=True,
+        )
+        steps = [out.logits]
+        for i in range(prompt, ids.shape[1]):
+            step_mask = mask[:, : i + 1]
+            if with_prefix_in_mask:  # a mask over the whole cache is taken as it is
+                step_mask = torch.cat([torch.ones(2, TOKENS, dtype=mask.dtype), step_mask], 1)
+            out = model(
+                input_ids=ids[:, i : i + 1],
+                attention_mask=step_mask,
+                position_ids=positions(mask)[:, i : i + 1],
+                past_key_values=out.past_key_values,
+            )
+            steps.append(out.logits)
+    assert out.past_key_values.get_seq_length() == TOKENS + ids.shape[1]
+    assert_logits_close(torch.cat(steps, dim=1), full)
+
+
+def test_an_empty_cache_is_started_with_the_prefix_in_place():
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
+    ids = torch.randint(0, 128, (2, 6))
+    cache = DynamicCache()
+    with torch.no_grad():
+        got = model(ids[:, :4], past_key_values=cache, use_cache=True).logits
+        assert cache.get_seq_length() == TOKENS + 4  # the caller's object, filled
+        last = model(ids[:, 4:], past_key_values=cache).logits
+        assert_logits_close(torch.cat([got, last], dim=1), logits(model, ids))
+
+
+def test_caches_without_this_prefix_are_refused():
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS), name="a")
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2), name="b")
+    ids = torch.randint(0, 128, (1, 4))
+    with torch.no_grad():
+        with disable_adapters(model):
+            plain = model(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="4 positions that lorakit's prefix did not start"):
+            model(ids, past_key_values=plain)
+        with_b = model(ids, use_cache=True).past_key_values
+        set_adapter(model, "a")
+        with pytest.raises(ValueError, match="holds prefix 'b' but the active one is 'a'"):
+            model(ids, past_key_values=with_b)
+        with disable_adapters(model), pytest.raises(ValueError, match="the prefix is off"):
+            model(ids, past_key_values=with_b)
+        with_a = model(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="attention_mask has 3 columns; expected 5"):
+            model(ids[:, :1], attention_mask=torch.ones(1, 3), past_key_values=with_a)
+        with pytest.raises(ValueError, match="generate\\(use_cache=False\\) is not supported"):
+            model.generate(ids, use_cache=False, **GREEDY)
+        legacy = tuple((k, v) for k, v, _ in with_a)
+        with pytest.raises(ValueError, match="got past_key_values of type tuple"):
+            model(ids, past_key_values=legacy)
 
 
 @pytest.fixture

@@ -12,6 +12,10 @@ from transformers import DynamicCache
 
 from lorakit.nn.adapter_layer import AdapterLayer
 
+# The attribute that marks a cache holding a prefix (its value: the adapter's name), so a later
+# call with that cache, such as generate()'s next step, does not add the prefix again.
+_HOLDS_PREFIX = "lorakit_prefix"
+
 
 @dataclass(frozen=True)
 class PrefixShape:
@@ -41,14 +45,18 @@ class KVPrefix(AdapterLayer):
     Adapter ``name`` is one tensor ``embedding[name]`` of shape ``[T, num_layers * 2 * kv_heads *
     head_dim]`` (PEFT's ``prompt_embeddings`` without projection), read per token as
     ``[num_layers, (key, value), kv_heads, head_dim]``. The module sits on the model and
-    :meth:`inject` runs before the model's forward (a forward pre-hook): it passes the prefix as
-    ``past_key_values`` (a ``transformers.DynamicCache`` whose layer ``l`` holds the prefix's keys
-    and values), prepends ``T`` ones to ``attention_mask`` and shifts ``position_ids`` by ``T``,
-    so every attention layer attends to ``T`` learned positions before the input, as PEFT's
-    ``PeftModelForCausalLM`` does. The logits keep the input's length.
+    :meth:`inject` runs before the model's forward (a forward pre-hook): it puts the prefix into
+    ``past_key_values`` (a ``transformers.DynamicCache`` whose layer ``l`` starts with the
+    prefix's keys and values), prepends ``T`` ones to ``attention_mask`` and shifts
+    ``position_ids`` by ``T``, so every attention layer attends to ``T`` learned positions before
+    the input, as PEFT's ``PeftModelForCausalLM`` does. The logits keep the input's length.
 
-    Only a full forward is supported (training, scoring): a call that brings its own
-    ``past_key_values`` (``generate()``, incremental decoding) is refused.
+    The cache the model returns keeps the prefix, so ``generate()`` and incremental decoding work:
+    a call without a cache, or with an empty one, starts it with the prefix; a later call with that
+    cache adds nothing to it. Positions (``position_ids``, ``cache_position``) always count the
+    caller's tokens only and are shifted by ``T``; ``attention_mask`` may cover the caller's
+    tokens (``T`` ones are prepended, as ``generate()`` needs) or the whole cache plus the input
+    (left as it is). A non-empty cache that this prefix did not start is refused.
 
     Args:
         shape: the model's layers, KV heads and head size.
@@ -103,27 +111,71 @@ class KVPrefix(AdapterLayer):
 
     def cache(self, batch: int) -> DynamicCache:
         """The active prefix as the past keys and values of a batch of ``batch`` sequences."""
+        return self._start(DynamicCache(), batch)
+
+    def _start(self, cache: DynamicCache, batch: int) -> DynamicCache:
+        """Puts the active prefix into the empty ``cache`` in place (generate() keeps using the
+        object it passed) and marks the cache as holding it."""
         weight = self.embedding[self.active_adapter]
         s = self.shape
         # [T, L*2*H*D] -> [L*2, B, H, T, D]: PEFT's get_prompt layout; 2l is layer l's keys.
         kv = weight.view(weight.shape[0], s.num_layers * 2, s.num_kv_heads, s.head_dim)
         kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(s.num_layers)])
+        for layer in range(s.num_layers):
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        setattr(cache, _HOLDS_PREFIX, self.active_adapter)
+        return cache
+
+    def _cache_for(self, cache: Any, batch: int, use_cache: bool) -> DynamicCache:
+        """The cache a call runs with: ``cache`` if it holds the active prefix, else a new or
+        the given empty one started with it."""
+        holds = getattr(cache, _HOLDS_PREFIX, None)
+        if holds is not None:
+            if not use_cache:
+                # The model returns the prefix's cache even when asked not to cache, so
+                # generate(use_cache=False) would feed the whole sequence on top of it.
+                raise ValueError(
+                    "prefix tuning: past_key_values holds the prefix but use_cache is False "
+                    "(generate(use_cache=False) is not supported; leave use_cache on)"
+                )
+            if holds != self.active_adapter:
+                raise ValueError(
+                    f"prefix tuning: past_key_values holds prefix {holds!r} but the active one is "
+                    f"{self.active_adapter!r}; start a new cache after switching adapters"
+                )
+            return cache
+        if cache is None:
+            return self.cache(batch)
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(
+                "prefix tuning keeps the prefix in a transformers DynamicCache (generate()'s "
+                f"default); got past_key_values of type {type(cache).__name__}"
+            )
+        if cache.get_seq_length() > 0:
+            # Its contents were computed without this prefix; prepending it now would not
+            # change them, so the result would be neither the base model's nor the adapter's.
+            raise ValueError(
+                f"prefix tuning: past_key_values holds {cache.get_seq_length()} positions that "
+                "lorakit's prefix did not start; pass no cache, an empty one, or one returned "
+                "by this model with this prefix active"
+            )
+        return self._start(cache, batch)
 
     def inject(
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The forward pre-hook: the model's arguments with the active prefix put in."""
-        if not self.uses_adapter():
-            return None
         names = list(inspect.signature(model.forward).parameters)
         call = {**dict(zip(names, args, strict=False)), **kwargs}
-        if call.get("past_key_values") is not None:
-            raise ValueError(
-                "prefix tuning: the call brings its own past_key_values; lorakit's prefix "
-                "supports a full forward pass (training, scoring), not generate() or "
-                "incremental decoding"
-            )
+        if not self.uses_adapter():
+            holds = getattr(call.get("past_key_values"), _HOLDS_PREFIX, None)
+            if holds is not None:
+                raise ValueError(
+                    f"prefix tuning: past_key_values holds prefix {holds!r} but the prefix is "
+                    "off (adapters disabled or merged, or another adapter active); start a new "
+                    "cache"
+                )
+            return None
         if model.training and any(
             getattr(m, "gradient_checkpointing", False) for m in model.modules()
         ):
@@ -134,14 +186,27 @@ class KVPrefix(AdapterLayer):
         inputs = call.get("input_ids")
         if inputs is None:
             inputs = call.get("inputs_embeds")
-        batch = inputs.shape[0]
+        batch, length = inputs.shape[:2]
         tokens = self.settings[self.active_adapter].num_virtual_tokens
-        call["past_key_values"] = self.cache(batch)
+        use_cache = call.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", True)
+        cache = self._cache_for(call.get("past_key_values"), batch, use_cache)
+        call["past_key_values"] = cache
         mask = call.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
                 raise ValueError(f"prefix tuning needs a 2-D attention_mask, got {mask.dim()}-D")
-            call["attention_mask"] = torch.cat([mask.new_ones(batch, tokens), mask], dim=1)
+            # The keys this call attends to: the cache (prefix included) and the input.
+            keys = cache.get_seq_length() + length
+            if mask.shape[1] == keys - tokens:  # the caller's tokens only, as generate() gives
+                call["attention_mask"] = torch.cat([mask.new_ones(batch, tokens), mask], dim=1)
+            elif mask.shape[1] != keys:
+                raise ValueError(
+                    f"prefix tuning: attention_mask has {mask.shape[1]} columns; expected "
+                    f"{keys - tokens} (past and new tokens) or {keys} (with the {tokens} prefix "
+                    "positions)"
+                )
         for key in ("position_ids", "cache_position"):
             if call.get(key) is not None:
                 call[key] = call[key] + tokens

@@ -107,8 +107,9 @@ def apply_prefix_tuning(
     attention_mask=..., labels=...)`` works as before and its logits keep the input's length.
     Afterwards ``name`` is the active adapter and the only thing that trains.
 
-    Supported: causal LMs of ``model_type`` gpt2, llama, mistral, qwen2, qwen3; full
-    forward passes only (no ``generate()``), no gradient checkpointing.
+    Supported: causal LMs of ``model_type`` gpt2, llama, mistral, qwen2, qwen3; full forward
+    passes, ``generate()`` (with its default cache) and incremental decoding with the cache the
+    model returns; no gradient checkpointing.
 
     Returns:
         The module holding the prefix, and the trainable / total parameter counts.
