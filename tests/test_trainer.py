@@ -143,3 +143,17 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_losses(tmp_path, lo
     assert history_ckpt == pytest.approx(history, rel=1e-6)
     for p, q in zip(params, params_ckpt, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("budget", "paged"), [(0.0, False), (64.0, True)])
+def test_optimizer_pages_its_state_when_given_a_budget(tmp_path, budget, paged) -> None:
+    cfg = config(tmp_path, "paged", max_steps=1, optim_page_budget_mb=budget)
+    trainer = Trainer(model(), cfg, rows(qa_rows(4)), [], 0)
+    assert trainer.optimizer.paged is paged
+    if paged:
+        assert trainer.optimizer.page_budget_mb == budget
+
+
+def test_a_negative_page_budget_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="optim_page_budget_mb must be >= 0"):
+        config(tmp_path, "x", max_steps=1, optim_page_budget_mb=-1)

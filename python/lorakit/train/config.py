@@ -36,6 +36,14 @@ class TrainConfig:
         default=32,
         metadata={"help": "AdamW state precision: 32 (float32 moments) or 8 (blockwise 8-bit)."},
     )
+    optim_page_budget_mb: float = field(
+        default=0.0,
+        metadata={
+            "help": "Page AdamW's state of GPU parameters through pinned host memory so that it "
+            "takes at most this many MB of GPU memory; 0: keep it all on the GPU. No effect on "
+            "the CPU."
+        },
+    )
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Clip the gradient's total 2-norm to this; 0: no clipping."}
     )
@@ -96,3 +104,5 @@ class TrainConfig:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optim_page_budget_mb < 0:
+            raise ValueError(f"optim_page_budget_mb must be >= 0, got {self.optim_page_budget_mb}")

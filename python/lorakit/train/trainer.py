@@ -108,6 +108,8 @@ class Trainer:
             weight_decay=config.weight_decay,
             state_bits=config.optim_bits,
             max_grad_norm=config.max_grad_norm or None,
+            paged=config.optim_page_budget_mb > 0,
+            page_budget_mb=config.optim_page_budget_mb or math.inf,
         )
         self.per_epoch = math.ceil(len(train) / config.batch_size)
         accum = config.grad_accum * self.world  # micro-batches per step, over all ranks
