@@ -69,6 +69,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from lorakit.train import merge_run
+
+    config = build(merge_run.MergeConfig, args, merge_run.REQUIRED, {})
+    _quiet()
+    out = merge_run.run(config)
+    print(f"merged model and tokenizer written to {out}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import lorakit
 
@@ -79,6 +89,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lorakit.demo import DemoConfig
+    from lorakit.train import merge_run
     from lorakit.train.compare import CompareConfig
     from lorakit.train.recipe import RunConfig
 
@@ -104,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help=text, description=text)
     add_arguments(compare, CompareConfig, set())
     compare.set_defaults(run=_compare)
+
+    text = (
+        "merge a LoRA or IA3 adapter into its base model; write a plain Hugging Face model "
+        "directory (+ tokenizer). A QLoRA adapter merges into the dense base checkpoint it was "
+        "trained from (its base_model_name_or_path), not into NF4 weights."
+    )
+    merge = commands.add_parser("merge", help=text.split(";")[0], description=text)
+    add_arguments(merge, merge_run.MergeConfig, merge_run.REQUIRED)
+    merge.set_defaults(run=_merge)
 
     info = commands.add_parser("info", help="print how lorakit was built")
     info.set_defaults(run=_info)

@@ -1,0 +1,123 @@
+"""``lorakit merge``: fold a saved adapter into its base model and write a plain Hugging Face
+model directory (what one serves after ``lorakit sft``)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lorakit.nn import IA3Linear, LoRALinear
+from lorakit.peft import load_adapter, merge_and_export
+from lorakit.peft.adapter_io import FORMATS
+from lorakit.peft.files import CONFIG_NAME, read_json
+from lorakit.train.recipe import _DTYPES, ModelConfig, load_model, load_tokenizer
+
+# Options with no useful default.
+REQUIRED = {"model", "adapter", "out"}
+# Layers whose adapter is a change to an existing weight, which merged_state_dict folds in.
+MERGEABLE = (LoRALinear, IA3Linear)
+# Why the other methods' adapters have no merged form: they add computation, not a weight delta.
+WHY_NOT = {
+    "PREFIX_TUNING": "a prefix adds learned keys and values to every attention layer",
+    "LORAKIT_BOTTLENECK": "a bottleneck adapter adds a nonlinear block (down, activation, up)",
+}
+
+
+@dataclass
+class MergeConfig:
+    """Which adapter to merge into which base, and where the merged model goes."""
+
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Local directory of the base causal LM and its tokenizer (the one the adapter "
+            "was trained on; for a QLoRA adapter the dense checkpoint, which is what "
+            "base_model_name_or_path names, so the merge goes into the unquantized weights)."
+        },
+    )
+    adapter: str = field(
+        default="",
+        metadata={"help": "Adapter directory (adapter_config.json + adapter_model.safetensors)."},
+    )
+    out: str = field(
+        default="", metadata={"help": "Directory to write the merged model and tokenizer to."}
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "Dtype of the written weights: auto keeps the checkpoint's."},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "Where to merge: cpu, cuda, cuda:N, or auto (cuda when available)."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace --out if it exists and is not empty."}
+    )
+
+
+def check_mergeable(adapter_dir: Path) -> str:
+    """The adapter's ``peft_type``, once its folder is known to hold a mergeable adapter.
+
+    Raises:
+        FileNotFoundError: the folder or its ``adapter_config.json`` is missing.
+        ValueError: the config is corrupt, or the method's adapters cannot be merged.
+    """
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+    config = read_json(adapter_dir / CONFIG_NAME)
+    peft_type = config.get("peft_type")
+    adapter_format = FORMATS.get(peft_type) if isinstance(peft_type, str) else None
+    if adapter_format is None:
+        return str(peft_type)  # load_adapter names the known types
+    if not issubclass(adapter_format.layer, MERGEABLE):
+        why = WHY_NOT.get(peft_type, "it adds modules rather than changing existing weights")
+        raise ValueError(
+            f"{adapter_dir} holds a {peft_type} adapter, which cannot be merged: {why}, not a "
+            "change to any weight; load it with lorakit.load_adapter instead"
+        )
+    return peft_type
+
+
+def _check_out(out: Path, config: MergeConfig) -> None:
+    inputs = [Path(config.model).resolve(), Path(config.adapter).resolve()]
+    target = out.resolve()
+    if any(p == target or target in p.parents for p in inputs):
+        raise ValueError(f"--out {out} must not be or contain --model or --adapter")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def run(config: MergeConfig) -> Path:
+    """Loads ``config.model`` and its tokenizer, loads and merges ``config.adapter``, and writes
+    the merged model to ``config.out`` (atomically: complete or not at all).
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError: a user mistake (see the messages).
+    """
+    out = Path(config.out)
+    _check_out(out, config)
+    peft_type = check_mergeable(Path(config.adapter))
+    print(f"merging {peft_type} adapter {config.adapter} into {config.model}")
+    # Merge from the checkpoint's own dtype (float32 math) and round once, on export.
+    base = ModelConfig(model=config.model, dtype="auto", device=config.device)
+    model = load_model(base)
+    tokenizer = load_tokenizer(base)
+    try:
+        load_adapter(model, config.adapter)
+    except ValueError as e:  # corrupt files, or modules / shapes that do not fit this base
+        raise ValueError(f"adapter {config.adapter} does not load into {config.model}: {e}") from e
+    dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
+    # Export beside --out, then swap it in, so a failed run leaves an old --out untouched.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged = merge_and_export(model, staging / "model", dtype=dtype, tokenizer=tokenizer)
+        if out.exists() or out.is_symlink():
+            out.rename(staging / "old")
+        merged.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
