@@ -13,7 +13,7 @@ from lorakit.nn import IA3Linear, LoRALinear
 from lorakit.peft import load_adapter, merge_and_export
 from lorakit.peft.adapter_io import FORMATS
 from lorakit.peft.files import CONFIG_NAME, read_json
-from lorakit.train.recipe import _DTYPES, ModelConfig, load_model, load_tokenizer
+from lorakit.train.recipe import DTYPES, ModelConfig, load_model, load_tokenizer
 
 # Options with no useful default.
 REQUIRED = {"model", "adapter", "out"}
@@ -109,7 +109,7 @@ def run(config: MergeConfig) -> Path:
         load_adapter(model, config.adapter)
     except ValueError as e:  # corrupt files, or modules / shapes that do not fit this base
         raise ValueError(f"adapter {config.adapter} does not load into {config.model}: {e}") from e
-    dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
+    dtype = None if config.dtype == "auto" else DTYPES[config.dtype]
     # Export beside --out, then swap it in, so a failed run leaves an old --out untouched.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -27,7 +27,8 @@ from lorakit.train.trainer import Trainer, TrainResult
 
 METHODS = get_args(MethodName)
 ADAPTER_DIR = "adapter"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The --dtype choices that name a torch dtype ("auto" keeps the checkpoint's).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -109,7 +110,7 @@ def load_model(config: ModelConfig) -> nn.Module:
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+    dtype = "auto" if config.dtype == "auto" else DTYPES[config.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
