@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import bits
-from lorakit import ops
 from lorakit.optim import AdamW
+from lorakit.optim.adamw import fused_step
 from lorakit.optim.paging import PagedParam, StatePager, page_numel
 from lorakit.optim.state import new_state, state_bytes
 from lorakit.quant import dynamic_map
@@ -19,20 +19,7 @@ CODES = (dynamic_map(True), dynamic_map(False))
 
 
 def _update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], step: int) -> None:
-    if "exp_avg_absmax" in state:
-        ops.adamw8bit_step_(
-            param,
-            grad,
-            state["exp_avg"],
-            state["exp_avg_absmax"],
-            state["exp_avg_sq"],
-            state["exp_avg_sq_absmax"],
-            *CODES,
-            **HYPER,
-            step=step,
-        )
-    else:
-        ops.adamw_step_(param, grad, state["exp_avg"], state["exp_avg_sq"], **HYPER, step=step)
+    fused_step(param, grad, state, {**HYPER, "step": step}, CODES)
 
 
 @pytest.mark.parametrize("eightbit", [False, True])

@@ -18,6 +18,33 @@ from lorakit.quant import dynamic_map
 _CLIP_EPS = 1e-6
 
 
+def fused_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, Any],
+    hyper: dict[str, Any],
+    codes: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """One fused AdamW step of ``param`` (or a page of it) with its state (or that page's).
+
+    ``state`` holds 8-bit moments when it has absmax tensors; ``codes`` are then the signed and
+    unsigned dynamic maps they are quantized with. ``hyper``: the op's keyword arguments.
+    """
+    if "exp_avg_absmax" in state:
+        ops.adamw8bit_step_(
+            param,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_absmax"],
+            state["exp_avg_sq"],
+            state["exp_avg_sq_absmax"],
+            *codes,
+            **hyper,
+        )
+    else:
+        ops.adamw_step_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter) computed as ``torch.optim.AdamW`` does, fused per parameter.
 
@@ -157,22 +184,7 @@ class AdamW(torch.optim.Optimizer):
         state: dict[str, Any],
         hyper: dict[str, Any],
     ) -> None:
-        """One fused step of ``param`` (or a page of it) with its state (or that page's)."""
-        if "exp_avg_absmax" in state:
-            signed, unsigned = self._dynamic_maps(param.device)
-            ops.adamw8bit_step_(
-                param,
-                grad,
-                state["exp_avg"],
-                state["exp_avg_absmax"],
-                state["exp_avg_sq"],
-                state["exp_avg_sq_absmax"],
-                signed,
-                unsigned,
-                **hyper,
-            )
-        else:
-            ops.adamw_step_(param, grad, state["exp_avg"], state["exp_avg_sq"], **hyper)
+        fused_step(param, grad, state, hyper, self._dynamic_maps(param.device))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -172,10 +172,6 @@ class StatePager:
         """Where ``param``'s state lives: host memory if it is paged, else beside ``param``."""
         return torch.device("cpu") if param in self.paged else param.device
 
-    def pinned(self) -> bool:
-        """Whether host state should be pinned (page-locked), which async copies need."""
-        return self.device.type == "cuda"
-
     def _pages(self, item: PagedParam) -> Iterator[tuple[int, int]]:
         step = page_numel(self.slot_bytes, item.eightbit)
         n = item.param.numel()
