@@ -3,56 +3,24 @@ named adapters (switching, disabling, merge refused), files (round trip and ever
 fail)."""
 
 import copy
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-import transformers
 from torch.nn import functional as F
 
 import lorakit
-from adapter_models import assert_unchanged, llama, logits, snapshot
+from adapter_models import SMALL_LLAMA, assert_unchanged, llama, logits, snapshot, tiny
 from lorakit import BottleneckConfig, apply_bottleneck, load_adapter, save_adapter
 from lorakit.nn import BottleneckBlock
 from lorakit.peft.bottleneck_io import load_bottleneck
 
-HIDDEN, LAYERS = 64, 2
-
-
-def gpt2() -> torch.nn.Module:
-    config = transformers.GPT2Config(
-        n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def qwen2() -> torch.nn.Module:
-    config = transformers.Qwen2Config(
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def mistral() -> torch.nn.Module:
-    config = transformers.MistralConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-MODELS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2}
+HIDDEN, LAYERS = SMALL_LLAMA["hidden_size"], SMALL_LLAMA["num_hidden_layers"]
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+MODELS = {family: functools.partial(tiny, family) for family in FAMILIES}
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
@@ -192,7 +160,7 @@ def test_round_trip_through_files_gives_the_same_logits(tmp_path) -> None:
 
 
 def test_gpt2_round_trip(tmp_path) -> None:
-    base = gpt2()
+    base = tiny("gpt2")
     model = copy.deepcopy(base)
     apply_bottleneck(model, BottleneckConfig(placement="mlp"))
     randomize(model)
