@@ -11,7 +11,7 @@ import torch
 
 import lorakit
 from lorakit.config_args import add_arguments, build
-from lorakit.train import compare
+from lorakit.recipes import compare
 
 
 def main() -> None:

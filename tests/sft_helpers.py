@@ -2,34 +2,19 @@
 
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from lorakit.demo import build_tokenizer
+from lorakit.models import tiny_llama, word_tokenizer
 
 WORDS = "the a capital of is what question answer : ? . hello world one two three four five six"
 
 
 def tokenizer(extra: str = ""):
-    return build_tokenizer([WORDS, extra])
+    return word_tokenizer([WORDS, extra])
 
 
-def llama(tok, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+def llama(tok, hidden: int = 32, layers: int = 2, seed: int = 0):
+    return tiny_llama(
+        tok, hidden, layers, seed, intermediate=2 * hidden, heads=2, max_positions=128
     )
-    return LlamaForCausalLM(config)
 
 
 def saved_model(path: Path, extra: str = "") -> Path:

@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 from adapter_models import assert_logits_close, logits
 from lorakit.cli import main
 from lorakit.data import DataConfig
+from lorakit.models import ModelConfig
 from lorakit.peft import LoraConfig
+from lorakit.recipes.common import RunConfig
+from lorakit.recipes.sft import run
 from lorakit.train import TrainConfig
-from lorakit.train.recipe import ModelConfig, RunConfig, run
 from sft_helpers import qa_rows, saved_model, tokenizer
 
 FAST = ["--max-steps", "3", "--batch-size", "4", "--no-progress"]

@@ -7,7 +7,7 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.peft.methods import METHODS
-from lorakit.train.compare import CompareConfig
+from lorakit.recipes.compare import CompareConfig
 
 HIDDEN, LAYERS = 32, 2
 TINY = ["--hidden", str(HIDDEN), "--layers", str(LAYERS), "--pretrain-steps", "2"]

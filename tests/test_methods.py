@@ -10,7 +10,7 @@ from adapter_models import llama, logits
 from lorakit import load_adapter
 from lorakit.cli import main
 from lorakit.peft.methods import METHODS, apply_method
-from lorakit.train.recipe import RunConfig
+from lorakit.recipes.common import RunConfig
 from sft_helpers import qa_rows, saved_model
 
 

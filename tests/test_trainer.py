@@ -2,14 +2,16 @@
 
 import dataclasses
 import json
+from functools import partial
 
 import pytest
 import torch
 
 from lorakit import LoraConfig, apply_lora
-from lorakit.data import Row, encode, to_segments
-from lorakit.train import TrainConfig, Trainer
+from lorakit.data import Row, collate, encode, to_segments
+from lorakit.train import RowBatches, TrainConfig, Trainer
 from lorakit.train.checkpoint import LATEST
+from lorakit.train.objectives import CausalLMObjective
 from sft_helpers import llama, qa_rows, tokenizer
 
 TOK = tokenizer()
@@ -26,6 +28,18 @@ def model(lora_dropout: float | None = None):
     return m
 
 
+def sft_trainer(m, cfg: TrainConfig, train: list[Row], val: list[Row], pad_id: int) -> Trainer:
+    """The Trainer on next-token prediction over token rows, as ``lorakit sft`` builds it."""
+    collate_rows = partial(collate, pad_id=pad_id)
+    return Trainer(
+        m,
+        cfg,
+        CausalLMObjective(pad_id),
+        RowBatches(train, cfg.batch_size, collate_rows, cfg.seed),
+        RowBatches(val, cfg.batch_size, collate_rows, cfg.seed),
+    )
+
+
 def losses(out) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
@@ -36,7 +50,7 @@ def config(tmp_path, name: str, **kw) -> TrainConfig:
 
 def test_full_training_lowers_the_loss_and_writes_metrics_plot_and_checkpoint(tmp_path) -> None:
     cfg = config(tmp_path, "run", max_steps=30, batch_size=4, schedule="wsd")
-    result = Trainer(model(), cfg, rows(qa_rows(12)), rows(qa_rows(4)), pad_id=0).fit()
+    result = sft_trainer(model(), cfg, rows(qa_rows(12)), rows(qa_rows(4)), pad_id=0).fit()
     history = losses(tmp_path / "run")
     assert len(history) == result.steps == 30
     assert history[-1] < 0.5 * history[0]
@@ -50,9 +64,9 @@ def test_full_training_lowers_the_loss_and_writes_metrics_plot_and_checkpoint(tm
 def test_accumulating_two_half_batches_equals_one_batch(tmp_path) -> None:
     data = rows(qa_rows(16))
     whole, halves = model(), model()
-    Trainer(whole, config(tmp_path, "a", max_steps=6, batch_size=4), data, [], 0).fit()
+    sft_trainer(whole, config(tmp_path, "a", max_steps=6, batch_size=4), data, [], 0).fit()
     accumulated = config(tmp_path, "b", max_steps=6, batch_size=2, grad_accum=2)
-    Trainer(halves, accumulated, data, [], 0).fit()
+    sft_trainer(halves, accumulated, data, [], 0).fit()
     # Same rows per step and the same token-weighted mean; only float summation order differs.
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
     for p, q in zip(whole.parameters(), halves.parameters(), strict=True):
@@ -64,10 +78,10 @@ def test_a_killed_run_resumes_to_exactly_the_same_losses(tmp_path, monkeypatch) 
     # LoRA dropout draws random numbers every step: equality needs the RNG state restored too.
     cfg = dict(max_steps=10, batch_size=4, save_every=2, optim_bits=32)
     torch.manual_seed(1)
-    Trainer(model(lora_dropout=0.1), config(tmp_path, "whole", **cfg), data, [], 0).fit()
+    sft_trainer(model(lora_dropout=0.1), config(tmp_path, "whole", **cfg), data, [], 0).fit()
 
     torch.manual_seed(1)
-    crashing = Trainer(model(lora_dropout=0.1), config(tmp_path, "cut", **cfg), data, [], 0)
+    crashing = sft_trainer(model(lora_dropout=0.1), config(tmp_path, "cut", **cfg), data, [], 0)
     original = Trainer._step
 
     def crash_at_step_7(self, step):
@@ -82,7 +96,7 @@ def test_a_killed_run_resumes_to_exactly_the_same_losses(tmp_path, monkeypatch) 
     assert len(losses(tmp_path / "cut")) == 6
 
     torch.manual_seed(99)  # a fresh process: other initial weights and RNG state
-    resumed = Trainer(model(lora_dropout=0.1), config(tmp_path, "cut", **cfg), data, [], 0)
+    resumed = sft_trainer(model(lora_dropout=0.1), config(tmp_path, "cut", **cfg), data, [], 0)
     result = resumed.fit()
     assert result.steps == 10
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
@@ -94,7 +108,7 @@ def test_early_stopping_when_validation_loss_stops_improving(tmp_path) -> None:
     # format, fitting the training data makes the validation loss rise.
     val = [{**r, "completion": " three"} for r in train]
     cfg = config(tmp_path, "run", max_steps=200, batch_size=4, eval_every=2, patience=2)
-    result = Trainer(model(), cfg, rows(train), rows(val), 0).fit()
+    result = sft_trainer(model(), cfg, rows(train), rows(val), 0).fit()
     assert result.stopped_early
     assert result.steps < 200
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -105,7 +119,7 @@ def test_early_stopping_when_validation_loss_stops_improving(tmp_path) -> None:
 
 def test_checkpoints_keep_only_the_latest(tmp_path) -> None:
     cfg = config(tmp_path, "run", max_steps=6, batch_size=4, save_every=1, keep_checkpoints=2)
-    Trainer(model(), cfg, rows(qa_rows(8)), [], 0).fit()
+    sft_trainer(model(), cfg, rows(qa_rows(8)), [], 0).fit()
     kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert kept == ["checkpoint-5", "checkpoint-6"]
 
@@ -120,13 +134,13 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_losses(tmp_path, lo
         m = model(lora_dropout)
         cfg = config(tmp_path, str(checkpointing), max_steps=4, batch_size=4)
         cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
-        trainer = Trainer(m, cfg, data, [], 0)
+        trainer = sft_trainer(m, cfg, data, [], 0)
         calls.clear()
         # Inside the checkpointed layer (transformers checkpoints forward, outside the hooks).
         attention = m.model.layers[0].self_attn
         hook = attention.register_forward_hook(lambda *_: calls.append(1))
         m.train()
-        loss_sum, _ = trainer._loss_sum(m, trainer._micro_batch(0))
+        loss_sum = trainer.objective(m, trainer.train_batches.shuffled(0)).loss_sum
         loss_sum.backward()
         hook.remove()
         assert len(calls) == (2 if checkpointing else 1)  # the backward ran the layer again
@@ -148,7 +162,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_losses(tmp_path, lo
 @pytest.mark.parametrize(("budget", "paged"), [(0.0, False), (64.0, True)])
 def test_optimizer_pages_its_state_when_given_a_budget(tmp_path, budget, paged) -> None:
     cfg = config(tmp_path, "paged", max_steps=1, optim_page_budget_mb=budget)
-    trainer = Trainer(model(), cfg, rows(qa_rows(4)), [], 0)
+    trainer = sft_trainer(model(), cfg, rows(qa_rows(4)), [], 0)
     assert trainer.optimizer.paged is paged
     if paged:
         assert trainer.optimizer.page_budget_mb == budget

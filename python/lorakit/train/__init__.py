@@ -1,7 +1,9 @@
-"""The training loop (accumulation, schedules, evaluation, early stopping, checkpoints, metrics)
-and the recipes built on it."""
+"""The step engine (accumulation, schedules, evaluation, early stopping, checkpoints, metrics),
+handed an objective and batches; the objectives recipes use."""
 
+from lorakit.train.batches import RowBatches
 from lorakit.train.config import TrainConfig
+from lorakit.train.objective import Objective, ObjectiveOutput
 from lorakit.train.trainer import Trainer, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer"]
+__all__ = ["Objective", "ObjectiveOutput", "RowBatches", "TrainConfig", "TrainResult", "Trainer"]

@@ -89,6 +89,13 @@ class TrainConfig:
             "the CPU."
         },
     )
+    report_to: Literal["none", "tensorboard"] = field(
+        default="none",
+        metadata={
+            "help": "Also write the metrics as TensorBoard scalars under out/tensorboard "
+            "(metrics.jsonl and loss.png are always written)."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass to save memory."},

@@ -83,6 +83,15 @@ def gather_to_main(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -12,19 +12,45 @@ import torch
 
 
 class MetricsLog:
-    """Appends one JSON object per record to ``path`` (kept open; flushed every record)."""
+    """Appends one JSON object per record to ``path`` (kept open; flushed every record), and with
+    ``report_to="tensorboard"`` writes every numeric field as a TensorBoard scalar too, under
+    ``path``'s directory in ``tensorboard/`` (``torch.utils.tensorboard``).
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: the JSON-lines file.
+        report_to: ``"none"`` or ``"tensorboard"``.
+        start_step: the step a resumed run continues from: TensorBoard events of later steps
+            (written before the interruption) are purged, as the JSON lines are.
+    """
+
+    def __init__(self, path: Path, report_to: str = "none", start_step: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("a", encoding="utf-8")
+        self._board = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._file.close()
+                raise ValueError(
+                    "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self._board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._board is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self._board.add_scalar(name, value, record["step"])
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -40,25 +66,31 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Training loss per step and validation loss where evaluated, as a PNG."""
+def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """One panel per metric the records hold (loss first, then the objective's own, e.g. reward
+    accuracy), each with its training values per step and its validation values (``val_<name>``)
+    where evaluated, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    bookkeeping = {"step", "lr", "grad_norm", "tokens_per_s", "memory_mib"}
+    names = list(dict.fromkeys(k for r in records for k in r if k not in bookkeeping))
+    names = [n for n in names if not n.startswith("val_")] or ["loss"]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=100, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        train = [(r["step"], r[name]) for r in records if name in r]
+        val = [(r["step"], r[f"val_{name}"]) for r in records if f"val_{name}" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (per counted token or pair)" if name == "loss" else name)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

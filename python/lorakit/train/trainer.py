@@ -1,4 +1,6 @@
-"""The training loop every recipe uses."""
+"""The step engine every recipe trains with: handed an objective and batches, it runs
+accumulation, ``no_sync``, AdamW, the schedule, clipping, evaluation, checkpoints and resume,
+metrics and the progress bar, without knowing the loss or the data's shape."""
 
 from __future__ import annotations
 
@@ -16,13 +18,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lorakit.data.encode import IGNORE
-from lorakit.data.packing import Row, collate
 from lorakit.optim import AdamW
 from lorakit.train import checkpoint, distributed
+from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
-from lorakit.train.loss import causal_lm_loss_sum
-from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_losses, read
+from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read
+from lorakit.train.objective import Objective
 from lorakit.train.schedule import scheduler
 
 # torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); pyproject allows 2.11.
@@ -59,12 +60,13 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``model``'s trainable parameters on ``train`` rows with :class:`lorakit.optim.AdamW`.
+    """Trains ``model``'s trainable parameters on ``objective`` with :class:`lorakit.optim.AdamW`.
 
-    Micro-batch ``m`` of the run is batch ``m % per_epoch`` of epoch ``m // per_epoch``, whose
-    order is a permutation seeded by ``seed + epoch``; optimizer step ``s`` uses micro-batches
-    ``s * grad_accum`` to ``s * grad_accum + grad_accum - 1``. The data position is therefore the
-    step, and a resumed run sees exactly the batches the uninterrupted run would have.
+    Optimizer step ``s`` uses micro-batches ``s * grad_accum`` to ``s * grad_accum + grad_accum -
+    1`` of ``train`` (:meth:`RowBatches.shuffled`), so the data position is the step and a resumed
+    run sees exactly the batches the uninterrupted run would have. The step's loss is the sum of
+    the objective's losses over all its micro-batches divided by their item count (tokens,
+    pairs), so accumulation equals one large batch.
 
     Under torchrun (``N`` ranks in a process group, see :mod:`lorakit.train.distributed`) the
     model is wrapped in ``DistributedDataParallel`` and a step takes ``N * grad_accum``
@@ -75,26 +77,26 @@ class Trainer:
     metrics and the plot, and shows the progress bar.
 
     Args:
-        model: a causal LM taking ``input_ids`` and ``position_ids`` and returning ``.logits``
-            (any Hugging Face ``*ForCausalLM``); only parameters with ``requires_grad`` train.
+        model: the model the objective calls; only parameters with ``requires_grad`` train.
         config: the loop's options.
-        train: training rows (examples, or packed examples).
-        val: validation rows; may be empty (no evaluation, no early stopping).
-        pad_id: the token id used to pad batches.
+        objective: the loss and metrics of a batch (:class:`~lorakit.train.objective.Objective`).
+        train: training batches.
+        val: validation batches; may be empty (no evaluation, no early stopping).
     """
 
     def __init__(
         self,
         model: nn.Module,
         config: TrainConfig,
-        train: list[Row],
-        val: list[Row],
-        pad_id: int,
+        objective: Objective,
+        train: RowBatches[Any],
+        val: RowBatches[Any] | None = None,
     ) -> None:
-        if not train:
+        if not train.rows:
             raise ValueError("no training rows")
-        self.model, self.config, self.train_rows, self.val_rows = model, config, train, val
-        self.pad_id = pad_id
+        self.model, self.config, self.objective = model, config, objective
+        self.train_batches = train
+        self.val_batches = val if val is not None and val.rows else None
         self.out = Path(config.out)
         self.device = next(model.parameters()).device
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -111,9 +113,8 @@ class Trainer:
             paged=config.optim_page_budget_mb > 0,
             page_budget_mb=config.optim_page_budget_mb or math.inf,
         )
-        self.per_epoch = math.ceil(len(train) / config.batch_size)
         accum = config.grad_accum * self.world  # micro-batches per step, over all ranks
-        micro = config.max_steps * accum or math.ceil(config.epochs * self.per_epoch)
+        micro = config.max_steps * accum or math.ceil(config.epochs * len(train))
         self.total_steps = max(1, math.ceil(micro / accum))
         self.scheduler = scheduler(self.optimizer, config.schedule, self.total_steps, config.warmup)
         if config.gradient_checkpointing:
@@ -140,23 +141,8 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_batch(self, m: int) -> dict[str, torch.Tensor]:
-        epoch, index = divmod(m, self.per_epoch)
-        order = torch.randperm(
-            len(self.train_rows), generator=torch.Generator().manual_seed(self.config.seed + epoch)
-        )
-        size = self.config.batch_size
-        rows = [self.train_rows[i] for i in order[index * size : (index + 1) * size].tolist()]
-        return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
-
-    def _loss_sum(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, int]:
-        with self._autocast():
-            out = model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-            )
-        return causal_lm_loss_sum(out.logits, batch["labels"])
+    def _on_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         # DDP all-reduces gradients in the backward pass; once per step (the last micro-batch)
@@ -165,45 +151,57 @@ class Trainer:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
-    def _step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns the mean loss per trained token and the tokens seen, over
-        every rank."""
+    def _step(self, step: int) -> tuple[dict[str, float], int]:
+        """One optimizer step; returns the loss and the objective's metrics, each a mean per
+        counted item over every rank, and the tokens seen by every rank."""
         k = self.config.grad_accum
         first = (step * self.world + self.rank) * k
-        batches = [self._micro_batch(m) for m in range(first, first + k)]
-        mine = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        (trained,) = distributed.sum_across([float(mine)])
-        total = 0.0
+        batches = [self._on_device(self.train_batches.shuffled(m)) for m in range(first, first + k)]
+        mine = sum(self.objective.count(b) for b in batches)
+        (counted,) = distributed.sum_across([float(mine)])
+        sums: dict[str, float] = {"loss": 0.0}
         for i, batch in enumerate(batches):
             with self._no_sync(last=i == k - 1):
-                loss_sum, _ = self._loss_sum(self.model if self.ddp is None else self.ddp, batch)
-                # The step's loss is the mean over every rank's trained tokens. DDP averages the
+                with self._autocast():
+                    out = self.objective(self.model if self.ddp is None else self.ddp, batch)
+                # The step's loss is the mean over every rank's counted items. DDP averages the
                 # ranks' gradients, so each rank scales by the world size to make that a sum.
-                (loss_sum * self.world / max(1.0, trained)).backward()
-            total += loss_sum.item()
+                (out.loss_sum * self.world / max(1.0, counted)).backward()
+            sums["loss"] += out.loss_sum.item()
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        seen = sum(int((b["input_ids"] != self.pad_id).sum()) for b in batches)
-        total, all_seen = distributed.sum_across([total, float(seen)])
-        return total / max(1.0, trained), int(all_seen)
+        seen = sum(self.objective.tokens(b) for b in batches)
+        *totals, all_seen = distributed.sum_across([*sums.values(), float(seen)])
+        means = {name: total / max(1.0, counted) for name, total in zip(sums, totals, strict=True)}
+        return means, int(all_seen)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per trained token over the validation rows (each rank computes every
-        ``world_size``-th batch; the sums are reduced, so every rank returns the same)."""
+    def evaluate(self) -> dict[str, float]:
+        """The loss and the objective's metrics over the validation rows, each a mean per
+        counted item (each rank computes every ``world_size``-th batch; the sums are reduced,
+        so every rank returns the same)."""
+        if self.val_batches is None:
+            return {}
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
-        size = self.config.batch_size
-        for i in range(0, len(self.val_rows), size)[self.rank :: self.world]:
-            batch = collate(self.val_rows[i : i + size], self.pad_id)
-            on_device = {k: v.to(self.device) for k, v in batch.items()}
-            loss_sum, n = self._loss_sum(self.model, on_device)
-            total, count = total + float(loss_sum), count + n
+        sums: dict[str, float] = {"loss": 0.0}
+        count = 0
+        for i in range(len(self.val_batches))[self.rank :: self.world]:
+            with self._autocast():
+                out = self.objective(self.model, self._on_device(self.val_batches.in_order(i)))
+            sums["loss"] += float(out.loss_sum)
+            count += out.count
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
         self.model.train(was_training)
-        total, all_count = distributed.sum_across([total, float(count)])
-        return total / max(1.0, all_count)
+        # Every rank reduces the same names: an objective reports the same metrics for every
+        # batch, and a rank without batches sums its zeros under the names of rank 0's.
+        names = distributed.broadcast_from_main(list(sums))
+        *totals, all_count = distributed.sum_across([sums.get(n, 0.0) for n in names] + [count])
+        return {n: t / max(1.0, all_count) for n, t in zip(names, totals, strict=True)}
 
     def _resume(self, log_path: Path) -> dict[str, Any]:
         path = checkpoint.latest(self.out) if self.config.resume else None
@@ -251,7 +249,7 @@ class Trainer:
         log_path = self.out / "metrics.jsonl"
         state = self._resume(log_path)
         start = state["step"]
-        log = MetricsLog(log_path) if self.main else None
+        log = MetricsLog(log_path, cfg.report_to, start) if self.main else None
         self.model.train()
         started = time.perf_counter()
         loss, stopped, done = math.nan, False, start
@@ -266,17 +264,20 @@ class Trainer:
         try:
             for step in bar:
                 tic = time.perf_counter()
-                loss, tokens = self._step(step)
+                means, tokens = self._step(step)
+                loss = means["loss"]
                 done = step + 1
-                record: dict[str, Any] = {"step": done, "loss": loss}
+                record: dict[str, Any] = {"step": done, **means}
                 record["lr"] = self.scheduler.get_last_lr()[0]
                 if self.optimizer.grad_norm is not None:  # computed where clipping is on
                     record["grad_norm"] = self.optimizer.grad_norm
                 record["tokens_per_s"] = tokens / (time.perf_counter() - tic)
                 record["memory_mib"] = peak_memory_mib(self.device)
                 last = done == self.total_steps
-                if self.val_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-                    record["val_loss"] = val = self.evaluate()
+                if self.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+                    scores = self.evaluate()
+                    record.update({f"val_{name}": value for name, value in scores.items()})
+                    val = scores["loss"]
                     if state["best_val"] is None or val < state["best_val"]:
                         state["best_val"], state["bad_evals"] = val, 0
                     else:
@@ -285,12 +286,7 @@ class Trainer:
                 logged = done % cfg.log_every == 0 or last or stopped or "val_loss" in record
                 if log is not None and logged:
                     log.write(record)
-                bar.set_postfix(
-                    loss=f"{loss:.3f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    mem=f"{record['memory_mib']:.0f}MiB",
-                )
+                bar.set_postfix(_postfix(record, means))
                 if last or stopped or (cfg.save_every and done % cfg.save_every == 0):
                     self._save(done, state)
                 if stopped:
@@ -301,7 +297,7 @@ class Trainer:
                 log.close()
         plot = self.out / "loss.png"
         if self.main:
-            plot_losses(read(log_path), plot)
+            plot_metrics(read(log_path), plot)
         return TrainResult(
             steps=done,
             last_loss=loss,
@@ -312,3 +308,12 @@ class Trainer:
             metrics=log_path,
             plot=plot,
         )
+
+
+def _postfix(record: dict[str, Any], means: dict[str, float]) -> dict[str, str]:
+    """The progress bar's fields: every mean the objective reported, then rate and memory."""
+    shown = {name: f"{value:.3f}" for name, value in means.items()}
+    shown["lr"] = f"{record['lr']:.2e}"
+    shown["tok_s"] = f"{record['tokens_per_s']:.0f}"
+    shown["mem"] = f"{record['memory_mib']:.0f}MiB"
+    return shown

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorakit.models import DTYPES, ModelConfig, load_model, load_tokenizer
 from lorakit.nn import IA3Linear, LoRALinear
 from lorakit.peft import load_adapter, merge_and_export
 from lorakit.peft.adapter_io import FORMATS
 from lorakit.peft.files import CONFIG_NAME, read_json
-from lorakit.train.recipe import DTYPES, ModelConfig, load_model, load_tokenizer
 
 # Options with no useful default.
 REQUIRED = {"model", "adapter", "out"}

@@ -1,11 +1,11 @@
 """``lorakit compare``: the same small model fine-tuned on the same task by every method, measured
 in one run.
 
-The model is the demo's Llama (``lorakit.demo.build_llama``), optionally pre-trained for a few
-steps on the shipped corpus; the task is the demo's SFT questions (``demo_data/sft.jsonl``, a
+The model is the demo's Llama (``lorakit.recipes.demo.build_llama``), optionally pre-trained for
+a few steps on the shipped corpus; the task is the demo's SFT questions (``demo_data/sft.jsonl``, a
 tenth held out for validation). Every method trains with the shared :class:`Trainer`, the same
 steps, batch size, learning rate and seed, each in a fresh process
-(:mod:`lorakit.train.compare_worker`) so that its memory peak is its own.
+(:mod:`lorakit.recipes.compare_worker`) so that its memory peak is its own.
 
 Measured per method:
 
@@ -31,10 +31,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lorakit.demo import DemoConfig, build_llama, pretrain_config, shipped_tokenizer, torch_threads
 from lorakit.peft.methods import METHODS
-from lorakit.train.compare_worker import measure
-from lorakit.train.recipe import finetune
+from lorakit.recipes.compare_worker import measure
+from lorakit.recipes.demo import (
+    DemoConfig,
+    build_llama,
+    pretrain_config,
+    shipped_tokenizer,
+    torch_threads,
+)
+from lorakit.recipes.sft import finetune
 
 # The best of 1e-4 (full only), 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 by validation loss on the default run;
 # IA3 and prefix tuning: the best of 3e-3, 1e-2, 3e-2, 1e-1, 3e-1 (val loss after 40 steps: IA3
@@ -157,7 +163,7 @@ def _measure(method: str, model: Path, config: CompareConfig, out: Path) -> dict
             return measure(spec)
     (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     result = folder / "result.json"
-    command = [sys.executable, "-m", "lorakit.train.compare_worker", str(folder / "spec.json")]
+    command = [sys.executable, "-m", "lorakit.recipes.compare_worker", str(folder / "spec.json")]
     done = subprocess.run([*command, str(result)], capture_output=True, text=True, check=False)
     (folder / "stderr.txt").write_text(done.stderr)
     if done.returncode != 0:
@@ -229,3 +235,12 @@ def run(config: CompareConfig) -> Comparison:
     data.write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=2) + "\n")
     plot(rows, chart)
     return Comparison(rows=rows, table=table, chart=chart, data=data)
+
+
+def main(config: CompareConfig) -> str:
+    """``lorakit compare``: runs the comparison; returns the table and where the files are."""
+    result = run(config)
+    return (
+        f"{format_table(result.rows)}\n"
+        f"table {result.table}; data {result.data}; chart {result.chart}"
+    )

@@ -1,6 +1,6 @@
 """One method of ``lorakit compare``, measured in a process of its own.
 
-Run as ``python -m lorakit.train.compare_worker SPEC.json RESULT.json``: a fresh process per
+Run as ``python -m lorakit.recipes.compare_worker SPEC.json RESULT.json``: a fresh process per
 method, so that its peak memory is its own (a process's peak RSS never goes down, and torch's
 CPU allocator keeps freed memory), and one method's warm caches cannot speed up the next.
 """
@@ -12,25 +12,20 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.data import prepare
-from lorakit.demo import sft_data_config, torch_threads
+from lorakit.data import collate, prepare
+from lorakit.models import ModelConfig, load_model, load_tokenizer, pad_id
 from lorakit.peft import LoraConfig
-from lorakit.train.config import TrainConfig
+from lorakit.recipes.common import RunConfig, batches, make_trainable
+from lorakit.recipes.demo import sft_data_config, torch_threads
+from lorakit.train import TrainConfig, Trainer
 from lorakit.train.metrics import peak_memory_mib
-from lorakit.train.recipe import (
-    ModelConfig,
-    RunConfig,
-    load_model,
-    load_tokenizer,
-    make_trainable,
-    pad_id,
-)
-from lorakit.train.trainer import Trainer
+from lorakit.train.objectives import CausalLMObjective
 
 _STATUS = Path("/proc/self/status")
 
@@ -74,7 +69,7 @@ class _TimedTrainer(Trainer):
         self.cpu_peak = cpu_peak
         self.peak_mib = 0.0
 
-    def _step(self, step: int) -> tuple[float, int]:
+    def _step(self, step: int) -> tuple[dict[str, float], int]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         tic = time.perf_counter()
@@ -106,12 +101,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     model = load_model(config.model)
     device = next(model.parameters()).device
-    torch.manual_seed(spec["seed"])
-    report = make_trainable(model, spec["method"], config)
+    report = make_trainable(model, config)
+    pad = pad_id(tokenizer)
+    rows = partial(collate, pad_id=pad)
     trainer = _TimedTrainer(
-        model, config.train, data.train, data.val, pad_id(tokenizer), cpu_peak=cpu_peak
+        model,
+        config.train,
+        CausalLMObjective(pad),
+        batches(config, data.train, rows),
+        batches(config, data.val, rows),
+        cpu_peak=cpu_peak,
     )
-    val_before = trainer.evaluate()
+    val_before = trainer.evaluate()["loss"]
     result = trainer.fit()
     peak: float | None = trainer.peak_mib - (gpu_before if device.type == "cuda" else 0.0)
     if device.type == "cpu" and not spec["isolated"]:

@@ -25,22 +25,14 @@ from torch import nn
 
 from lorakit.data import DataConfig, prepare
 from lorakit.demo_data import facts
+from lorakit.models import ModelConfig, load_model, load_tokenizer, tiny_llama, word_tokenizer
 from lorakit.nn import NF4Linear
 from lorakit.peft import LoraConfig
+from lorakit.recipes.common import RunConfig, make_trainable
+from lorakit.recipes.sft import finetune, train_causal_lm
 from lorakit.train import TrainConfig
 from lorakit.train.evaluate import completion_accuracy
 from lorakit.train.metrics import peak_memory_mib
-from lorakit.train.recipe import (
-    ModelConfig,
-    RunConfig,
-    finetune,
-    load_model,
-    load_tokenizer,
-    make_trainable,
-    train_and_save,
-)
-
-SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
 @dataclass(frozen=True)
@@ -82,36 +74,9 @@ class DemoReport:
     plots: tuple[Path, Path]
 
 
-def build_tokenizer(texts: list[str]) -> object:
-    """A word-level tokenizer trained on the demo's texts (``tokenizers``, no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token=SPECIAL["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=[*SPECIAL.values()]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
-
-
 def build_llama(config: DemoConfig, tokenizer: object) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(config.seed)
-    heads = max(1, config.hidden // 32)
-    model_config = LlamaConfig(
-        hidden_size=config.hidden,
-        intermediate_size=config.hidden * 8 // 3,
-        num_hidden_layers=config.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(model_config)
+    """The demo's Llama at ``config``'s width and depth, for ``tokenizer``'s vocabulary."""
+    return tiny_llama(tokenizer, hidden=config.hidden, layers=config.layers, seed=config.seed)
 
 
 def _linear_mib(model: nn.Module) -> float:
@@ -143,7 +108,7 @@ def torch_threads(n: int) -> Iterator[None]:
 def shipped_tokenizer() -> object:
     """The word-level tokenizer of every shipped demo file (trained on the spot)."""
     texts = [(facts.HERE / name).read_text() for name in facts.FILES]
-    return build_tokenizer([line for text in texts for line in text.splitlines()])
+    return word_tokenizer([line for text in texts for line in text.splitlines()])
 
 
 def pretrain_config(
@@ -206,11 +171,10 @@ def _run(config: DemoConfig) -> DemoReport:
     data = prepare(sft.data, tokenizer, config.seed)
     model = load_model(sft.model)
     linear_before = _linear_mib(model)
-    torch.manual_seed(config.seed)
-    report = make_trainable(model, "qlora", sft)
+    quantized = make_trainable(model, sft)
     heldout_before = completion_accuracy(model, tokenizer, heldout)
     recall_nf4 = completion_accuracy(model, tokenizer, probe)
-    _, adapter = train_and_save(model, tokenizer, sft, data)
+    trained = train_causal_lm(model, tokenizer, sft, data, quantized)
     seconds["QLoRA SFT"] = time.perf_counter() - tic
 
     return DemoReport(
@@ -220,13 +184,13 @@ def _run(config: DemoConfig) -> DemoReport:
         recall_pretrained=recall_pretrained,
         recall_nf4=recall_nf4,
         recall_after=completion_accuracy(model, tokenizer, probe),
-        trainable=report.trainable,
-        total=report.total,
+        trainable=quantized.trainable,
+        total=quantized.total,
         linear_mib_before=linear_before,
         linear_mib_after=_linear_mib(model),
         peak_rss_mib=peak_memory_mib(torch.device("cpu")),
         seconds=seconds,
-        adapter=adapter,
+        adapter=trained.saved,
         plots=(Path(pretrain.train.out) / "loss.png", Path(sft.train.out) / "loss.png"),
     )
 

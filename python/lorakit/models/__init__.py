@@ -1,0 +1,26 @@
+"""Loading models and tokenizers, and the tiny models the demo and tests build."""
+
+from lorakit.models.loading import (
+    DTYPES,
+    ModelConfig,
+    device_of,
+    load_model,
+    load_sequence_classifier,
+    load_tokenizer,
+    model_dir,
+    pad_id,
+)
+from lorakit.models.tiny import tiny_llama, word_tokenizer
+
+__all__ = [
+    "DTYPES",
+    "ModelConfig",
+    "device_of",
+    "load_model",
+    "load_sequence_classifier",
+    "load_tokenizer",
+    "model_dir",
+    "pad_id",
+    "tiny_llama",
+    "word_tokenizer",
+]

@@ -1,0 +1,118 @@
+"""Loading the model and tokenizer a recipe fine-tunes (local Hugging Face directories)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from lorakit.peft.methods import MethodName, methods_help
+
+METHODS = get_args(MethodName)
+# The --dtype choices that name a torch dtype ("auto" keeps the checkpoint's).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how."""
+
+    model: str = field(
+        default="",
+        metadata={"help": "Local directory of a Hugging Face causal LM and its tokenizer."},
+    )
+    method: MethodName = field(default="qlora", metadata={"help": methods_help()})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto keeps the checkpoint's (torch_dtype in config)."},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+
+
+def model_dir(config: ModelConfig) -> Path:
+    """``config.model`` as a directory holding a ``config.json``.
+
+    Raises:
+        ValueError: it does not exist or is not a model directory.
+    """
+    path = Path(config.model)
+    if not config.model or not (path / "config.json").is_file():
+        raise ValueError(f"model directory {path} does not exist or has no config.json")
+    return path
+
+
+def device_of(config: ModelConfig) -> torch.device:
+    """The device ``config.device`` names (``auto``: CUDA when available, else the CPU)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The tokenizer of a local model directory (never downloaded).
+
+    Raises:
+        ValueError: the directory does not exist or holds no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path = model_dir(config)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.Module:
+    path = model_dir(config)
+    dtype = "auto" if config.dtype == "auto" else DTYPES[config.dtype]
+    try:
+        model = auto_class.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a {what} from {path}: {e}") from None
+    return model.to(device_of(config))
+
+
+def load_model(config: ModelConfig) -> nn.Module:
+    """The causal LM of a local model directory (never downloaded), on ``config.device``.
+
+    Raises:
+        ValueError: the directory does not exist or holds no loadable causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, config, "causal LM")
+
+
+def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Module:
+    """A causal LM backbone with a freshly initialised scalar head ``score`` (hidden -> 1) on
+    the last non-pad token: transformers' ``*ForSequenceClassification`` with one label, the
+    layout reward models are saved and served in.
+
+    Raises:
+        ValueError: the directory does not exist or its architecture has no such class.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(
+        AutoModelForSequenceClassification,
+        config,
+        "sequence classifier (reward model)",
+        num_labels=1,
+        pad_token_id=pad_token_id,
+    )
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The token that pads batches: the tokenizer's pad token, else its end of sequence, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
