@@ -27,12 +27,28 @@ def is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``*ForSequenceClassification`` (a reward model)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return type(model).__name__ in set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model``: CAUSAL_LM, SEQ_CLS, or None for other models."""
+    if is_causal_lm(model):
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if is_sequence_classifier(model) else None
+
+
 def peft_header(model: nn.Module, peft_type: str) -> dict[str, Any]:
     """The fields every PEFT adapter config starts with, for an adapter of ``model``."""
     model_config = getattr(model, "config", None)
     return {
         "peft_type": peft_type,
-        "task_type": "CAUSAL_LM" if is_causal_lm(model) else None,
+        "task_type": task_type(model),
         "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,

@@ -35,6 +35,7 @@ from lorakit.peft.inject import (
     put_adapter,
     target_names,
 )
+from lorakit.peft.whole_modules import load_whole, saved_names, split_whole, whole_tensors
 
 _KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 # PEFT options that change what the files mean; lorakit refuses them rather than misread them.
@@ -42,7 +43,6 @@ _UNSUPPORTED = {
     "use_dora": False,
     "lora_bias": False,
     "bias": "none",
-    "modules_to_save": None,
     "layers_to_transform": None,
     "layer_replication": None,
     "trainable_token_indices": None,
@@ -62,6 +62,7 @@ def save_lora(model: nn.Module, out: Path, name: str) -> None:
     for module, layer in layers.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.lora_A[name]
         tensors[f"{PREFIX}{module}.lora_B.weight"] = layer.lora_B[name]
+    tensors.update(whole_tensors(model))
     config = peft_config(model, {n: layer.settings[name] for n, layer in layers.items()})
     write_tensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, config)
@@ -88,6 +89,7 @@ def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str
         "init_lora_weights": True,
         "exclude_modules": None,
         "layers_pattern": None,
+        "modules_to_save": saved_names(model) or None,
         **_UNSUPPORTED,
     }
 
@@ -105,7 +107,11 @@ def load_lora(
             not fit its layer.
     """
     _check_config(config, folder / CONFIG_NAME)
-    pairs = _pairs(read_tensors(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
+    whole_names = list(config.get("modules_to_save") or [])
+    tensors, whole = split_whole(
+        model, read_tensors(folder / WEIGHTS_NAME), whole_names, folder / WEIGHTS_NAME
+    )
+    pairs = _pairs(tensors, folder / WEIGHTS_NAME)
     adaptable = adaptable_layers(model)
     plan = {m: _plan(model, adaptable, m, a, b, config, name) for m, (a, b) in pairs.items()}
     previous = active_adapter(model)
@@ -117,12 +123,18 @@ def load_lora(
             layer.lora_B[name].copy_(b)
         loaded.append(layer)
     finish_load(model, name, loaded, trainable, previous)
+    load_whole(model, whole, whole_names, trainable)
     return sorted(plan)
 
 
 def _check_config(config: dict[str, Any], path: Path) -> None:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (
+        isinstance(saved, list) and all(isinstance(n, str) for n in saved)
+    ):
+        raise ValueError(f"{path}: modules_to_save must be a list of names, got {saved!r}")
     for key, plain in _UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, [], {}):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported by lorakit")

@@ -43,3 +43,9 @@ class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         """The batch's loss sum, item count and metric sums (``model`` may be DDP-wrapped)."""
         ...
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """The metrics to report, from the means per item of the loss and every metric over a
+        step (or a validation pass): where a reported value is not itself such a mean (a
+        standard deviation, say)."""
+        ...

@@ -176,7 +176,7 @@ class Trainer:
         seen = sum(self.objective.tokens(b) for b in batches)
         *totals, all_seen = distributed.sum_across([*sums.values(), float(seen)])
         means = {name: total / max(1.0, counted) for name, total in zip(sums, totals, strict=True)}
-        return means, int(all_seen)
+        return self.objective.summarize(means), int(all_seen)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -201,7 +201,8 @@ class Trainer:
         # batch, and a rank without batches sums its zeros under the names of rank 0's.
         names = distributed.broadcast_from_main(list(sums))
         *totals, all_count = distributed.sum_across([sums.get(n, 0.0) for n in names] + [count])
-        return {n: t / max(1.0, all_count) for n, t in zip(names, totals, strict=True)}
+        means = {n: t / max(1.0, all_count) for n, t in zip(names, totals, strict=True)}
+        return self.objective.summarize(means)
 
     def _resume(self, log_path: Path) -> dict[str, Any]:
         path = checkpoint.latest(self.out) if self.config.resume else None

@@ -30,3 +30,6 @@ class CausalLMObjective:
         )
         loss_sum, count = causal_lm_loss_sum(out.logits, batch["labels"])
         return ObjectiveOutput(loss_sum, count)
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        return means
