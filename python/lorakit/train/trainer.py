@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from lorakit.data.encode import IGNORE
 from lorakit.data.packing import Row, collate
+from lorakit.losses import causal_lm_loss_sum
 from lorakit.optim import AdamW
 from lorakit.train import checkpoint, distributed
 from lorakit.train.config import TrainConfig
-from lorakit.train.loss import causal_lm_loss_sum
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_losses, read
 from lorakit.train.schedule import scheduler
 
