@@ -1,5 +1,19 @@
-"""Losses as pure functions over tensors (no model, no data inside)."""
+"""Training losses as pure functions over tensors: no model, no data, no loop.
+
+Each function states its formula and its source. Those over preference pairs return per-pair
+values, so that a caller can sum them over the micro-batches of an accumulated step and divide by
+the step's pair count.
+"""
 
 from lorakit.losses.causal_lm import causal_lm_loss_sum
+from lorakit.losses.dpo import DPOLossOutput, DPOLossType, dpo_loss
+from lorakit.losses.reward import RewardLossOutput, reward_loss
 
-__all__ = ["causal_lm_loss_sum"]
+__all__ = [
+    "DPOLossOutput",
+    "DPOLossType",
+    "RewardLossOutput",
+    "causal_lm_loss_sum",
+    "dpo_loss",
+    "reward_loss",
+]

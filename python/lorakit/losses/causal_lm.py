@@ -1,4 +1,4 @@
-"""The causal language-modelling loss as a pure function."""
+"""The causal language-modelling loss (next-token cross-entropy) as a pure function."""
 
 from __future__ import annotations
 
