@@ -33,12 +33,11 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
-def encode(segments: list[Segment], tokenizer: Tokenizer) -> Example:
-    """Tokenizes each segment on its own and concatenates them, BOS first.
+def tokenize(segments: list[Segment], tokenizer: Tokenizer) -> Example:
+    """Tokenizes each segment on its own and concatenates them, without BOS.
 
     Segments are tokenized separately so the mask boundary falls exactly between prompt and
-    response (tokenizing the joined text could merge the boundary into one token); chat templates
-    that already start with BOS do not get a second one.
+    response (tokenizing the joined text could merge the boundary into one token).
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -46,6 +45,14 @@ def encode(segments: list[Segment], tokenizer: Tokenizer) -> Example:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
+    return Example(ids, labels)
+
+
+def encode(segments: list[Segment], tokenizer: Tokenizer) -> Example:
+    """:func:`tokenize`, BOS first; chat templates that already start with BOS do not get a
+    second one."""
+    tokens = tokenize(segments, tokenizer)
+    ids, labels = tokens.input_ids, tokens.labels
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, labels = [bos, *ids], [IGNORE, *labels]

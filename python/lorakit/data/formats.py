@@ -48,6 +48,11 @@ class ChatTokenizer(Protocol):
 
 def detect(row: Mapping[str, Any]) -> str:
     """The format of a row from its columns (see the module docstring)."""
+    if "chosen" in row and "rejected" in row:
+        raise ValueError(
+            "the rows are preference pairs (chosen / rejected): prepare them with "
+            "lorakit.data.prepare_preferences, for a reward or DPO recipe"
+        )
     if "messages" in row:
         return "chat"
     if "instruction" in row and "output" in row:
@@ -62,7 +67,8 @@ def detect(row: Mapping[str, Any]) -> str:
     )
 
 
-def _text(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
+def text_field(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
+    """``row[key]`` as a string: non-blank, or possibly absent (``""``) when ``optional``."""
     value = row.get(key)
     if value is None and optional:
         return ""
@@ -73,16 +79,19 @@ def _text(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
     return value
 
 
-def _check_messages(messages: Any) -> list[dict[str, str]]:
+def check_messages(messages: Any, name: str = "messages") -> list[dict[str, str]]:
+    """``messages`` as a list of ``{role, content}`` dicts (extra keys dropped).
+
+    Raises:
+        ValueError: not a non-empty list, or a message lacks a known role or string content.
+    """
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {role, content}")
+        raise ValueError(f"'{name}' must be a non-empty list of {{role, content}}")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or m.get("role") not in ROLES:
-            raise ValueError(f"message {i} needs a role among {ROLES}, got {m!r:.80}")
+            raise ValueError(f"'{name}' message {i} needs a role among {ROLES}, got {m!r:.80}")
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} ({m['role']}) needs string content")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("no assistant message: nothing to train on")
+            raise ValueError(f"'{name}' message {i} ({m['role']}) needs string content")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -125,6 +134,15 @@ def _chat_template(messages: list[dict[str, str]], tokenizer: ChatTokenizer) -> 
     return [s for s in [*segments, (rest, False)] if s[0]]
 
 
+def chat_segments(messages: list[dict[str, str]], tokenizer: ChatTokenizer) -> list[Segment]:
+    """Checked messages (:func:`check_messages`) rendered with the tokenizer's chat template, or
+    the built-in one; each assistant turn is one trained segment, ending the turn as the
+    template does (the built-in template ends it with EOS)."""
+    if tokenizer.chat_template:
+        return _chat_template(messages, tokenizer)
+    return _chat_builtin(messages, tokenizer.eos_token or "")
+
+
 def to_segments(row: Mapping[str, Any], fmt: str, tokenizer: ChatTokenizer) -> list[Segment]:
     """Renders one row as ``(text, trained)`` segments, ending with the tokenizer's EOS token.
 
@@ -135,20 +153,20 @@ def to_segments(row: Mapping[str, Any], fmt: str, tokenizer: ChatTokenizer) -> l
     # The EOS token ends every response (and every document) so the model learns to stop.
     eos = tokenizer.eos_token or ""
     if fmt == "text":
-        return [(_text(row, "text") + eos, True)]
+        return [(text_field(row, "text") + eos, True)]
     if fmt == "prompt_completion":
-        return [(_text(row, "prompt"), False), (_text(row, "completion") + eos, True)]
+        return [(text_field(row, "prompt"), False), (text_field(row, "completion") + eos, True)]
     if fmt == "alpaca":
-        extra = _text(row, "input", optional=True)
+        extra = text_field(row, "input", optional=True)
         prompt = ALPACA_PROMPT.format(
             ctx=", paired with an input that provides further context" if extra else "",
-            instruction=_text(row, "instruction"),
+            instruction=text_field(row, "instruction"),
             input=f"### Input:\n{extra}\n\n" if extra else "",
         )
-        return [(prompt, False), (_text(row, "output") + eos, True)]
+        return [(prompt, False), (text_field(row, "output") + eos, True)]
     if fmt == "chat":
-        messages = _check_messages(row.get("messages"))
-        if tokenizer.chat_template:
-            return _chat_template(messages, tokenizer)
-        return _chat_builtin(messages, eos)
+        messages = check_messages(row.get("messages"))
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("no assistant message: nothing to train on")
+        return chat_segments(messages, tokenizer)
     raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS}")

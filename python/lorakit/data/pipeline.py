@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import datasets
 
 from lorakit.data.config import DataConfig
 from lorakit.data.dedup import exact_duplicates, near_duplicates
@@ -16,6 +19,8 @@ from lorakit.data.encode import Example, encode, truncate
 from lorakit.data.formats import RowError, detect, to_segments
 from lorakit.data.load import load_rows
 from lorakit.data.packing import Row, pack
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,6 +54,34 @@ def _split_long(example: Example, length: int) -> list[Example]:
     ]
 
 
+def read(path: str, report: DataReport) -> datasets.Dataset:
+    """One file's rows, counted in the report.
+
+    Raises:
+        ValueError: the file cannot be read or has no rows.
+    """
+    rows = load_rows(path)
+    report.add(path, "read", len(rows))
+    if len(rows) == 0:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def duplicates(texts: list[str], config: DataConfig, path: str, report: DataReport) -> set[int]:
+    """Indices of the rows that ``config.dedup`` drops, counted in the report."""
+    drop: set[int] = set()
+    if config.dedup != "none":
+        drop.update(exact_duplicates(texts))
+        report.add(path, "exact duplicates dropped", len(drop))
+    if config.dedup == "near":
+        kept = [i for i in range(len(texts)) if i not in drop]
+        similar = near_duplicates([texts[i] for i in kept], config.near_dup_threshold)
+        near = [kept[i] for i in similar]
+        drop.update(near)
+        report.add(path, "near duplicates dropped", len(near))
+    return drop
+
+
 def load_examples(
     path: str, config: DataConfig, tokenizer: Any, report: DataReport
 ) -> list[Example]:
@@ -57,10 +90,7 @@ def load_examples(
     Raises:
         ValueError: the file cannot be read or a row is malformed (the message names the row).
     """
-    rows = load_rows(path)
-    report.add(path, "read", len(rows))
-    if len(rows) == 0:
-        raise ValueError(f"{path} has no rows")
+    rows = read(path, report)
     try:
         fmt = detect(rows[0]) if config.format == "auto" else config.format
     except ValueError as e:
@@ -72,18 +102,7 @@ def load_examples(
         except ValueError as e:
             raise RowError(path, index, str(e)) from None
 
-    texts = ["".join(text for text, _ in segments) for segments in rendered]
-    drop: set[int] = set()
-    if config.dedup != "none":
-        drop.update(exact_duplicates(texts))
-        report.add(path, "exact duplicates dropped", len(drop))
-    if config.dedup == "near":
-        kept = [i for i in range(len(texts)) if i not in drop]
-        similar = near_duplicates([texts[i] for i in kept], config.near_dup_threshold)
-        near = [kept[i] for i in similar]
-        drop.update(near)
-        report.add(path, "near duplicates dropped", len(near))
-
+    drop = duplicates(["".join(text for text, _ in s) for s in rendered], config, path, report)
     examples: list[Example] = []
     for index, segments in enumerate(rendered):
         if index in drop:
@@ -109,9 +128,9 @@ def load_examples(
     return examples
 
 
-def mix(groups: list[list[Example]], shares: list[float], rng: random.Random) -> list[Example]:
+def mix(groups: list[list[T]], shares: list[float], rng: random.Random) -> list[T]:
     """Draws from each group in proportion to its share, as many as the scarcest group allows
-    without repeating an example, and shuffles them together."""
+    without repeating an item, and shuffles them together."""
     total = min(len(g) / (s / sum(shares)) for g, s in zip(groups, shares, strict=True))
     mixed = []
     for group, share in zip(groups, shares, strict=True):
@@ -120,29 +139,42 @@ def mix(groups: list[list[Example]], shares: list[float], rng: random.Random) ->
     return mixed
 
 
+def assemble(
+    config: DataConfig, load: Callable[[str], list[T]], seed: int
+) -> tuple[list[T], list[T]]:
+    """Training and validation items: each file's items (``load(path)``) mixed by
+    ``config.mix`` or all shuffled together, then ``val_data`` or a held-out share.
+
+    Raises:
+        ValueError: no data, or nothing left to train on.
+    """
+    if not config.data:
+        raise ValueError("no training data given")
+    rng = random.Random(seed)
+    groups = [load(path) for path in config.data]
+    if config.mix is not None:
+        train = mix(groups, config.mix, rng)
+    else:
+        train = [item for group in groups for item in group]
+        rng.shuffle(train)
+    if config.val_data is not None:
+        val = load(config.val_data)
+    else:
+        k = round(len(train) * config.val_fraction)
+        train, val = train[k:], train[:k]
+    if not train:
+        raise ValueError("no training examples are left after filtering and the split")
+    return train, val
+
+
 def prepare(config: DataConfig, tokenizer: Any, seed: int = 0) -> PreparedData:
     """Everything in this module's docstring, with a report of what each step did.
 
     Raises:
         ValueError: no data, a file cannot be read, or a row is malformed.
     """
-    if not config.data:
-        raise ValueError("no training data given")
-    rng = random.Random(seed)
     report = DataReport()
-    groups = [load_examples(path, config, tokenizer, report) for path in config.data]
-    if config.mix is not None:
-        train = mix(groups, config.mix, rng)
-    else:
-        train = [ex for group in groups for ex in group]
-        rng.shuffle(train)
-    if config.val_data is not None:
-        val = load_examples(config.val_data, config, tokenizer, report)
-    else:
-        k = round(len(train) * config.val_fraction)
-        train, val = train[k:], train[:k]
-    if not train:
-        raise ValueError("no training examples are left after filtering and the split")
+    train, val = assemble(config, lambda path: load_examples(path, config, tokenizer, report), seed)
 
     def rows(examples: list[Example]) -> list[Row]:
         return pack(examples, config.seq_len) if config.pack else [Row.of(e) for e in examples]
