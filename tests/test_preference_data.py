@@ -191,6 +191,8 @@ def test_truncation_budget_follows_the_documented_rule_everywhere() -> None:
                     assert short.input_ids[keep_p:] == completion[:keep_c]  # its start
                     assert set(short.labels[:keep_p]) == {IGNORE}
                     assert short.labels[keep_p:] == full.labels[p:][:keep_c]
+                    # The first completion token is trained on, so a cut never empties one.
+                    assert short.labels[keep_p] != IGNORE
 
 
 def test_truncated_text_keeps_the_prompt_end_and_the_completion_start() -> None:
@@ -357,6 +359,14 @@ def test_validation_share_and_file(tmp_path) -> None:
     val = write_jsonl(tmp_path / "v.jsonl", string_rows(3))
     data = prepare_preferences(DataConfig(data=[path], val_data=val), TOK)
     assert (len(data.train), len(data.val)) == (8, 3)
+
+
+def test_mix_draws_whole_pairs_by_share(tmp_path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", string_rows(12)[:8])
+    b = write_jsonl(tmp_path / "b.jsonl", string_rows(12)[8:])  # 4 rows: the scarcer file
+    config = DataConfig(data=[a, b], mix=[0.5, 0.5], val_fraction=0.0)
+    margins = sorted(p.margin for p in prepare_preferences(config, TOK).train)
+    assert len(margins) == 8 and margins[4:] == [4.0, 4.5, 5.0, 5.5]  # all of b, half of a
 
 
 # Mistakes.
