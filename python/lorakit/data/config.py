@@ -31,7 +31,7 @@ class DataConfig:
         metadata={
             "help": "Row format: chat (messages), alpaca (instruction/input/output), "
             "prompt_completion, text (plain text, every token trained on), or auto "
-            "(from the columns of the first row)."
+            "(from the columns of the first row). Preference data: auto only."
         },
     )
     val_data: str | None = field(
@@ -53,7 +53,7 @@ class DataConfig:
         default=True,
         metadata={
             "help": "Pack several examples into each row (attention and position ids stay "
-            "within each example)."
+            "within each example). Preference pairs are never packed."
         },
     )
     dedup: Literal["none", "exact", "near"] = field(

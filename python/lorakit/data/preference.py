@@ -20,7 +20,8 @@ without the column it is 0. A conversation is rendered as SFT's ``chat`` format 
 tokenizer's chat template, else the built-in one) and cut before the completion's first
 assistant turn: the prompt includes that turn's header (the generation prompt) and is not
 trained on; in the completion, assistant turns and their end-of-turn markup are trained on, as
-in SFT, and any other turns are not.
+in SFT, and any other turns are not. A prompt that ends with an assistant message is context:
+the completion is a new assistant turn after it (TRL would continue that message instead).
 """
 
 from __future__ import annotations
@@ -109,13 +110,10 @@ def _chat_pair(
         cut = trained[assistant_turns]
         return [(text, False) for text, _ in segments[:cut]], segments[cut:]
 
-    prompt_chosen, chosen_segments = split(chosen)
-    prompt_rejected, rejected_segments = split(rejected)
-    if prompt_chosen != prompt_rejected:
-        raise ValueError(
-            "the chat template renders the prompt differently before 'chosen' and 'rejected'"
-        )
-    return prompt_chosen, chosen_segments, rejected_segments
+    # The prompt's segments come from renderings of the prompt's messages alone (the chat
+    # template of conversations cut before each assistant turn), so both sides share them.
+    prompt_segments, chosen_segments = split(chosen)
+    return prompt_segments, chosen_segments, split(rejected)[1]
 
 
 def pair_segments(row: Mapping[str, Any], tokenizer: ChatTokenizer) -> PairSegments:
