@@ -14,6 +14,7 @@ from torch import nn
 from lorakit.nn import AdapterLayer, IA3Linear, LoRALinear, NF4Linear
 from lorakit.nn.lora_linear import LoraSettings
 from lorakit.peft.config import ALL_LINEAR, LoraConfig
+from lorakit.peft.files import is_sequence_classifier
 
 try:  # GPT-2-style models store linear weights transposed in transformers' Conv1D
     from transformers.pytorch_utils import Conv1D
@@ -87,7 +88,11 @@ def find_targets(
     adaptable = adaptable_layers(model, wrapper)
     if target_modules == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return sorted(n for n in adaptable if model.get_submodule(n) is not output)
+        # A classifier's head (a reward model's score) trains whole, as PEFT's SEQ_CLS does.
+        heads = {"score", "classifier"} if is_sequence_classifier(model) else set()
+        return sorted(
+            n for n in adaptable if model.get_submodule(n) is not output and n not in heads
+        )
     matched = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
     if not matched:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})

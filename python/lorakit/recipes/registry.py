@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.recipes import compare, demo, merge, sft
+from lorakit.recipes import compare, demo, dpo, merge, reward, sft
 from lorakit.recipes.common import RunConfig, summary
 from lorakit.recipes.pretrain import PretrainConfig
 from lorakit.train import distributed
@@ -70,6 +70,22 @@ COMMANDS: dict[str, Command] = {
         PretrainConfig,
         _training(sft.run),
         TRAINING_REQUIRED,
+        distributed=True,
+    ),
+    "reward": Command(
+        "train a reward model (scalar head) on preference pairs; or --score rows with one",
+        reward.RewardConfig,
+        reward.main,
+        frozenset({"model"}),
+        reward.__doc__,
+        distributed=True,
+    ),
+    "dpo": Command(
+        "direct preference optimisation on preference pairs (reference = adapters disabled)",
+        dpo.DPOConfig,
+        _training(dpo.run),
+        TRAINING_REQUIRED,
+        dpo.__doc__,
         distributed=True,
     ),
     "compare": Command(
