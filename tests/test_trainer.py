@@ -171,3 +171,21 @@ def test_optimizer_pages_its_state_when_given_a_budget(tmp_path, budget, paged) 
 def test_a_negative_page_budget_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="optim_page_budget_mb must be >= 0"):
         config(tmp_path, "x", max_steps=1, optim_page_budget_mb=-1)
+
+
+def test_report_to_tensorboard_writes_the_same_scalars(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, "run", max_steps=4, batch_size=4, report_to="tensorboard")
+    sft_trainer(model(), cfg, rows(qa_rows(8)), rows(qa_rows(4)), 0).fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "val_loss"):
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        assert [s for s, _ in logged[key]] == [s for s, _ in expected]
+        # TensorBoard stores scalars as float32.
+        assert [v for _, v in logged[key]] == pytest.approx([v for _, v in expected], rel=1e-6)

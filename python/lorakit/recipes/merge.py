@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lorakit.models import DTYPES, ModelConfig, load_model, load_tokenizer
+from lorakit.models import (
+    DTYPES,
+    ModelConfig,
+    load_model,
+    load_sequence_classifier,
+    load_tokenizer,
+    pad_id,
+)
 from lorakit.nn import IA3Linear, LoRALinear
 from lorakit.peft import load_adapter, merge_and_export
 from lorakit.peft.adapter_io import FORMATS
@@ -103,8 +110,13 @@ def run(config: MergeConfig) -> Path:
     print(f"merging {peft_type} adapter {config.adapter} into {config.model}")
     # Merge from the checkpoint's own dtype (float32 math) and round once, on export.
     base = ModelConfig(model=config.model, dtype="auto", device=config.device)
-    model = load_model(base)
     tokenizer = load_tokenizer(base)
+    # A reward model's adapter (PEFT's SEQ_CLS) goes on the backbone with its score head.
+    task = read_json(Path(config.adapter) / CONFIG_NAME).get("task_type")
+    if task == "SEQ_CLS":
+        model = load_sequence_classifier(base, pad_id(tokenizer))
+    else:
+        model = load_model(base)
     try:
         load_adapter(model, config.adapter)
     except ValueError as e:  # corrupt files, or modules / shapes that do not fit this base

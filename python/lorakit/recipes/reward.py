@@ -94,6 +94,7 @@ def run(config: RewardConfig) -> RunResult:
     tokenizer = load_tokenizer(config.model)
     data = prepare_preferences(config.data, tokenizer, config.train.seed)
     pad = pad_id(tokenizer)
+    torch.manual_seed(config.train.seed)  # the new score head's initialisation
     model = load_sequence_classifier(config.model, pad)
     report = make_trainable(model, config)
     if config.model.method != "full":
