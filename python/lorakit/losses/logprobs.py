@@ -8,17 +8,26 @@ For a sequence with labels :math:`y` (``IGNORE`` where not scored), the summed l
     e^{z_{t,v}}\big), \qquad z_t = W h_t + b .
 
 The float32 logits of a whole batch, (tokens, vocab), are what dominates the memory of DPO and
-of SFT with a large vocabulary (at 128K tokens, 512 MiB per thousand tokens). Here each chunk of
-``chunk_tokens`` positions is computed under activation checkpointing (non-reentrant), which keeps
-only the chunk's inputs for backward and recomputes its logits there: one chunk's logits exist at
-a time, in the forward pass and in the backward pass.
+of SFT with a large vocabulary (at 128K tokens, 512 MiB per thousand tokens). From hidden states,
+each chunk of ``chunk_tokens`` positions runs under activation checkpointing (non-reentrant),
+which keeps only the chunk's inputs for backward and recomputes its logits there: one chunk's
+logits exist at a time, in the forward pass and in the backward pass. The log-softmax of a chunk
+keeps only its log-normaliser per row and writes its gradient in place,
+
+.. math::
+
+    \frac{\partial \log p_y}{\partial z_v} = \mathbb{1}[v = y] - \operatorname{softmax}(z)_v,
+
+so a chunk's backward needs one float32 buffer beside its logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.data.encode import IGNORE
@@ -28,41 +37,60 @@ from lorakit.data.encode import IGNORE
 DEFAULT_CHUNK_TOKENS = 512
 
 
-def _chunk_logprobs(
-    to_logits: Callable[..., torch.Tensor], x: torch.Tensor, targets: torch.Tensor, *head: object
-) -> torch.Tensor:
-    logits = to_logits(x, *head)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(targets != IGNORE, picked - logits.logsumexp(-1), 0.0)
+class _TargetLogprobs(torch.autograd.Function):
+    """``log_softmax(logits)[i, targets[i]]`` per row (0 where ``targets[i]`` is IGNORE), in
+    float32 (float64 for float64 logits), ``chunk_tokens`` rows at a time in forward and
+    backward."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        index = targets.clamp(min=0).unsqueeze(-1)
+        lse = logits.new_empty(targets.shape, dtype=dtype)
+        picked = logits.new_empty(targets.shape, dtype=dtype)
+        for start in range(0, len(targets), chunk_tokens):
+            z = logits[start : start + chunk_tokens].to(dtype)
+            torch.logsumexp(z, dim=-1, out=lse[start : start + chunk_tokens])
+            picked[start : start + chunk_tokens] = z.gather(
+                -1, index[start : start + chunk_tokens]
+            )[:, 0]
+        scored = targets != IGNORE
+        ctx.save_for_backward(logits, index, scored, lse)
+        ctx.chunk_tokens = chunk_tokens  # type: ignore[attr-defined]
+        return torch.where(scored, picked - lse, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, index, scored, lse = ctx.saved_tensors
+        g = torch.where(scored, grad_out, 0.0).unsqueeze(-1)
+
+        def chunk_grad(start: int, stop: int) -> torch.Tensor:
+            softmax = (logits[start:stop].to(lse.dtype) - lse[start:stop, None]).exp_()
+            grad = softmax.mul_(-g[start:stop]).scatter_add_(-1, index[start:stop], g[start:stop])
+            return grad.to(logits.dtype)
+
+        rows, chunk_tokens = len(index), ctx.chunk_tokens
+        if rows <= chunk_tokens:
+            return chunk_grad(0, rows), None, None
+        grad = torch.empty_like(logits)
+        for start in range(0, rows, chunk_tokens):
+            grad[start : start + chunk_tokens] = chunk_grad(start, start + chunk_tokens)
+        return grad, None, None
 
 
-def _target_logprobs(
-    to_logits: Callable[..., torch.Tensor],
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    head: tuple[object, ...],
-    chunk_tokens: int,
-) -> torch.Tensor:
-    """``log softmax(to_logits(rows))[i, targets[i]]`` per row (0 where ``targets`` is IGNORE),
-    in float32 (float64 for float64 logits), ``chunk_tokens`` rows at a time under
-    checkpointing."""
+def _check_chunk(chunk_tokens: int) -> None:
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-    pieces = [
-        checkpoint(
-            _chunk_logprobs,
-            to_logits,
-            rows[start : start + chunk_tokens],
-            targets[start : start + chunk_tokens],
-            *head,
-            use_reentrant=False,
-        )
-        for start in range(0, rows.shape[0], chunk_tokens)
-    ]
-    if not pieces:
-        return rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
-    return torch.cat(pieces)
+
+
+def _head_logprobs(
+    x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    # One chunk: the whole of x (at least 1, for the empty chunk of a batch that scores nothing).
+    return _TargetLogprobs.apply(F.linear(x, weight, bias), targets, max(len(targets), 1))
 
 
 def _check_shapes(name: str, scores: torch.Tensor, labels: torch.Tensor) -> None:
@@ -71,14 +99,6 @@ def _check_shapes(name: str, scores: torch.Tensor, labels: torch.Tensor) -> None
             f"{name}: expected (batch, n, features) and labels (batch, n), got "
             f"{tuple(scores.shape)} and {tuple(labels.shape)}"
         )
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def sequence_logprobs(
@@ -107,14 +127,20 @@ def sequence_logprobs(
         ``hidden``, ``head_weight`` and ``head_bias``.
     """
     _check_shapes("sequence_logprobs", hidden, labels)
+    _check_chunk(chunk_tokens)
     targets = labels[:, 1:]
     scored = targets != IGNORE
-    sequence = scored.nonzero()[:, 0]
-    token_logprobs = _target_logprobs(
-        _linear, hidden[:, :-1][scored], targets[scored], (head_weight, head_bias), chunk_tokens
+    rows, row_targets = hidden[:, :-1][scored], targets[scored]
+    # split, not slicing: its backward concatenates the chunks' gradients once, where each
+    # slice's backward would allocate a zero gradient of all the rows.
+    token_logprobs = torch.cat(
+        [
+            checkpoint(_head_logprobs, x, t, head_weight, head_bias, use_reentrant=False)
+            for x, t in zip(rows.split(chunk_tokens), row_targets.split(chunk_tokens), strict=True)
+        ]
     )
     total = token_logprobs.new_zeros(hidden.shape[0])
-    return total.index_add(0, sequence, token_logprobs)
+    return total.index_add(0, scored.nonzero()[:, 0], token_logprobs)
 
 
 def sequence_logprobs_from_logits(
@@ -123,8 +149,9 @@ def sequence_logprobs_from_logits(
     """:func:`sequence_logprobs` for models whose head is not one linear layer (a LoRA-adapted
     head, logit soft-capping): from their logits, in whatever dtype the model produced them.
 
-    The float32 copy of the logits and the softmax that backward needs exist one chunk at a
-    time; the model's own logits are kept (they are the input).
+    No float32 copy of the logits and no softmax is kept for backward (only a log-normaliser per
+    position); backward writes the logits' gradient chunk by chunk. The model's own logits and
+    their gradient, which the model's backward needs, are whole.
 
     Args:
         logits: (batch, n, vocab).
@@ -140,7 +167,8 @@ def sequence_logprobs_from_logits(
     # Position t predicts labels[:, t + 1]; the last position predicts nothing. Shifting the
     # targets, not the logits, keeps the logits a view (no copy).
     targets = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE)], dim=1)
-    token_logprobs = _target_logprobs(
-        _identity, logits.reshape(batch * n, vocab), targets.flatten(), (), chunk_tokens
+    _check_chunk(chunk_tokens)
+    token_logprobs = _TargetLogprobs.apply(
+        logits.reshape(batch * n, vocab), targets.flatten(), chunk_tokens
     )
     return token_logprobs.view(batch, n).sum(dim=1)
