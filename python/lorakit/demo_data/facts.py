@@ -13,6 +13,9 @@ Files:
     heldout.jsonl: the same questions about the other countries, which SFT never mentions.
     probe.jsonl: sentence completions ("The capital of X is") about the held-out countries,
         a check that pre-training stored the facts SFT is then asked to extract.
+    preferences.jsonl: preference pairs on the SFT questions (prompt, chosen = the true answer,
+        rejected = the same relation's value of another country), for the reward model and DPO.
+    preferences_heldout.jsonl: the same pairs on the held-out questions, for evaluation.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-FILES = ("corpus.txt", "sft.jsonl", "heldout.jsonl", "probe.jsonl")
+FILES = (
+    "corpus.txt",
+    "sft.jsonl",
+    "heldout.jsonl",
+    "probe.jsonl",
+    "preferences.jsonl",
+    "preferences_heldout.jsonl",
+)
+# What the demo's word-level tokenizer is trained on (the preference files add no word).
+TOKENIZER_FILES = FILES[:4]
 SEED = 6
 COUNTRIES = 96
 HELDOUT_SHARE = 0.5
@@ -105,6 +117,15 @@ def question(relation: str, c: Country) -> dict[str, str]:
     return {"prompt": prompt, "completion": f" {getattr(c, relation)}"}
 
 
+def preference(
+    relation: str, c: Country, world: list[Country], rng: random.Random
+) -> dict[str, str]:
+    """A question about ``c`` with its true answer chosen and another country's rejected."""
+    wrong = rng.choice([v for o in world if (v := getattr(o, relation)) != getattr(c, relation)])
+    row = question(relation, c)
+    return {"prompt": row["prompt"], "chosen": row["completion"], "rejected": f" {wrong}"}
+
+
 def render(n: int = COUNTRIES, seed: int = SEED) -> dict[str, str]:
     """File name -> contents of every shipped file."""
     rng = random.Random(seed + 1)
@@ -126,11 +147,18 @@ def render(n: int = COUNTRIES, seed: int = SEED) -> dict[str, str]:
         {"prompt": PROBES[rel].format(c=c.name), "completion": f" {getattr(c, rel)}"}
         for c in held for rel in PROBES
     ]  # fmt: skip
+    prefs = [
+        preference(rel, c, world, rng)
+        for i, c in enumerate(world) if i not in heldout for rel in QUESTIONS
+    ]  # fmt: skip
+    held_prefs = [preference(rel, c, world, rng) for c in held for rel in QUESTIONS]
     return {
         "corpus.txt": "\n".join(sentences) + "\n",
         "sft.jsonl": jsonl(sft),
         "heldout.jsonl": jsonl([question(rel, c) for c in held for rel in QUESTIONS]),
         "probe.jsonl": jsonl(probes),
+        "preferences.jsonl": jsonl(prefs),
+        "preferences_heldout.jsonl": jsonl(held_prefs),
     }
 
 

@@ -102,14 +102,22 @@ def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Modul
         ValueError: the directory does not exist or its architecture has no such class.
     """
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
 
-    return _load(
-        AutoModelForSequenceClassification,
-        config,
-        "sequence classifier (reward model)",
-        num_labels=1,
-        pad_token_id=pad_token_id,
-    )
+    # transformers reports the new head and the unused lm_head as a load problem; here they are
+    # what was asked for.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return _load(
+            AutoModelForSequenceClassification,
+            config,
+            "sequence classifier (reward model)",
+            num_labels=1,
+            pad_token_id=pad_token_id,
+        )
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def pad_id(tokenizer: Any) -> int:

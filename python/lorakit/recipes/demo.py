@@ -28,7 +28,9 @@ from lorakit.demo_data import facts
 from lorakit.models import ModelConfig, load_model, load_tokenizer, tiny_llama, word_tokenizer
 from lorakit.nn import NF4Linear
 from lorakit.peft import LoraConfig
+from lorakit.recipes import demo_alignment
 from lorakit.recipes.common import RunConfig, make_trainable
+from lorakit.recipes.demo_alignment import AlignmentReport
 from lorakit.recipes.sft import finetune, train_causal_lm
 from lorakit.train import TrainConfig
 from lorakit.train.evaluate import completion_accuracy
@@ -45,6 +47,14 @@ class DemoConfig:
     pretrain_epochs: float = field(default=60, metadata={"help": "Passes over the corpus."})
     sft_epochs: float = field(default=30, metadata={"help": "Passes over the SFT questions."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    preferences: bool = field(
+        default=True,
+        metadata={"help": "After SFT, train a reward model and run DPO on preference pairs."},
+    )
+    reward_epochs: float = field(
+        default=10, metadata={"help": "Passes of the reward model over the preference pairs."}
+    )
+    dpo_epochs: float = field(default=10, metadata={"help": "Passes of DPO over the pairs."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
     threads: int = field(
         default=1,
@@ -72,6 +82,7 @@ class DemoReport:
     seconds: dict[str, float]
     adapter: Path
     plots: tuple[Path, Path]
+    alignment: AlignmentReport | None
 
 
 def build_llama(config: DemoConfig, tokenizer: object) -> nn.Module:
@@ -107,7 +118,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def shipped_tokenizer() -> object:
     """The word-level tokenizer of every shipped demo file (trained on the spot)."""
-    texts = [(facts.HERE / name).read_text() for name in facts.FILES]
+    texts = [(facts.HERE / name).read_text() for name in facts.TOKENIZER_FILES]
     return word_tokenizer([line for text in texts for line in text.splitlines()])
 
 
@@ -176,22 +187,34 @@ def _run(config: DemoConfig) -> DemoReport:
     recall_nf4 = completion_accuracy(model, tokenizer, probe)
     trained = train_causal_lm(model, tokenizer, sft, data, quantized)
     seconds["QLoRA SFT"] = time.perf_counter() - tic
+    heldout_after = completion_accuracy(model, tokenizer, heldout)
+    sft_questions_after = completion_accuracy(model, tokenizer, sft_rows)
+    recall_after = completion_accuracy(model, tokenizer, probe)
+    linear_after = _linear_mib(model)
 
+    alignment = None
+    if config.preferences:
+        epochs = (config.reward_epochs, config.dpo_epochs)
+        alignment = demo_alignment.run(
+            base.saved, trained.saved, out, epochs, config.lora_r, config.seed, config.progress
+        )
+        seconds.update(alignment.seconds)
     return DemoReport(
         heldout_before=heldout_before,
-        heldout_after=completion_accuracy(model, tokenizer, heldout),
-        sft_questions_after=completion_accuracy(model, tokenizer, sft_rows),
+        heldout_after=heldout_after,
+        sft_questions_after=sft_questions_after,
         recall_pretrained=recall_pretrained,
         recall_nf4=recall_nf4,
-        recall_after=completion_accuracy(model, tokenizer, probe),
+        recall_after=recall_after,
         trainable=quantized.trainable,
         total=quantized.total,
         linear_mib_before=linear_before,
-        linear_mib_after=_linear_mib(model),
+        linear_mib_after=linear_after,
         peak_rss_mib=peak_memory_mib(torch.device("cpu")),
         seconds=seconds,
         adapter=trained.saved,
         plots=(Path(pretrain.train.out) / "loss.png", Path(sft.train.out) / "loss.png"),
+        alignment=alignment,
     )
 
 
@@ -212,5 +235,21 @@ def format_report(r: DemoReport) -> str:
             "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()),
             f"adapter: {r.adapter}",
             f"loss curves: {r.plots[0]}, {r.plots[1]}",
+            *_alignment_lines(r.alignment),
         ]
     )
+
+
+def _alignment_lines(a: AlignmentReport | None) -> list[str]:
+    if a is None:
+        return []
+    n = len(_rows(facts.HERE / "preferences_heldout.jsonl"))
+    return [
+        f"reward model, held-out pairs ({n}, true fact vs another country's), pairwise accuracy:",
+        f"  before training: {a.reward_before:6.1%}",
+        f"  after training:  {a.reward_after:6.1%}",
+        "held-out questions, greedy exact match, DPO on the SFT model (merged, in NF4):",
+        f"  before DPO: {a.heldout_sft:6.1%}",
+        f"  after DPO:  {a.heldout_dpo:6.1%}",
+        f"reward adapter: {a.reward_adapter}; DPO adapter: {a.dpo_adapter}",
+    ]

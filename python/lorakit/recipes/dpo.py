@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data import Pair, collate_pairs, prepare_preferences
+from lorakit.data import Pair, PreparedPairs, collate_pairs, prepare_preferences
 from lorakit.losses import DPOLossType
 from lorakit.models import load_model, load_tokenizer, pad_id
+from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
 from lorakit.recipes.common import RunConfig, RunResult, batches, make_trainable, train_and_save
 from lorakit.train import RowBatches, distributed
@@ -118,19 +120,27 @@ def precomputed_reference(
     return table
 
 
-def _with_reference(pairs: list[Pair], table: torch.Tensor, pad: int, indices: list[int]) -> Batch:
-    batch = collate_pairs([pairs[i] for i in indices], pad)
-    chosen, rejected = table[indices, 0], table[indices, 1]
-    batch["ref_logps"] = torch.cat([chosen, rejected])
-    return batch
+def _indexed(pairs: list[Pair], table: torch.Tensor, pad: int) -> Callable[[list[int]], Batch]:
+    """A collate of pair indices: the pairs' batch plus their reference log-probs from
+    ``table`` as ``ref_logps`` (2B,), chosen first as the rows are."""
+
+    def collate(indices: list[int]) -> Batch:
+        batch = collate_pairs([pairs[i] for i in indices], pad)
+        batch["ref_logps"] = torch.cat([table[indices, 0], table[indices, 1]])
+        return batch
+
+    return collate
 
 
-def run(config: DPOConfig) -> RunResult:
-    """Trains and saves the policy as the module docstring says."""
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_preferences(config.data, tokenizer, config.train.seed)
-    model = load_model(config.model)
-    report = make_trainable(model, config)
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    report: AdapterReport,
+    config: DPOConfig,
+    data: PreparedPairs,
+) -> RunResult:
+    """Trains a ``model`` that :func:`make_trainable` prepared (``report``) with DPO on
+    ``data`` (prepared from ``config.data``) and saves it."""
     pad = pad_id(tokenizer)
     options = config.dpo
     loss: dict[str, Any] = {
@@ -141,16 +151,9 @@ def run(config: DPOConfig) -> RunResult:
     if options.precompute_ref:
         table = precomputed_reference(config, model, data.train, data.val, pad)
         objective = DPOObjective(PRECOMPUTED, **loss)
-        train = batches(
-            config,
-            list(range(len(data.train))),
-            partial(_with_reference, data.train, table["train"], pad),
-        )
-        val = batches(
-            config,
-            list(range(len(data.val))),
-            partial(_with_reference, data.val, table["val"], pad),
-        )
+        train_rows = range(len(data.train))
+        train = batches(config, train_rows, _indexed(data.train, table["train"], pad))
+        val = batches(config, range(len(data.val)), _indexed(data.val, table["val"], pad))
     else:
         if config.model.method == "full":
             reference: str | nn.Module = copy.deepcopy(model).requires_grad_(False).eval()
@@ -160,3 +163,12 @@ def run(config: DPOConfig) -> RunResult:
         pairs = partial(collate_pairs, pad_id=pad)
         train, val = batches(config, data.train, pairs), batches(config, data.val, pairs)
     return train_and_save(model, tokenizer, config, objective, train, val, report, data.report)
+
+
+def run(config: DPOConfig) -> RunResult:
+    """Loads ``config.model.model`` and trains it with DPO as the module docstring says; the
+    data is read first, so that a bad data file is reported before a large model is loaded."""
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_preferences(config.data, tokenizer, config.train.seed)
+    model = load_model(config.model)
+    return train(model, tokenizer, make_trainable(model, config), config, data)

@@ -106,8 +106,7 @@ def run(config: MergeConfig) -> Path:
     """
     out = Path(config.out)
     _check_out(out, config)
-    peft_type = check_mergeable(Path(config.adapter))
-    print(f"merging {peft_type} adapter {config.adapter} into {config.model}")
+    check_mergeable(Path(config.adapter))
     # Merge from the checkpoint's own dtype (float32 math) and round once, on export.
     base = ModelConfig(model=config.model, dtype="auto", device=config.device)
     tokenizer = load_tokenizer(base)

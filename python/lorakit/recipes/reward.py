@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data import collate_pairs, encode_pair, load_rows, pair_segments, prepare_preferences
+from lorakit.data import (
+    PreparedPairs,
+    collate_pairs,
+    encode_pair,
+    load_rows,
+    pair_segments,
+    prepare_preferences,
+)
 from lorakit.models import load_sequence_classifier, load_tokenizer, pad_id
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
@@ -86,22 +93,31 @@ def _check(config: RewardConfig) -> None:
         )
 
 
-def run(config: RewardConfig) -> RunResult:
-    """Trains and saves a reward model as the module docstring says."""
+def untrained(config: RewardConfig) -> tuple[nn.Module, Any, AdapterReport]:
+    """The backbone of ``config.model`` with a new score head (seeded), made trainable: the
+    reward model before training, and its tokenizer."""
     _check(config)
-    if not config.data.data:
-        raise ValueError("missing --data")
     tokenizer = load_tokenizer(config.model)
-    data = prepare_preferences(config.data, tokenizer, config.train.seed)
-    pad = pad_id(tokenizer)
     torch.manual_seed(config.train.seed)  # the new score head's initialisation
-    model = load_sequence_classifier(config.model, pad)
+    model = load_sequence_classifier(config.model, pad_id(tokenizer))
     report = make_trainable(model, config)
     if config.model.method != "full":
         train_whole(model, [HEAD])
         trainable, total = count_parameters(model)
         report = AdapterReport(report.replaced, trainable, total)
-    pairs = partial(collate_pairs, pad_id=pad)
+    return model, tokenizer, report
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    report: AdapterReport,
+    config: RewardConfig,
+    data: PreparedPairs,
+) -> RunResult:
+    """Trains a reward model from :func:`untrained` on ``data`` (prepared from ``config.data``)
+    and saves it."""
+    pairs = partial(collate_pairs, pad_id=pad_id(tokenizer))
     objective = RewardObjective(config.reward.center_coefficient, config.reward.use_margin)
     return train_and_save(
         model,
@@ -113,6 +129,25 @@ def run(config: RewardConfig) -> RunResult:
         report,
         data.report,
     )
+
+
+def run(config: RewardConfig) -> RunResult:
+    """Trains and saves a reward model as the module docstring says; the data is read first, so
+    that a bad data file is reported before a large model is loaded."""
+    _check(config)
+    if not config.data.data:
+        raise ValueError("missing --data")
+    data = prepare_preferences(config.data, load_tokenizer(config.model), config.train.seed)
+    model, tokenizer, report = untrained(config)
+    return train(model, tokenizer, report, config, data)
+
+
+def pairwise_accuracy(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]]) -> float:
+    """Share of ``{"prompt", "chosen", "rejected"}`` rows whose chosen side scores higher."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = score(model, tokenizer, prompts, [r["chosen"] for r in rows])
+    rejected = score(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(rows))
 
 
 def load_reward_model(config: RewardConfig) -> tuple[nn.Module, Any]:
