@@ -52,8 +52,8 @@ def dpo_loss(
       length is TRL's choice (its source says the IPO authors confirmed it), so the lengths are
       required for this type.
     - ``robust`` (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with
-      Noisy Feedback"), for labels flipped with
-      probability :math:`\varepsilon` = ``label_smoothing`` in [0, 0.5):
+      Noisy Feedback"), for labels flipped with probability :math:`\varepsilon` =
+      ``label_smoothing`` in [0, 0.5):
       :math:`((1-\varepsilon)\ell(\beta\Delta) - \varepsilon\,\ell(-\beta\Delta))/(1-2\varepsilon)`
       with :math:`\ell(z) = -\log\sigma(z)`: unbiased for the clean loss, and unbounded below.
 
@@ -71,8 +71,9 @@ def dpo_loss(
         beta: the KL-penalty strength (``tau`` of IPO; the inverse margin of ``hinge``).
         loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"``.
         label_smoothing: the assumed label-flip rate of ``robust``.
-        chosen_lengths: (pairs,) completion token counts of the chosen completions; ``ipo`` only.
-        rejected_lengths: (pairs,) the same for the rejected completions; ``ipo`` only.
+        chosen_lengths: (pairs,) completion token counts of the chosen completions, as
+            ``(labels[:, 1:] != IGNORE).sum(1)``; read by ``ipo`` only.
+        rejected_lengths: (pairs,) the same for the rejected completions.
 
     Returns:
         :class:`DPOLossOutput`: per-pair losses, chosen rewards, rejected rewards.

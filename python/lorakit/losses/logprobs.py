@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.data.encode import IGNORE
@@ -44,7 +44,7 @@ class _TargetLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+        ctx: Any, logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
     ) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         index = targets.clamp(min=0).unsqueeze(-1)
@@ -58,7 +58,7 @@ class _TargetLogprobs(torch.autograd.Function):
             )[:, 0]
         scored = targets != IGNORE
         ctx.save_for_backward(logits, index, scored, lse)
-        ctx.chunk_tokens = chunk_tokens  # type: ignore[attr-defined]
+        ctx.chunk_tokens = chunk_tokens
         return torch.where(scored, picked - lse, 0.0)
 
     @staticmethod
@@ -163,11 +163,11 @@ def sequence_logprobs_from_logits(
         ``logits``.
     """
     _check_shapes("sequence_logprobs_from_logits", logits, labels)
+    _check_chunk(chunk_tokens)
     batch, n, vocab = logits.shape
     # Position t predicts labels[:, t + 1]; the last position predicts nothing. Shifting the
     # targets, not the logits, keeps the logits a view (no copy).
     targets = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE)], dim=1)
-    _check_chunk(chunk_tokens)
     token_logprobs = _TargetLogprobs.apply(
         logits.reshape(batch * n, vocab), targets.flatten(), chunk_tokens
     )
