@@ -10,6 +10,7 @@ from torch import nn
 
 from lorakit.data.encode import IGNORE, encode
 from lorakit.data.packing import Row, collate
+from lorakit.models import pad_id
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def completion_accuracy(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     correct = 0
     for i in range(0, len(rows), batch_size):
         examples = [
