@@ -40,11 +40,37 @@ def test_matches_bitsandbytes(dtype: torch.dtype, blocksize: int, shape: tuple[i
     bnb_packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
     assert torch.equal(packed, bnb_packed.view(-1))
     assert torch.equal(absmax, state.absmax)
-    # Each side dequantizes the other's bytes to the same values (bnb returns (1, n) for 1-D).
-    bnb_out = bnbf.dequantize_4bit(packed.view(-1, 1), state).reshape(shape)
-    assert torch.equal(bits(out), bits(bnb_out))
+    # Values against the reference, not against bitsandbytes' dequantize_4bit: its CPU kernel
+    # (0.50.2) is wrong for some shapes on AVX-512 CPUs (README, compatibility notes; the test
+    # below). lorakit reads bitsandbytes' bytes (2-D, (n/2, 1)) to the reference's values.
+    expected = ref.nf4_dequantize(packed, absmax, blocksize, list(shape), dtype)
+    assert torch.equal(bits(out), bits(expected))
     ours_of_bnb = ops.nf4_dequantize(bnb_packed, state.absmax, blocksize, shape, dtype)
-    assert torch.equal(bits(ours_of_bnb), bits(out))
+    assert torch.equal(bits(ours_of_bnb), bits(expected))
+
+
+def relative_error(approx: torch.Tensor, w: torch.Tensor) -> float:
+    return ((approx.double() - w.double()).norm() / w.double().norm()).item()
+
+
+# bitsandbytes 0.50.2's CPU round trip of these bf16 shapes (blocksize 64) erred 41% and 19%
+# (relative L2) on an AVX-512 CPU (AMD Zen 5), against about 9% for (48, 64) there and for all
+# three on AVX2 CPUs (README, compatibility notes).
+@pytest.mark.parametrize("shape", [(64, 48), (128, 48), (48, 64)])
+def test_round_trip_is_right_where_bitsandbytes_dequantize_is_not(shape: tuple[int, int]) -> None:
+    w = (torch.randn(shape) * 0.02).to(torch.bfloat16)
+    packed, absmax, out = roundtrip(w, 64)
+    bnb_packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(packed, bnb_packed.view(-1))  # bitsandbytes' bytes are right everywhere
+    expected = ref.nf4_dequantize(packed, absmax, 64, list(shape), torch.bfloat16)
+    assert torch.equal(bits(out), bits(expected))
+    # NF4 at blocksize 64 errs about 9.2% (relative L2) on Gaussian weights (measured 9.2-9.3%
+    # for these shapes); 11% leaves room for the sampling and is far below the faulty 19-41%.
+    ours = relative_error(out, w)
+    assert ours < 0.11
+    bnb_out = bnbf.dequantize_4bit(bnb_packed, state)
+    if not torch.equal(bits(bnb_out), bits(expected)):  # its AVX-512 kernel: worse than ours
+        assert relative_error(bnb_out, w) > ours
 
 
 def test_error_stays_within_half_a_code_gap() -> None:

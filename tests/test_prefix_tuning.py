@@ -1,6 +1,7 @@
 """Prefix tuning against PEFT's: logits and loss, parameter counts, files both ways, training."""
 
 import copy
+import inspect
 import json
 
 import peft
@@ -214,27 +215,44 @@ def test_unsupported_models_and_calls_are_clear_errors():
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "pad_token_id": 0}
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Left padding's positions, as generate() computes them: 0 at each row's first token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def greedy_by_full_forwards(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    """GREEDY's tokens without a cache: each one from a forward over the whole sequence."""
+    for _ in range(GREEDY["max_new_tokens"]):
+        step = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        token = step[:, -1].argmax(dim=-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], dim=1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
 @pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
-def test_greedy_generate_matches_peft(arch):
+def test_greedy_generate_matches_greedy_decoding_by_peft_forwards(arch):
     base = tiny(arch)
     theirs = peft_prefix(base)
     ours = same_prefix_as(theirs, base)
     ids, mask = left_padded(2, 7)
     ids = ids.clamp(min=1)  # no pad token (0) in the prompt, so generate() infers no mask
+    # PEFT 0.21.2's own generate() with a prefix relies on transformers internals that 5.24
+    # removed and then gives other tokens (README, compatibility notes); its forward is right,
+    # and the same as ours (test above), so its greedy decoding by full forwards is the reference.
     with torch.no_grad():
-        for kwargs in ({}, {"attention_mask": mask}, {"attention_mask": mask, "num_beams": 2}):
-            got = ours.generate(ids, **kwargs, **GREEDY)
-            torch.testing.assert_close(got, theirs.generate(input_ids=ids, **kwargs, **GREEDY))
+        for prompt_mask in (None, mask):
+            got = ours.generate(ids, attention_mask=prompt_mask, **GREEDY)
+            full_mask = torch.ones_like(mask) if prompt_mask is None else prompt_mask
+            torch.testing.assert_close(got, greedy_by_full_forwards(theirs, ids, full_mask))
+        # Beam search reorders the cache that holds the prefix: the beams without a cache.
+        beams = {"attention_mask": mask, "num_beams": 2, **GREEDY}
+        expected = ours.generate(ids, use_cache=False, **beams)
+        torch.testing.assert_close(ours.generate(ids, **beams), expected)
         # The prefix changes what is generated; disabled, it is the base model's generate().
         assert not torch.equal(got, base.generate(ids, attention_mask=mask, **GREEDY))
         with disable_adapters(ours):
             expected = base.generate(ids, attention_mask=mask, **GREEDY)
             torch.testing.assert_close(ours.generate(ids, attention_mask=mask, **GREEDY), expected)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Left padding's positions, as generate() computes them: 0 at each row's first token."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -268,16 +286,48 @@ def test_incremental_decoding_gives_the_full_forward_logits(arch, with_prefix_in
     assert_logits_close(torch.cat(steps, dim=1), full)
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name model.forward gives its cache: ``cache`` from transformers 5.24 on."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
 def test_an_empty_cache_is_started_with_the_prefix_in_place():
     model = llama()
     apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
     ids = torch.randint(0, 128, (2, 6))
     cache = DynamicCache()
+    # The forward's own name for the cache here; the incremental decoding test uses the
+    # legacy past_key_values (an alias from transformers 5.24 on).
+    name = cache_argument(model)
     with torch.no_grad():
-        got = model(ids[:, :4], past_key_values=cache, use_cache=True).logits
+        got = model(ids[:, :4], **{name: cache}, use_cache=True).logits
         assert cache.get_seq_length() == TOKENS + 4  # the caller's object, filled
-        last = model(ids[:, 4:], past_key_values=cache).logits
+        last = model(ids[:, 4:], **{name: cache}).logits
         assert_logits_close(torch.cat([got, last], dim=1), logits(model, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_use_cache_false_returns_no_cache_and_generate_without_one_agrees(arch):
+    base = tiny(arch)
+    model = copy.deepcopy(base)
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
+    ids, mask = left_padded(2, 7)
+    ids = ids.clamp(min=1)
+    with torch.no_grad():
+        # As the model without a prefix: no cache back when none is asked for, in either form.
+        for kwargs in ({}, {"return_dict": False}):
+            got = model(ids, use_cache=False, **kwargs)
+            expected = base(ids, use_cache=False, **kwargs)
+            assert len(got) == len(expected)
+            assert_logits_close(got[0], logits(model, ids))
+        assert model(ids, use_cache=True).past_key_values.get_seq_length() == TOKENS + 7
+        # Without a cache generate() feeds the whole sequence each step; the cached path it
+        # must agree with is the one checked against PEFT above (PEFT 0.21.2's own
+        # generate(use_cache=False) with a prefix fails or differs on Llama).
+        cached = model.generate(ids, attention_mask=mask, **GREEDY)
+        uncached = model.generate(ids, attention_mask=mask, use_cache=False, **GREEDY)
+    torch.testing.assert_close(uncached, cached)
 
 
 def test_caches_without_this_prefix_are_refused():
@@ -299,10 +349,8 @@ def test_caches_without_this_prefix_are_refused():
         with_a = model(ids, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="attention_mask has 3 columns; expected 5"):
             model(ids[:, :1], attention_mask=torch.ones(1, 3), past_key_values=with_a)
-        with pytest.raises(ValueError, match="generate\\(use_cache=False\\) is not supported"):
-            model.generate(ids, use_cache=False, **GREEDY)
         legacy = tuple((k, v) for k, v, _ in with_a)
-        with pytest.raises(ValueError, match="got past_key_values of type tuple"):
+        with pytest.raises(ValueError, match=r"got (cache|past_key_values) of type tuple"):
             model(ids, past_key_values=legacy)
 
 

@@ -15,6 +15,12 @@ from lorakit.nn.adapter_layer import AdapterLayer
 # The attribute that marks a cache holding a prefix (its value: the adapter's name), so a later
 # call with that cache, such as generate()'s next step, does not add the prefix again.
 _HOLDS_PREFIX = "lorakit_prefix"
+# The attribute that marks a cache made only to carry the prefix through a call that asked for no
+# cache (use_cache=False): the output must not return it, as the model alone would return none.
+_UNREQUESTED = "lorakit_prefix_unrequested"
+# The name of the cache argument of transformers' models before 5.24, which renamed it to
+# ``cache`` and still accepts the old name as a deprecated alias.
+_LEGACY_CACHE = "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -46,17 +52,20 @@ class KVPrefix(AdapterLayer):
     head_dim]`` (PEFT's ``prompt_embeddings`` without projection), read per token as
     ``[num_layers, (key, value), kv_heads, head_dim]``. The module sits on the model and
     :meth:`inject` runs before the model's forward (a forward pre-hook): it puts the prefix into
-    ``past_key_values`` (a ``transformers.DynamicCache`` whose layer ``l`` starts with the
-    prefix's keys and values), prepends ``T`` ones to ``attention_mask`` and shifts
+    the model's cache argument (``cache``, or ``past_key_values`` before transformers 5.24, as the
+    forward's signature names it; a ``transformers.DynamicCache`` whose layer ``l`` starts with
+    the prefix's keys and values), prepends ``T`` ones to ``attention_mask`` and shifts
     ``position_ids`` by ``T``, so every attention layer attends to ``T`` learned positions before
     the input, as PEFT's ``PeftModelForCausalLM`` does. The logits keep the input's length.
 
     The cache the model returns keeps the prefix, so ``generate()`` and incremental decoding work:
     a call without a cache, or with an empty one, starts it with the prefix; a later call with that
-    cache adds nothing to it. Positions (``position_ids``, ``cache_position``) always count the
-    caller's tokens only and are shifted by ``T``; ``attention_mask`` may cover the caller's
-    tokens (``T`` ones are prepended, as ``generate()`` needs) or the whole cache plus the input
-    (left as it is). A non-empty cache that this prefix did not start is refused.
+    cache adds nothing to it. A call without a cache and with ``use_cache=False`` gets no cache
+    back (:meth:`drop_unrequested_cache`), as without a prefix, so ``generate(use_cache=False)``
+    feeds the whole sequence each step. ``position_ids`` always count the caller's tokens only and
+    are shifted by ``T``; ``attention_mask`` may cover the caller's tokens (``T`` ones are
+    prepended, as ``generate()`` needs) or the whole cache plus the input (left as it is). A
+    non-empty cache that this prefix did not start is refused.
 
     Args:
         shape: the model's layers, KV heads and head size.
@@ -126,36 +135,32 @@ class KVPrefix(AdapterLayer):
         setattr(cache, _HOLDS_PREFIX, self.active_adapter)
         return cache
 
-    def _cache_for(self, cache: Any, batch: int, use_cache: bool) -> DynamicCache:
+    def _cache_for(self, cache: Any, batch: int, use_cache: bool, argument: str) -> DynamicCache:
         """The cache a call runs with: ``cache`` if it holds the active prefix, else a new or
-        the given empty one started with it."""
+        the given empty one started with it. ``argument`` names the cache in messages."""
         holds = getattr(cache, _HOLDS_PREFIX, None)
         if holds is not None:
-            if not use_cache:
-                # The model returns the prefix's cache even when asked not to cache, so
-                # generate(use_cache=False) would feed the whole sequence on top of it.
-                raise ValueError(
-                    "prefix tuning: past_key_values holds the prefix but use_cache is False "
-                    "(generate(use_cache=False) is not supported; leave use_cache on)"
-                )
             if holds != self.active_adapter:
                 raise ValueError(
-                    f"prefix tuning: past_key_values holds prefix {holds!r} but the active one is "
+                    f"prefix tuning: {argument} holds prefix {holds!r} but the active one is "
                     f"{self.active_adapter!r}; start a new cache after switching adapters"
                 )
             return cache
         if cache is None:
-            return self.cache(batch)
+            cache = self.cache(batch)
+            if not use_cache:
+                setattr(cache, _UNREQUESTED, True)
+            return cache
         if not isinstance(cache, DynamicCache):
             raise ValueError(
                 "prefix tuning keeps the prefix in a transformers DynamicCache (generate()'s "
-                f"default); got past_key_values of type {type(cache).__name__}"
+                f"default); got {argument} of type {type(cache).__name__}"
             )
         if cache.get_seq_length() > 0:
             # Its contents were computed without this prefix; prepending it now would not
             # change them, so the result would be neither the base model's nor the adapter's.
             raise ValueError(
-                f"prefix tuning: past_key_values holds {cache.get_seq_length()} positions that "
+                f"prefix tuning: {argument} holds {cache.get_seq_length()} positions that "
                 "lorakit's prefix did not start; pass no cache, an empty one, or one returned "
                 "by this model with this prefix active"
             )
@@ -167,13 +172,18 @@ class KVPrefix(AdapterLayer):
         """The forward pre-hook: the model's arguments with the active prefix put in."""
         names = list(inspect.signature(model.forward).parameters)
         call = {**dict(zip(names, args, strict=False)), **kwargs}
+        # The forward's own name for the cache; the legacy name is its alias where it differs
+        # (transformers then takes the new one when both are given, as done here).
+        argument = "cache" if "cache" in names else _LEGACY_CACHE
+        given = call.get(argument)
+        if given is None:
+            given = call.get(_LEGACY_CACHE)
         if not self.uses_adapter():
-            holds = getattr(call.get("past_key_values"), _HOLDS_PREFIX, None)
+            holds = getattr(given, _HOLDS_PREFIX, None)
             if holds is not None:
                 raise ValueError(
-                    f"prefix tuning: past_key_values holds prefix {holds!r} but the prefix is "
-                    "off (adapters disabled or merged, or another adapter active); start a new "
-                    "cache"
+                    f"prefix tuning: {argument} holds prefix {holds!r} but the prefix is off "
+                    "(adapters disabled or merged, or another adapter active); start a new cache"
                 )
             return None
         if model.training and any(
@@ -191,8 +201,9 @@ class KVPrefix(AdapterLayer):
         use_cache = call.get("use_cache")
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
-        cache = self._cache_for(call.get("past_key_values"), batch, use_cache)
-        call["past_key_values"] = cache
+        cache = self._cache_for(given, batch, use_cache, argument)
+        call.pop(_LEGACY_CACHE, None)
+        call[argument] = cache
         mask = call.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
@@ -207,10 +218,21 @@ class KVPrefix(AdapterLayer):
                     f"{keys - tokens} (past and new tokens) or {keys} (with the {tokens} prefix "
                     "positions)"
                 )
-        for key in ("position_ids", "cache_position"):
-            if call.get(key) is not None:
-                call[key] = call[key] + tokens
+        if call.get("position_ids") is not None:
+            call["position_ids"] = call["position_ids"] + tokens
         return (), call
+
+    def drop_unrequested_cache(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """The forward hook: the output without a cache that :meth:`inject` made for a call
+        that asked for none (the model returns the cache it ran with whatever ``use_cache``
+        says), so that, as without a prefix, ``generate(use_cache=False)`` gets no cache back.
+        Works on a ``ModelOutput`` and on the tuple of ``return_dict=False``."""
+        if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
+            kept = {k: v for k, v in output.items() if not getattr(v, _UNREQUESTED, False)}
+            return type(output)(**kept) if len(kept) < len(output) else output
+        if isinstance(output, tuple):
+            return tuple(v for v in output if not getattr(v, _UNREQUESTED, False))
+        return output
 
     def forward(self) -> None:
         raise TypeError("KVPrefix is not called; it feeds the model's forward through its hook")

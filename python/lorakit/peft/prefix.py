@@ -14,7 +14,7 @@ from lorakit.peft.inject import AdapterReport, train_only
 # Where the prefix lives on the model (its state dict keys are lorakit_prefix.embedding.<name>).
 PREFIX_ATTRIBUTE = "lorakit_prefix"
 # model_type values whose attention reads a DynamicCache of [batch, kv_heads, tokens, head_dim]
-# keys and values per layer, so that a prefix passed as past_key_values reaches every layer;
+# keys and values per layer, so that a prefix passed as the cache reaches every layer;
 # tests/test_prefix_tuning.py checks each against PEFT's prefix tuning.
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
@@ -92,8 +92,9 @@ def attach_prefix(model: nn.Module, name: str, settings: PrefixSettings) -> KVPr
     reference = next(model.parameters())
     prefix = KVPrefix(prefix_shape(model), name, settings, reference.dtype, reference.device)
     model.add_module(PREFIX_ATTRIBUTE, prefix)
-    # A bound method of the prefix: deepcopy(model) then hooks the copy's own prefix.
+    # Bound methods of the prefix: deepcopy(model) then hooks the copy's own prefix.
     model.register_forward_pre_hook(prefix.inject, with_kwargs=True)
+    model.register_forward_hook(prefix.drop_unrequested_cache)
     return prefix
 
 
