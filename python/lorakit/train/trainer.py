@@ -26,7 +26,8 @@ from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, rea
 from lorakit.train.objective import Objective
 from lorakit.train.schedule import scheduler
 
-# torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); pyproject allows 2.11.
+# torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); the lent GPU machines
+# build lorakit against their own torch 2.11 (BUILD-NOTES), which has only the old name.
 _SYNC_BUFFERS = (
     "forward_sync_buffers"
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
