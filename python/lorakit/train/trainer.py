@@ -36,8 +36,8 @@ _SYNC_BUFFERS = (
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    # transformers 5 renamed gradient_checkpointing_enable (the old name warns); pyproject
-    # allows 4.50, which has only the old one.
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns); the lent GPU
+    # machines' own transformers may predate that.
     enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
         model, "gradient_checkpointing_enable", None
     )
