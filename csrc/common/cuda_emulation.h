@@ -17,7 +17,8 @@
 //    leaving itself out, a named lane that returned, waits elsewhere or names another mask, and a
 //    read from a lane outside the mask are errors;
 //  - a launch copies its arguments by value (each thread gets its own copy) and checks the block
-//    and grid shapes against CUDA's limits.
+//    and grid shapes against CUDA's limits. Launches take no dynamic shared memory (no kernel
+//    here uses it); static __shared__ use above 48 KB is already a ptxas error in the nvcc build.
 // An error (or a block that can never finish) stops the launch: emu::Launch throws KernelError,
 // naming the kernel and the block. It never hangs, except in a kernel that itself loops forever.
 //
