@@ -1,12 +1,14 @@
 // The runtime of cuda_emulation.h: fibers, the per-block scheduler, barriers, shuffles, launches.
 //
-// A block runs on one OS thread. The scheduler switches to each ready fiber in thread order; a
-// fiber runs until it waits (barrier, shuffle) or returns, then switches back. When no fiber is
-// ready, the scheduler resolves what can be resolved, in this order: shuffles whose lanes have all
-// arrived, then the barrier once every thread that has not returned waits at it. Anything else at
-// that point can never make progress, so it is reported as an error rather than waited on.
+// A block runs on one OS thread, one warp after another. The scheduler switches to each ready
+// fiber of the warp in lane order; a fiber runs until it waits (barrier, shuffle) or returns, then
+// switches back. When none of the warp's lanes is ready, its shuffles resolve and it runs on, until
+// every lane waits at a barrier or has returned; then the next warp. Once all warps are there, the
+// barrier releases (every thread that has not returned waits at the same one). Anything else can
+// never make progress, so it is reported as an error rather than waited on.
 #include "common/cuda_emulation.h"
 
+#include <link.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -160,11 +162,17 @@ std::string describe(const Fiber& f) {
   return "?";
 }
 
+// A module's thread-local storage as the calling thread sees it.
+struct TlsBlock {
+  char* data = nullptr;
+  size_t size = 0;
+};
+
 // Runs blocks one after another on the OS thread that owns it.
 class BlockRunner {
  public:
-  void run(const char* kernel, uint3 block_idx, dim3 grid, dim3 block, void (*entry)(const void*),
-           const void* args);
+  void run(uint64_t launch, const char* kernel, uint3 block_idx, dim3 grid, dim3 block,
+           void (*entry)(const void*), const void* args);
 
   // Called from inside fibers.
   void wait_at_barrier(const std::source_location& where);
@@ -176,7 +184,8 @@ class BlockRunner {
   [[noreturn]] void fail(const std::string& message) const;
   void fail_in_fiber(const std::string& message);
   void wait(State state, const std::source_location& where);
-  bool resolve_shuffles();
+  bool resolve_shuffles(int warp);
+  void run_warp(int warp);
   void resolve_barrier();
   std::string lane_name(int thread) const;
 
@@ -190,9 +199,73 @@ class BlockRunner {
   uint3 block_idx_{};
   void (*entry_)(const void*) = nullptr;
   const void* args_ = nullptr;
+  void (*tls_entry_)(const void*) = nullptr;
+  TlsBlock tls_;
+  uint64_t poisoned_launch_ = 0;
 };
 
 thread_local BlockRunner* t_runner = nullptr;
+thread_local std::unique_ptr<BlockRunner> t_owned_runner;  // one per OS thread, kept for reuse
+
+// The calling thread's copy of the thread-local storage of the module (shared library or program)
+// whose code holds `address`; empty if it has none.
+TlsBlock module_tls(const void* address) {
+  struct Search {
+    uintptr_t address;
+    TlsBlock found;
+  } search{reinterpret_cast<uintptr_t>(address), {}};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* p) -> int {
+        auto& s = *static_cast<Search*>(p);
+        bool contains = false;
+        size_t tls_size = 0;
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr) & ph = info->dlpi_phdr[i];
+          const uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+          if (ph.p_type == PT_LOAD && s.address >= start && s.address < start + ph.p_memsz)
+            contains = true;
+          if (ph.p_type == PT_TLS) tls_size = ph.p_memsz;
+        }
+        if (!contains) return 0;
+        if (info->dlpi_tls_data != nullptr && tls_size > 0)
+          s.found = {static_cast<char*>(info->dlpi_tls_data), tls_size};
+        return 1;
+      },
+      &search);
+  return search.found;
+}
+
+// Fills the __shared__ variables of a kernel's module with 0xFF bytes (NaN floats, all-ones
+// integers), as a GPU's shared memory holds whatever was there before: a kernel that reads shared
+// memory before a barrier makes it valid then reads poison, not a value that an earlier launch
+// left on this OS thread. Done at the first block of each launch on each OS thread (within a
+// launch, a block sees what the previous one left, often different data). __shared__ variables
+// are that module's thread-locals, except the emulator's own, which are skipped.
+void poison_shared_memory(const TlsBlock& tls) {
+  struct Span {
+    const void* p;
+    size_t size;
+  };
+  const Span keep[] = {{&current_thread, sizeof(current_thread)},
+                       {&t_runner, sizeof(t_runner)},
+                       {&t_owned_runner, sizeof(t_owned_runner)}};
+  char* const end = tls.data + tls.size;
+  char* from = tls.data;
+  while (from < end) {
+    char* to = end;
+    const Span* next = nullptr;
+    for (const Span& k : keep) {
+      char* const at = static_cast<char*>(const_cast<void*>(k.p));
+      if (at + k.size > from && at < to) {
+        to = at < from ? from : at;
+        next = &k;
+      }
+    }
+    std::memset(from, 0xFF, static_cast<size_t>(to - from));
+    if (next == nullptr) break;
+    from = static_cast<char*>(const_cast<void*>(next->p)) + next->size;
+  }
+}
 
 BlockRunner& runner_in_fiber() {
   if (t_runner == nullptr || current_thread == nullptr)
@@ -263,73 +336,70 @@ uint64_t BlockRunner::wait_at_shuffle(ShuffleKind kind, unsigned mask, uint64_t 
   return f.value;
 }
 
-// Resolves every warp whose shuffling lanes have all arrived with one mask at one call site.
-// Called when no fiber is ready, so a lane that is missing from a shuffle never will arrive.
-bool BlockRunner::resolve_shuffles() {
-  bool resolved = false;
-  for (int warp = 0; warp * 32 < count_; ++warp) {
-    const int first = warp * 32;
-    const int lanes = count_ - first < 32 ? count_ - first : 32;
-    bool any = false;
-    uint32_t checked = 0;  // lanes of a group already checked: every member agrees with them
-    for (int l = 0; l < lanes; ++l) {
-      const Fiber& f = fibers_[first + l];
-      if (f.state != State::kShuffle) continue;
-      any = true;
-      if (checked >> l & 1u) continue;
-      checked |= f.mask;
-      for (int j = 0; j < 32; ++j) {
-        if (!(f.mask >> j & 1u)) continue;
-        if (j >= lanes)
-          fail(lane_name(first + l) + " at " + shuffle_name(f.kind) + " (" + site(f.where) +
-               ") names lane " + std::to_string(j) + ", which this block does not have");
-        const Fiber& g = fibers_[first + j];
-        if (g.state != State::kShuffle || g.mask != f.mask || g.kind != f.kind ||
-            g.where.line() != f.where.line() || g.width != f.width)
-          fail(lane_name(first + l) + " waits at " + shuffle_name(f.kind) + " (" + site(f.where) +
-               ") for lane " + std::to_string(j) + ", which " +
-               (g.state == State::kShuffle
-                    ? "waits at a different shuffle or mask, " + std::string(shuffle_name(g.kind)) +
-                          " (" + site(g.where) + ")"
-                    : describe(g)));
-      }
-    }
-    if (!any) continue;
-    uint64_t result[32];
-    for (int l = 0; l < lanes; ++l) {
-      const Fiber& f = fibers_[first + l];
-      if (f.state != State::kShuffle) continue;
-      const int segment = l / f.width * f.width;  // first lane of this lane's width-sized group
-      int src = l;
-      switch (f.kind) {
-        case ShuffleKind::kIdx:
-          src = segment + ((f.lane_arg % f.width) + f.width) % f.width;
-          break;
-        case ShuffleKind::kUp:
-          src = l - f.lane_arg >= segment ? l - f.lane_arg : l;
-          break;
-        case ShuffleKind::kDown:
-          src = l + f.lane_arg < segment + f.width ? l + f.lane_arg : l;
-          break;
-        case ShuffleKind::kXor:
-          src = l ^ f.lane_arg;
-          if (src < segment || src >= segment + f.width || src >= 32) src = l;
-          break;
-      }
-      if (!(f.mask >> src & 1u))
+// Resolves the shuffles of a warp none of whose lanes is ready: each mask's lanes must all wait at
+// the same shuffle, since a lane that waits at a barrier or has returned never will arrive.
+// Returns whether any lane was released.
+bool BlockRunner::resolve_shuffles(int warp) {
+  const int first = warp * 32;
+  const int lanes = count_ - first < 32 ? count_ - first : 32;
+  bool any = false;
+  uint32_t checked = 0;  // lanes of a group already checked: every member agrees with them
+  for (int l = 0; l < lanes; ++l) {
+    const Fiber& f = fibers_[first + l];
+    if (f.state != State::kShuffle) continue;
+    any = true;
+    if (checked >> l & 1u) continue;
+    checked |= f.mask;
+    for (int j = 0; j < 32; ++j) {
+      if (!(f.mask >> j & 1u)) continue;
+      if (j >= lanes)
         fail(lane_name(first + l) + " at " + shuffle_name(f.kind) + " (" + site(f.where) +
-             ") reads lane " + std::to_string(src) + ", which is outside the mask");
-      result[l] = fibers_[first + src].value;
+             ") names lane " + std::to_string(j) + ", which this block does not have");
+      const Fiber& g = fibers_[first + j];
+      if (g.state != State::kShuffle || g.mask != f.mask || g.kind != f.kind ||
+          g.where.line() != f.where.line() || g.width != f.width)
+        fail(lane_name(first + l) + " waits at " + shuffle_name(f.kind) + " (" + site(f.where) +
+             ") for lane " + std::to_string(j) + ", which " +
+             (g.state == State::kShuffle
+                  ? "waits at a different shuffle or mask, " + std::string(shuffle_name(g.kind)) +
+                        " (" + site(g.where) + ")"
+                  : describe(g)));
     }
-    for (int l = 0; l < lanes; ++l) {
-      Fiber& f = fibers_[first + l];
-      if (f.state != State::kShuffle) continue;
-      f.value = result[l];
-      f.state = State::kReady;
-    }
-    resolved = true;
   }
-  return resolved;
+  if (!any) return false;
+  uint64_t result[32];
+  for (int l = 0; l < lanes; ++l) {
+    const Fiber& f = fibers_[first + l];
+    if (f.state != State::kShuffle) continue;
+    const int segment = l / f.width * f.width;  // first lane of this lane's width-sized group
+    int src = l;
+    switch (f.kind) {
+      case ShuffleKind::kIdx:
+        src = segment + ((f.lane_arg % f.width) + f.width) % f.width;
+        break;
+      case ShuffleKind::kUp:
+        src = l - f.lane_arg >= segment ? l - f.lane_arg : l;
+        break;
+      case ShuffleKind::kDown:
+        src = l + f.lane_arg < segment + f.width ? l + f.lane_arg : l;
+        break;
+      case ShuffleKind::kXor:
+        src = l ^ f.lane_arg;
+        if (src < segment || src >= segment + f.width || src >= 32) src = l;
+        break;
+    }
+    if (!(f.mask >> src & 1u))
+      fail(lane_name(first + l) + " at " + shuffle_name(f.kind) + " (" + site(f.where) +
+           ") reads lane " + std::to_string(src) + ", which is outside the mask");
+    result[l] = fibers_[first + src].value;
+  }
+  for (int l = 0; l < lanes; ++l) {
+    Fiber& f = fibers_[first + l];
+    if (f.state != State::kShuffle) continue;
+    f.value = result[l];
+    f.state = State::kReady;
+  }
+  return true;
 }
 
 void BlockRunner::resolve_barrier() {
@@ -350,7 +420,7 @@ void BlockRunner::resolve_barrier() {
     if (fibers_[t].state == State::kBarrier) fibers_[t].state = State::kReady;
 }
 
-void BlockRunner::run(const char* kernel, uint3 block_idx, dim3 grid, dim3 block,
+void BlockRunner::run(uint64_t launch, const char* kernel, uint3 block_idx, dim3 grid, dim3 block,
                       void (*entry)(const void*), const void* args) {
   kernel_ = kernel;
   block_idx_ = block_idx;
@@ -366,25 +436,41 @@ void BlockRunner::run(const char* kernel, uint3 block_idx, dim3 grid, dim3 block
     f.state = State::kReady;
     init_context(f.context, stacks_.stack(t), kStackBytes, &fiber_main);
   }
+  if (launch != poisoned_launch_) {  // a block's first on this OS thread in this launch
+    poisoned_launch_ = launch;
+    if (entry != tls_entry_) {  // one search per kernel and OS thread: the storage stays put
+      tls_entry_ = entry;
+      tls_ = module_tls(reinterpret_cast<const void*>(entry));
+    }
+    poison_shared_memory(tls_);
+  }
   t_runner = this;
   for (;;) {
+    for (int warp = 0; warp * 32 < count_; ++warp) run_warp(warp);
     bool waiting = false;
-    for (int t = 0; t < count_; ++t) {
+    for (int t = 0; t < count_; ++t) waiting |= fibers_[t].state != State::kExited;
+    if (!waiting) return;
+    resolve_barrier();
+  }
+}
+
+// Runs a warp's lanes, and its shuffles as they complete, until every lane waits at a barrier or
+// has returned. A warp thus runs ahead of the later warps up to the next barrier, as it may on a
+// GPU: a missing barrier shows up as a read of shared memory a later warp has not written yet.
+void BlockRunner::run_warp(int warp) {
+  const int first = warp * 32;
+  const int last = count_ < first + 32 ? count_ : first + 32;
+  do {
+    for (int t = first; t < last; ++t) {
       Fiber& f = fibers_[t];
-      if (f.state != State::kReady) {
-        waiting |= f.state != State::kExited;
-        continue;
-      }
+      if (f.state != State::kReady) continue;
       current_ = t;
       current_thread = &f.index;
       switch_context(scheduler_, f.context);
       current_thread = nullptr;
       if (!error_.empty()) fail(error_);
-      waiting |= f.state != State::kExited;
     }
-    if (!waiting) return;
-    if (!resolve_shuffles()) resolve_barrier();
-  }
+  } while (resolve_shuffles(warp));
 }
 
 void check_shape(const char* kernel, dim3 grid, dim3 block) {
@@ -416,20 +502,20 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, void (*entry)(const voi
               const void* args) {
   check_shape(kernel, grid, block);
   const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  static std::atomic<uint64_t> launches{0};
+  const uint64_t launch = ++launches;
   std::mutex mutex;
   std::string error;
   std::atomic<bool> failed{false};
 #pragma omp parallel for schedule(dynamic)
   for (int64_t b = 0; b < blocks; ++b) {
     if (failed.load(std::memory_order_relaxed)) continue;
-    // One runner (and its stacks) per OS thread, kept for later launches.
-    static thread_local std::unique_ptr<BlockRunner> runner;
     try {
-      if (!runner) runner = std::make_unique<BlockRunner>();
+      if (!t_owned_runner) t_owned_runner = std::make_unique<BlockRunner>();
       const auto u = static_cast<uint64_t>(b);
       const uint3 idx{static_cast<unsigned>(u % grid.x), static_cast<unsigned>(u / grid.x % grid.y),
                       static_cast<unsigned>(u / (uint64_t{grid.x} * grid.y))};
-      runner->run(kernel, idx, grid, block, entry, args);
+      t_owned_runner->run(launch, kernel, idx, grid, block, entry, args);
     } catch (const std::exception& e) {
       const std::lock_guard<std::mutex> lock(mutex);
       if (!failed.exchange(true)) error = e.what();

@@ -5,11 +5,11 @@
 //
 // What it models:
 //  - every CUDA thread of a block is a user-space fiber (cuda_emulation.cpp); a block's fibers run
-//    on one OS thread, in thread order, each until it reaches a barrier or a shuffle or returns;
-//    blocks run in parallel on the OpenMP threads;
+//    on one OS thread, warp after warp, each warp up to its next barrier (so it runs ahead of the
+//    later warps, as it may on a GPU); blocks run in parallel on the OpenMP threads;
 //  - threadIdx / blockIdx / blockDim / gridDim are the running fiber's;
 //  - __shared__ variables are `static thread_local`: one copy per OS thread, which is one per block
-//    in flight; __constant__ variables are plain globals;
+//    in flight, filled with 0xFF bytes (NaN) at each launch; __constant__ variables are globals;
 //  - __syncthreads() waits for every thread of the block that has not returned (returned threads
 //    count as arrived, as on sm_70 and later); threads waiting at different __syncthreads() call
 //    sites are an error;
@@ -23,8 +23,9 @@
 // naming the kernel and the block. It never hangs, except in a kernel that itself loops forever.
 //
 // What it does not model: timing, memory coalescing, occupancy, caches, races that need two
-// threads to run at the same moment, and the GPU's own rounding where the compiler contracts
-// a * b + c into one FMA (the host here never does).
+// threads to run at the same moment (a missing barrier shows only when a warp reads what a later
+// warp has not written yet), and the GPU's own rounding where the compiler contracts a * b + c
+// into one FMA (the host here never does).
 #pragma once
 
 #include <atomic>

@@ -366,20 +366,23 @@ KERNELS: dict[str, Callable[[Emulated], Iterator[Case]]] = {
 def run_kernel(emu: Emulated, name: str) -> bool:
     torch.manual_seed(0)
     start = time.perf_counter()
-    count, failure = 0, ""
+    count, failures, first = 0, 0, ""
     for label, case in KERNELS[name](emu):
         count += 1
         try:
             why = case()
         except RuntimeError as e:  # KernelError, or a CPU op refusing the input
             why = str(e)
-        if why and not failure:
-            failure = f"{label}: {why}"
+        if why:
+            failures += 1
+            first = first or f"{label}: {why}"
     seconds = time.perf_counter() - start
-    status = "FAIL" if failure else "ok  "
-    print(f"{status} {name}: {count} cases, {seconds:.1f} s" + (f"; {failure}" if failure else ""))
+    if failures:
+        print(f"FAIL {name}: {failures} of {count} cases failed, {seconds:.1f} s; first: {first}")
+    else:
+        print(f"ok   {name}: {count} cases, {seconds:.1f} s")
     sys.stdout.flush()
-    return not failure
+    return not failures
 
 
 def main() -> int:
