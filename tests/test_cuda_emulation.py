@@ -53,6 +53,17 @@ def test_correct_kernels_give_the_right_answers(emu: Emulated) -> None:
     assert torch.equal(reversed_, x.view(2, BLOCK).flip(1).reshape(-1))
 
 
+def test_shuffle_up_down_and_index_with_widths(emu: Emulated) -> None:
+    x = integers(2 * BLOCK)
+    scan = emu.check_kernel("warp_scan", 2, BLOCK, x)
+    assert torch.equal(scan, x.view(-1, 32).cumsum(dim=1).reshape(-1))
+    got = emu.check_kernel("group8_broadcast_and_sum", 2, BLOCK, x).view(-1, 8)
+    groups = x.view(-1, 8)
+    expected = groups[:, 3:4].expand(-1, 8).clone()
+    expected[:, 0] += 1000 * groups.sum(dim=1)
+    assert torch.equal(got, expected)
+
+
 def test_returned_threads_count_as_arrived_and_atomics_are_atomic(emu: Emulated) -> None:
     # Half the threads return before the barrier; the others add 1 before and after it. Blocks
     # run on several OS threads, so the float atomicAdd must be a real atomic.

@@ -21,6 +21,29 @@ __global__ void warp_sum(const float* x, float* y) {
   if (threadIdx.x % 32 == 0) y[i / 32] = v;
 }
 
+// y[i] = x[warp's lane 0] + ... + x[i]: an inclusive scan with __shfl_up_sync.
+__global__ void warp_scan(const float* x, float* y) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x % 32;
+  float v = x[i];
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const float up = __shfl_up_sync(0xFFFFFFFFu, v, offset);
+    if (lane >= offset) v += up;
+  }
+  y[i] = v;
+}
+
+// In groups of 8 lanes (width 8): y[i] = x[group's lane 3] (__shfl_sync), plus, on each group's
+// first lane, 1000 times the group's sum (__shfl_down_sync).
+__global__ void group8_broadcast_and_sum(const float* x, float* y) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  float sum = x[i];
+  for (int offset = 4; offset > 0; offset /= 2)
+    sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset, 8);
+  const float third = __shfl_sync(0xFFFFFFFFu, x[i], 3, 8);
+  y[i] = third + (threadIdx.x % 8 == 0 ? 1000.0f * sum : 0.0f);
+}
+
 // Bug: the butterfly starts at 32, a lane outside the warp, so every step is off by one level.
 __global__ void warp_sum_wrong_offset(const float* x, float* y) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -81,6 +104,8 @@ struct Named {
 };
 constexpr Named kKernels[] = {
     {"warp_sum", warp_sum},
+    {"warp_scan", warp_scan},
+    {"group8_broadcast_and_sum", group8_broadcast_and_sum},
     {"warp_sum_wrong_offset", warp_sum_wrong_offset},
     {"warp_sum_wrong_mask", warp_sum_wrong_mask},
     {"block_reverse", block_reverse},
