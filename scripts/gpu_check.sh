@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (torch + nvcc + cmake + ninja + scikit-build-core,
 # no internet): builds lorakit with its CUDA kernels for sm_90, runs every test (the CUDA ones run
-# there) and every benchmark on the GPU. Each step runs even when an earlier one fails; the script
-# exits non-zero when any failed. Everything goes to "$OUT"/gpu_check.log (OUT is set by the device
-# tool; benchmarks/results/ otherwise).
+# there), the CPU emulation of the same kernels (scripts/emulate_cuda.sh) and every benchmark on
+# the GPU. Each step runs even when an earlier one fails; the script exits non-zero when any
+# failed. Everything goes to "$OUT"/gpu_check.log (OUT is set by the device tool;
+# benchmarks/results/ otherwise).
 #
 # Usage (from anywhere): scripts/gpu_check.sh [build] [tests] [bench]   (default: all three)
 # The device tool allows 10 minutes a command: on a warm machine the steps can run as separate
@@ -50,6 +51,8 @@ fi
 if [[ " $wanted " == *" tests "* ]]; then
   # A test module that cannot be imported (bitsandbytes missing) must not stop the others.
   step tests python -m pytest -q --continue-on-collection-errors tests
+  # The same kernels under the CPU emulation, one line each, to set beside the GPU's results.
+  step emulated env PYTHON=python scripts/emulate_cuda.sh
 fi
 if [[ " $wanted " == *" bench "* ]]; then
   for bench in benchmarks/bench_*.py; do

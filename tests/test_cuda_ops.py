@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from conftest import FLOAT_DTYPES, bits
+from cuda_cases import (
+    BLOCKWISE8_BLOCKSIZES,
+    NF4_BLOCKSIZES,
+    SIZES,
+    midpoint_neighbours,
+    special_values,
+)
 from lorakit import ops
-from lorakit.quant import dynamic_map, nf4_code
+from lorakit.quant import dynamic_map
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-NF4_BLOCKSIZES = list(ops.NF4_BLOCKSIZES)
-BLOCKWISE8_BLOCKSIZES = [64, 128, 256, 512, 1024, 2048, 4096]
-# Empty, one value, odd counts, partial last blocks, a tail shorter than a thread's share.
-SIZES = [0, 1, 7, 1000, 4097, 2**20 + 3]
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -28,32 +30,6 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     nan = torch.isnan(expected)
     assert torch.equal(torch.isnan(actual), nan)
     assert torch.equal(bits(actual.masked_fill(nan, 0)), bits(expected.masked_fill(nan, 0)))
-
-
-def special_values(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Random values with zeros, signed zeros, subnormals, ±Inf and NaN sprinkled in; for large
-    n the first 4096 values are zeros, so whole blocks are zero at every blocksize."""
-    w = torch.randn(n) * 3
-    specials = torch.tensor([0.0, -0.0, 1e-39, -1e-40, float("inf"), -float("inf"), float("nan")])
-    zeros = 4096 if n >= 3 * 4096 else 0
-    idx = torch.randint(zeros, n, (40,))
-    w[idx] = specials[torch.arange(idx.numel()) % specials.numel()]
-    w[:zeros] = 0.0
-    return w.to(dtype)
-
-
-def midpoint_neighbours() -> torch.Tensor:
-    """Float32 values on, and 1 or 2 ulps either side of, every NF4 bucket boundary, and the
-    codes themselves."""
-    code = nf4_code()
-    mids = (code[:-1] + code[1:]) / 2.0  # the float32 midpoints the kernels compare against
-    values = [mids, code]
-    for direction in (float("inf"), -float("inf")):
-        step = mids
-        for _ in range(2):
-            step = torch.nextafter(step, torch.full_like(step, direction))
-            values.append(step)
-    return torch.cat(values)
 
 
 # ---- NF4 -------------------------------------------------------------------------------------

@@ -1,13 +1,11 @@
-// Argument checks and the nearest-code rule for the blockwise 8-bit ops, shared by CPU and CUDA.
+// Argument checks for the blockwise 8-bit ops, shared by CPU and CUDA.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-namespace lorakit::blockwise8 {
+#include "blockwise8/blockwise8_code.h"  // kCodeSize, kMinAbsmax
 
-constexpr int64_t kCodeSize = 256;
-// Zero blocks are scaled by this instead of 0, so they map to the code nearest 0, not to NaN.
-constexpr float kMinAbsmax = 1e-38f;
+namespace lorakit::blockwise8 {
 
 // A float32 code of 256 values (checked to be sorted when on the CPU); `op` prefixes errors.
 void check_code(const at::Tensor& code, const char* op);

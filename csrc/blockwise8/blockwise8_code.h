@@ -1,4 +1,5 @@
-// Nearest entry of a sorted 256-value code, shared by the CPU and CUDA kernels.
+// The sorted 256-value code: its size, the smallest scale, and the nearest entry; shared by the
+// CPU and CUDA kernels (torch-free).
 #pragma once
 
 #include <cstdint>
@@ -6,6 +7,10 @@
 #include "nf4/nf4_code.h"  // LORAKIT_HOST_DEVICE
 
 namespace lorakit::blockwise8 {
+
+constexpr int64_t kCodeSize = 256;
+// Zero blocks are scaled by this instead of 0, so they map to the code nearest 0, not to NaN.
+constexpr float kMinAbsmax = 1e-38f;
 
 // midpoints[i] = (code[i] + code[i+1]) / 2 in float32. Returns the first i with x <= midpoints[i]
 // (255 if none): the nearest code, ties to the lower one, NaN to 255 — the same rule as

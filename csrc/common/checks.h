@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/ceil_div.h"
+
 namespace lorakit {
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -25,7 +27,5 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
   TORCH_CHECK(a.device() == b.device(), a_name, " is on ", a.device(), " but ", b_name, " is on ",
               b.device(), "; move them to the same device");
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace lorakit

@@ -9,47 +9,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "common/checks.h"
+#include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
 #include "merge/merge_checks.h"
+#include "merge/merge_kernels.cuh"
 
 namespace lorakit::merge {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxGridY = 65535;
-
-// ---- device code ------------------------------------------------------------------------------
-
-// Grid-stride over rows (y) and columns (x): w[i, j] += scale * sum_k b[i, k] a[k, j] in float32,
-// rounded once. A warp reads 32 consecutive columns of each row of A (coalesced); b[i, k] is the
-// same for the whole warp (a broadcast).
-template <typename scalar_t>
-__global__ void lora_merge_kernel(scalar_t* __restrict__ w, const float* __restrict__ a,
-                                  const float* __restrict__ b, int64_t out, int64_t in, int64_t r,
-                                  float scale) {
-  for (int64_t i = blockIdx.y; i < out; i += gridDim.y) {
-    for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < in;
-         j += int64_t{gridDim.x} * blockDim.x) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < r; ++k) acc += b[i * r + k] * a[k * in + j];
-      scalar_t& x = w[i * in + j];
-      x = static_cast<scalar_t>(static_cast<float>(x) + scale * acc);
-    }
-  }
-}
-
-// ---- launcher -----------------------------------------------------------------------------------
-
-template <typename scalar_t>
-void launch_merge(scalar_t* w, const float* a, const float* b, int64_t out, int64_t in, int64_t r,
-                  float scale, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(in, kThreads), 1024)),
-                  static_cast<unsigned>(std::min(out, kMaxGridY)));
-  lora_merge_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(w, a, b, out, in, r, scale);
-}
 
 // ---- glue ---------------------------------------------------------------------------------------
 
@@ -62,9 +29,9 @@ void lora_merge_cuda(at::Tensor& weight, const at::Tensor& lora_a, const at::Ten
   const at::Tensor b = lora_b.to(at::kFloat).contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LORAKIT_DISPATCH_FLOAT(weight.scalar_type(), "lora_merge_cuda", [&] {
-    launch_merge(weight.mutable_data_ptr<scalar_t>(), a.const_data_ptr<float>(),
-                 b.const_data_ptr<float>(), weight.size(0), weight.size(1), r,
-                 static_cast<float>(scale), stream);
+    launch_merge(StreamLaunch{stream}, weight.mutable_data_ptr<scalar_t>(),
+                 a.const_data_ptr<float>(), b.const_data_ptr<float>(), weight.size(0),
+                 weight.size(1), r, static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

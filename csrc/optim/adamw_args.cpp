@@ -47,18 +47,7 @@ AdamWScalars make_scalars(const AdamWHyper& h) {
   TORCH_CHECK(h.step >= 1, "AdamW: step counts from 1, got ", h.step);
   TORCH_CHECK(std::isfinite(h.grad_scale) && h.grad_scale >= 0.0,
               "AdamW: grad_scale must be finite and >= 0, got ", h.grad_scale);
-  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
-  const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
-  return AdamWScalars{
-      .decay = static_cast<float>(1.0 - h.lr * h.weight_decay),
-      .one_minus_b1 = static_cast<float>(1.0 - h.beta1),
-      .beta2 = static_cast<float>(h.beta2),
-      .one_minus_b2 = static_cast<float>(1.0 - h.beta2),
-      .neg_step_size = static_cast<float>(-(h.lr / bc1)),
-      .bc2_sqrt = static_cast<float>(std::sqrt(bc2)),
-      .eps = static_cast<float>(h.eps),
-      .grad_scale = static_cast<float>(h.grad_scale),
-  };
+  return scalars_of(h);
 }
 
 void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,

@@ -4,14 +4,9 @@
 #include <ATen/core/Tensor.h>
 
 #include "optim/adamw_kernels.h"
+#include "optim/adamw_scalars.h"
 
 namespace lorakit::optim {
-
-struct AdamWHyper {
-  double lr, beta1, beta2, eps, weight_decay;
-  int64_t step;
-  double grad_scale;
-};
 
 // Checks the hyperparameters and returns the float32 constants of this step.
 AdamWScalars make_scalars(const AdamWHyper& h);
