@@ -56,18 +56,18 @@ def to_prompt(row: dict[str, Any], tokenizer: ChatTokenizer) -> Prompt:
         ValueError: neither a non-empty ``prompt`` string nor ``messages`` with a turn before
             the answer.
     """
-    if "prompt" in row:
+    # A file mixing both layouts reads back with None in the column a row lacks.
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+    if row.get("prompt") is not None:
         raw: str | list[dict[str, str]] = text_field(row, "prompt")
         text = raw
-        rest = {k: v for k, v in row.items() if k != "prompt"}
-    elif "messages" in row:
+    elif row.get("messages") is not None:
         messages = check_messages(row["messages"])
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:
             raise ValueError("'messages' has no turn before the assistant's answer")
         raw, text = messages, render_messages(messages, tokenizer)
-        rest = {k: v for k, v in row.items() if k != "messages"}
     else:
         raise ValueError(
             f"a prompt row needs a 'prompt' string or chat 'messages'; found {sorted(row)}"
