@@ -84,10 +84,11 @@ def test_reward_rises_while_kl_stays_bounded(tmp_path) -> None:
     assert len(rows) == 12 and result.saved.name == "adapter"
     first = sum(r["reward_mean"] for r in rows[:3]) / 3
     last = sum(r["reward_mean"] for r in rows[-3:]) / 3
-    # Chance is about 4 tokens x 1/23 words = 0.17; measured: 0.15 -> 0.8 over 12 steps.
+    # Chance is about 4 tokens x 1/23 words = 0.17. Measured (seed 0): 0.15 over the first three
+    # steps, 0.52 over the last three (1.0 at step 8; the constant lr 1e-2 overshoots after).
     assert first < 0.4 and last > first + 0.3, (first, last)
     assert rows[0]["kl"] == 0.0  # the first rollout's policy is the base (LoRA B = 0)
-    # The k3 KL per token stays a few nats at most with beta 0.1 (it grows to about 1).
+    # The k3 KL per token with beta 0.1: measured at most 1.63 (step 7).
     assert all(0.0 <= r["kl"] < 3.0 for r in rows)
     for name in (
         "entropy",
