@@ -143,6 +143,37 @@ def sequence_logprobs(
     return total.index_add(0, scored.nonzero()[:, 0], token_logprobs)
 
 
+def token_logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Per-token ``log p(labels[:, t] | labels[:, :t])`` from a model's logits, aligned with
+    ``labels`` (position 0, which nothing predicts, and :data:`IGNORE` labels give 0): the
+    log-probs of sampled completion tokens that PPO and GRPO compare between policies.
+
+    Memory as :func:`sequence_logprobs_from_logits` (no float32 copy of the logits, no softmax
+    kept for backward).
+
+    Args:
+        logits: (batch, n, vocab); ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+        labels: (batch, n) token ids, :data:`IGNORE` where not scored.
+        chunk_tokens: positions per chunk.
+
+    Returns:
+        (batch, n) float32 (float64 for float64 logits), differentiable with respect to
+        ``logits``.
+    """
+    _check_shapes("token_logprobs_from_logits", logits, labels)
+    _check_chunk(chunk_tokens)
+    batch, n, vocab = logits.shape
+    # Position t predicts labels[:, t + 1]; the last position predicts nothing. Shifting the
+    # targets, not the logits, keeps the logits a view (no copy).
+    targets = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE)], dim=1)
+    predicted = _TargetLogprobs.apply(
+        logits.reshape(batch * n, vocab), targets.flatten(), chunk_tokens
+    ).view(batch, n)
+    return F.pad(predicted[:, :-1], (1, 0))
+
+
 def sequence_logprobs_from_logits(
     logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
@@ -162,13 +193,4 @@ def sequence_logprobs_from_logits(
         (batch,) float32 (float64 for float64 logits), differentiable with respect to
         ``logits``.
     """
-    _check_shapes("sequence_logprobs_from_logits", logits, labels)
-    _check_chunk(chunk_tokens)
-    batch, n, vocab = logits.shape
-    # Position t predicts labels[:, t + 1]; the last position predicts nothing. Shifting the
-    # targets, not the logits, keeps the logits a view (no copy).
-    targets = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE)], dim=1)
-    token_logprobs = _TargetLogprobs.apply(
-        logits.reshape(batch * n, vocab), targets.flatten(), chunk_tokens
-    )
-    return token_logprobs.view(batch, n).sum(dim=1)
+    return token_logprobs_from_logits(logits, labels, chunk_tokens).sum(dim=1)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.recipes import compare, demo, dpo, merge, reward, sft
+from lorakit.recipes import compare, demo, dpo, grpo, merge, reward, sft
 from lorakit.recipes.common import RunConfig, summary
 from lorakit.recipes.pretrain import PretrainConfig
 from lorakit.train import distributed
@@ -88,6 +88,15 @@ COMMANDS: dict[str, Command] = {
         dpo.__doc__,
         distributed=True,
     ),
+    # ---- reinforcement learning (rollout loops)
+    "grpo": Command(
+        "GRPO: sample groups of completions, score them with a reward function, clipped updates",
+        grpo.GRPOConfig,
+        grpo.main,
+        TRAINING_REQUIRED | {"reward_function"},
+        grpo.__doc__,
+    ),
+    # ----
     "compare": Command(
         "fine-tune one small model on one task with every method; tabulate cost and loss",
         compare.CompareConfig,

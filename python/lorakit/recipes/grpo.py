@@ -1,0 +1,155 @@
+"""``lorakit grpo``: group relative policy optimisation against a verifiable reward.
+
+The policy is a LoRA / QLoRA adapter on one frozen base (start from a merged SFT model, or
+continue an SFT adapter with ``--init-adapter``); the reference is the same model with its
+adapters disabled, so the base exists once in memory. Prompts come from ``--data`` (a ``prompt``
+column, or chat ``messages`` without the final assistant turn); the reward is a Python function
+``module:function(prompts, completions, **other_columns) -> rewards``, e.g. one that checks an
+``answer`` column. See :mod:`lorakit.train.grpo` for the loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit.data.prompts import Prompt, load_prompts
+from lorakit.generation import SamplingOptions
+from lorakit.models import load_model, load_tokenizer
+from lorakit.peft import AdapterReport, load_adapter
+from lorakit.peft.inject import count_parameters
+from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
+from lorakit.train.grpo import GRPOOptions, GRPOTrainer, RewardFunction
+from lorakit.train.trainer import TrainResult
+
+# Methods whose policy is an adapter that can be switched off for the reference.
+METHODS = ("lora", "qlora")
+
+
+@dataclass
+class InitOptions:
+    """Where the policy's adapter starts."""
+
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "Continue this LoRA adapter (e.g. lorakit sft's out/adapter) instead of a "
+            "new one, on the base as loaded (not quantized); the reference is the base without it."
+        },
+    )
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    """GRPO: the model, the adapter, the prompts, the loop, the sampling and the GRPO loss."""
+
+    grpo: GRPOOptions = field(default_factory=GRPOOptions)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    init: InitOptions = field(default_factory=InitOptions)
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """The function ``spec`` names: ``package.module:function`` (importable) or
+    ``path/to/file.py:function``.
+
+    Raises:
+        ValueError: a malformed name, or a module or function that cannot be found.
+    """
+    module_name, sep, name = spec.rpartition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(
+            f"--reward-function {spec!r}: expected module:function or file.py:function"
+        )
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ValueError(f"--reward-function: {path} does not exist")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--reward-function {spec!r}: cannot import {module_name}: {e}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"--reward-function {spec!r}: {module_name} has no function {name!r}")
+    return function
+
+
+def _check(config: GRPOConfig) -> None:
+    if config.model.method not in METHODS:
+        raise ValueError(
+            f"GRPO trains an adapter (--method {' or '.join(METHODS)}); the reference is the "
+            f"base with it disabled, got --method {config.model.method}"
+        )
+    if not config.grpo.reward_function:
+        raise ValueError("missing --reward-function (module:function)")
+
+
+def prepare_policy(model: nn.Module, config: GRPOConfig) -> AdapterReport:
+    """Makes ``model`` a trainable policy: a new adapter (``config.model.method``) or the one
+    ``--init-adapter`` names, loaded trainable."""
+    if not config.init.init_adapter:
+        return make_trainable(model, config)
+    load_adapter(model, config.init.init_adapter, trainable=True)
+    trainable, total = count_parameters(model)
+    return AdapterReport([], trainable, total)
+
+
+@dataclass(frozen=True)
+class GRPOResult:
+    train: TrainResult
+    saved: Path
+    last: dict[str, Any]
+    """The last step's metrics record."""
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    config: GRPOConfig,
+    prompts: list[Prompt],
+    reward: RewardFunction,
+) -> GRPOResult:
+    """Trains an already loaded ``model`` with GRPO on ``prompts`` and ``reward`` as ``config``
+    says, and saves the adapter."""
+    _check(config)
+    prepare_policy(model, config)
+    result = GRPOTrainer(
+        model, tokenizer, config.train, config.grpo, config.sampling, prompts, reward
+    ).fit()
+    save_result(model, tokenizer, config)
+    lines = result.metrics.read_text().splitlines()
+    return GRPOResult(result, result_path(config), json.loads(lines[-1]) if lines else {})
+
+
+def run(config: GRPOConfig) -> GRPOResult:
+    """Loads ``config.model.model`` and trains it with GRPO; the reward function and the prompts
+    are checked before the model is loaded."""
+    _check(config)
+    reward = load_reward_function(config.grpo.reward_function)
+    tokenizer = load_tokenizer(config.model)
+    prompts = load_prompts(config.data.data, tokenizer)
+    return train(load_model(config.model), tokenizer, config, prompts, reward)
+
+
+def main(config: GRPOConfig) -> str:
+    """``lorakit grpo``: what it prints when done."""
+    result = run(config)
+    last = result.last
+    return "\n".join(
+        [
+            f"trained {result.train.steps} GRPO steps in {result.train.seconds:.0f} s; last "
+            f"reward {last.get('reward_mean', float('nan')):.3f} (std "
+            f"{last.get('reward_std', float('nan')):.3f}), KL {last.get('kl', 0.0):.4f}",
+            f"saved {result.saved}; metrics {result.train.metrics}; plot {result.train.plot}",
+        ]
+    )

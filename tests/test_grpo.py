@@ -1,0 +1,249 @@
+"""`lorakit grpo` end to end on a tiny Llama and a verifiable reward (completions that contain
+the word "five"): the reward rises while the KL stays bounded, a resumed run repeats the
+uninterrupted one, a NaN reward stops with a clear error, prompts come from both formats, and
+per-token completion log-probs equal a plain forward pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.cli import main
+from lorakit.data.prompts import Prompt, load_prompts
+from lorakit.generation import SamplingOptions, sample
+from lorakit.models import ModelConfig
+from lorakit.peft import disable_adapters
+from lorakit.recipes import grpo
+from lorakit.train import TrainConfig
+from lorakit.train.grpo import GRPOOptions
+from lorakit.train.policy import completion_logprobs, reference_logprobs
+from sft_helpers import llama, saved_model, tokenizer
+
+TARGET = "five"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these are tiny matmuls, and on a loaded 2-core machine the native
+    LoRA ops' thread pool made a 4-step run take 26 s instead of 5 s (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = [Prompt(f"question : {w} ?", f"question : {w} ?") for w in ("one", "two", "three", "a")]
+
+
+def contains_target(prompts: list, completions: list[str], **_: object) -> list[float]:
+    return [float(TARGET in c.split()) for c in completions]
+
+
+def policy():
+    """A tiny random Llama whose head is scaled up: at Llama's init (std 0.02) the logits of a
+    32-wide model are almost uniform and a LoRA on the blocks barely moves them."""
+    tok = tokenizer()
+    model = llama(tok)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model, tok
+
+
+def config(out, steps: int, lr: float = 1e-2, **options) -> grpo.GRPOConfig:
+    return grpo.GRPOConfig(
+        model=ModelConfig(method="lora"),
+        train=TrainConfig(
+            out=str(out),
+            max_steps=steps,
+            batch_size=4,
+            lr=lr,
+            schedule="constant",
+            warmup=0.0,
+            progress=False,
+            save_every=2,
+        ),
+        grpo=GRPOOptions(**{"reward_function": "tests:unused", "group_size": 4, **options}),
+        sampling=SamplingOptions(max_new_tokens=4),
+    )
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_rises_while_kl_stays_bounded(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, tok = policy()
+    result = grpo.train(
+        model, tok, config(tmp_path, 12, updates=2, beta=0.1), PROMPTS, contains_target
+    )
+    rows = records(tmp_path)
+    assert len(rows) == 12 and result.saved.name == "adapter"
+    first = sum(r["reward_mean"] for r in rows[:3]) / 3
+    last = sum(r["reward_mean"] for r in rows[-3:]) / 3
+    # Chance is about 4 tokens x 1/23 words = 0.17. Measured (seed 0): 0.15 over the first three
+    # steps, 0.52 over the last three (1.0 at step 8; the constant lr 1e-2 overshoots after).
+    assert first < 0.4 and last > first + 0.3, (first, last)
+    assert rows[0]["kl"] == 0.0  # the first rollout's policy is the base (LoRA B = 0)
+    # The k3 KL per token with beta 0.1: measured at most 1.63 (step 7).
+    assert all(0.0 <= r["kl"] < 3.0 for r in rows)
+    for name in (
+        "entropy",
+        "clip_fraction",
+        "completion_length",
+        "rollout_tokens_per_s",
+        "train_s",
+        "reward_std",
+        "approx_kl",
+        "zero_std_fraction",
+    ):
+        assert all(name in r for r in rows), name
+    assert (tmp_path / "metrics.png").is_file()
+
+
+def _interrupting(after: int):
+    calls = {"n": 0}
+
+    def reward(prompts, completions, **columns):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise KeyboardInterrupt
+        return contains_target(prompts, completions)
+
+    return reward
+
+
+def test_resumed_run_repeats_the_uninterrupted_run(tmp_path) -> None:
+    def run(out, reward):
+        torch.manual_seed(0)
+        model, tok = policy()
+        grpo.train(model, tok, config(out, 4, updates=2, minibatches=2), PROMPTS, reward)
+
+    run(tmp_path / "straight", contains_target)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", _interrupting(after=3))  # dies in step 4, checkpoint at 2
+    run(tmp_path / "resumed", contains_target)
+    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        for name in ("reward_mean", "loss", "kl", "entropy", "clip_fraction", "completion_length"):
+            assert a[name] == b[name], (a["step"], name)
+
+
+def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    calls = {"n": 0}
+
+    def reward(prompts, completions, **_):
+        calls["n"] += 1
+        values = contains_target(prompts, completions)
+        return values if calls["n"] <= 2 else [float("nan"), *values[1:]]
+
+    model, tok = policy()
+    with pytest.raises(
+        ValueError,
+        match=r"step 3: the reward function returned nan .*"
+        r"last checkpoint: .*checkpoint-2",
+    ):
+        grpo.train(model, tok, config(tmp_path, 4), PROMPTS, reward)
+
+
+def _plain_logprobs(model, ids: torch.Tensor, prompt_len: int, temperature: float):
+    """Log-probs of ``ids[prompt_len:]`` from one forward pass of the unpadded row, the softmax
+    in float64."""
+    logits = model(ids[None]).logits[0].double() / temperature
+    logp = F.log_softmax(logits, -1)[prompt_len - 1 : -1]
+    return logp.gather(-1, ids[prompt_len:, None])[:, 0]
+
+
+@torch.no_grad()
+def test_completion_logprobs_equal_a_plain_forward_pass() -> None:
+    torch.manual_seed(0)
+    model, tok = policy()
+    grpo.prepare_policy(model, config("unused", 1))
+    for name, p in model.named_parameters():  # make the adapter matter: policy != reference
+        if "lora_B" in name:
+            p.normal_(0, 0.05)
+    model.eval()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("one two", "question : a ?")]
+    sampling = SamplingOptions(max_new_tokens=5, temperature=0.7)
+    rollout = sample(model, prompts, 2, sampling, tok.pad_token_id, tok.eos_token_id)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.completion_mask)
+    ours, entropy = completion_logprobs(model, *args, temperature=0.7, with_entropy=True)
+    ref = reference_logprobs(model, *args, temperature=0.7)
+    assert not torch.allclose(ours, ref)
+    for row, prompt in enumerate(p for p in prompts for _ in range(2)):
+        length = int(rollout.completion_mask[row].sum())
+        start = rollout.prompt_len - len(prompt)  # the row without its left padding
+        ids = rollout.input_ids[row, start : rollout.prompt_len + length]
+        expected = _plain_logprobs(model, ids, len(prompt), 0.7)
+        with disable_adapters(model):
+            expected_ref = _plain_logprobs(model, ids, len(prompt), 0.7)
+        # float32 forward passes with and without padding: rounding only.
+        torch.testing.assert_close(ours[row, :length].double(), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ref[row, :length].double(), expected_ref, rtol=0, atol=1e-5)
+        assert (ours[row, length:] == 0).all() and (entropy[row, length:] == 0).all()
+    assert (entropy[rollout.completion_mask.bool()] > 0).all()
+
+
+def test_prompts_from_prompt_rows_and_chat_messages(tmp_path) -> None:
+    tok = tokenizer()
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "question : one ?", "answer": "two"},
+        {
+            "messages": [
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "world"},
+            ],
+            "answer": "x",
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = load_prompts([str(path)], tok)
+    assert first.text == "question : one ?" and first.columns == {"answer": "two"}
+    assert second.raw == [{"role": "user", "content": "hello"}]  # the answer turn is dropped
+    assert second.text == "<|user|>\nhello\n<|assistant|>\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: a prompt row needs"):
+        load_prompts([str(bad)], tok)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_cli_grpo_runs_and_reports_mistakes(tmp_path, capsys, method) -> None:
+    model_dir = saved_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "def contains_five(prompts, completions):\n"
+        "    return [float('five' in c.split()) for c in completions]\n"
+    )
+    argv = [
+        "grpo",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--method",
+        method,
+        "--out",
+        str(tmp_path / "out"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
+    assert main([*argv, "--reward-function", f"{reward}:contains_five"]) == 0
+    assert "trained 2 GRPO steps" in capsys.readouterr().out
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert main([*argv, "--reward-function", f"{reward}:missing"]) == 2
+    assert "has no function 'missing'" in capsys.readouterr().err
