@@ -262,5 +262,6 @@ def _alignment_lines(a: AlignmentReport | None) -> list[str]:
         "held-out questions, greedy exact match, DPO on the SFT model (merged, in NF4):",
         f"  before DPO: {a.heldout_sft:6.1%}",
         f"  after DPO:  {a.heldout_dpo:6.1%}",
+        f"  (the questions DPO's pairs are about: {a.own_sft:.1%} before, {a.own_dpo:.1%} after)",
         f"reward adapter: {a.reward_adapter}; DPO adapter: {a.dpo_adapter}",
     ]
