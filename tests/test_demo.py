@@ -26,7 +26,7 @@ def test_heldout_questions_are_about_countries_sft_never_mentions() -> None:
 def test_reduced_demo_runs_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--pretrain-epochs", "1", "--sft-epochs", "1"]
-    argv += ["--reward-epochs", "1", "--dpo-epochs", "1"]
+    argv += ["--reward-epochs", "1", "--dpo-epochs", "1", "--grpo-steps", "2"]
     assert main([*argv, "--hidden", "32", "--layers", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     before = re.search(r"before QLoRA SFT:\s+([\d.]+)%", printed)
@@ -41,3 +41,5 @@ def test_reduced_demo_runs_end_to_end(tmp_path, capsys) -> None:
         assert re.search(rf"{stage}:\s+[\d.]+%", printed), stage
     assert (out / "reward" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "dpo" / "adapter" / "adapter_model.safetensors").exists()
+    assert re.search(r"GRPO from the SFT model, 2 steps: mean reward [\d.]+ \(step 1\)", printed)
+    assert (out / "grpo" / "adapter" / "adapter_model.safetensors").exists()

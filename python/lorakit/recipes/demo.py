@@ -57,6 +57,13 @@ class DemoConfig:
         default=10, metadata={"help": "Passes of the reward model over the preference pairs."}
     )
     dpo_epochs: float = field(default=10, metadata={"help": "Passes of DPO over the pairs."})
+    grpo_steps: int = field(
+        default=30,
+        metadata={
+            "help": "GRPO steps from the SFT model on the SFT questions, rewarded when the "
+            "answer names the true fact; 0: no GRPO stage."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
     threads: int = field(
         default=1,
@@ -207,7 +214,14 @@ def _run(config: DemoConfig) -> DemoReport:
     if config.preferences:
         epochs = (config.reward_epochs, config.dpo_epochs)
         alignment = demo_alignment.run(
-            base.saved, trained.saved, out, epochs, config.lora_r, config.seed, config.progress
+            base.saved,
+            trained.saved,
+            out,
+            epochs,
+            config.lora_r,
+            config.seed,
+            config.progress,
+            config.grpo_steps,
         )
         seconds.update(alignment.seconds)
     return DemoReport(
@@ -264,4 +278,15 @@ def _alignment_lines(a: AlignmentReport | None) -> list[str]:
         f"  after DPO:  {a.heldout_dpo:6.1%}",
         f"  (the questions DPO's pairs are about: {a.own_sft:.1%} before, {a.own_dpo:.1%} after)",
         f"reward adapter: {a.reward_adapter}; DPO adapter: {a.dpo_adapter}",
+        *_grpo_lines(a),
+    ]
+
+
+def _grpo_lines(a: AlignmentReport) -> list[str]:
+    if a.heldout_grpo is None:
+        return []
+    first, last = a.grpo_curve[0], a.grpo_curve[-1]
+    return [
+        f"GRPO from the SFT model, {last[0]} steps: mean reward {first[1]:.2f} (step 1) -> "
+        f"{last[1]:.2f}, KL {last[2]:.3f}; held-out questions after GRPO: {a.heldout_grpo:.1%}",
     ]
