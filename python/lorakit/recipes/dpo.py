@@ -23,6 +23,7 @@ from torch import nn
 
 from lorakit.data import Pair, PreparedPairs, collate_pairs, prepare_preferences
 from lorakit.losses import DPOLossType
+from lorakit.losses.dpo import check_options
 from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
@@ -60,6 +61,9 @@ class DPOOptions:
             "(no reference forward pass per step; with --method full, no frozen copy)."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_options(self.beta, self.loss_type, self.label_smoothing)
 
 
 @dataclass
