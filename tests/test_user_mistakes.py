@@ -170,7 +170,7 @@ def test_configs_refuse_nan_in_python_too() -> None:
         LoraConfig(r=True)
     with pytest.raises(ValueError, match="mix shares must be > 0, got nan"):
         DataConfig(data=["a"], mix=[math.nan])
-    with pytest.raises(ValueError, match="max_steps must be an integer, got 2.5"):
+    with pytest.raises(ValueError, match=r"max_steps must be an integer, got 2\.5"):
         TrainConfig(max_steps=2.5)
     with pytest.raises(ValueError, match="every row would be dropped"):
         DataConfig(min_tokens=10, max_tokens=5)
