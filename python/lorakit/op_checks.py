@@ -118,14 +118,18 @@ def adapter(
 
 def _matches_x(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} is {t.dtype} but x is {x.dtype}")
-    torch._check(t.device == x.device, lambda: f"{op}: {name} is on {t.device}, x on {x.device}")
+    torch._check(
+        t.device == x.device, lambda: f"{op}: {name} is on device {t.device}, x on {x.device}"
+    )
 
 
 def dense_weight(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be (out, in)")
     torch._check(weight.shape[1] == x.shape[-1], lambda: f"{op}: weight and x do not fit")
     torch._check(weight.dtype == x.dtype, lambda: f"{op}: weight is {weight.dtype}, x {x.dtype}")
-    torch._check(weight.device == x.device, lambda: f"{op}: weight is on {weight.device}, x not")
+    torch._check(
+        weight.device == x.device, lambda: f"{op}: weight is on device {weight.device}, x not"
+    )
 
 
 def nf4_weight(
