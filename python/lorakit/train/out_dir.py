@@ -72,9 +72,14 @@ def claim(out: Path) -> Iterator[None]:
 
 
 def _lock(out: Path) -> tuple[TextIO | None, str | None]:
-    out.mkdir(parents=True, exist_ok=True)
-    # "a+" neither truncates the holder's note before the lock is ours nor fails if absent.
-    handle = (out / LOCK).open("a+", encoding="utf-8")
+    """The open, locked lock file, or the error to raise on every rank (none raised here:
+    the other ranks wait for the broadcast)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # "a+" neither truncates the holder's note before the lock is ours nor fails if absent.
+        handle = (out / LOCK).open("a+", encoding="utf-8")
+    except OSError as e:
+        return None, f"cannot write to {out}: {e}"
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
