@@ -80,7 +80,11 @@ class TrainConfig:
     )
     resume: bool = field(
         default=True,
-        metadata={"help": "Continue from the latest checkpoint in out, if there is one."},
+        metadata={
+            "help": "Continue from the latest checkpoint in out, if there is one (refused if an "
+            "option that changes the result differs from the checkpoint's); --no-resume starts "
+            "afresh and deletes out's checkpoints."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and init."})
     log_every: int = field(default=1, metadata={"help": "Write metrics every N steps."})
