@@ -35,7 +35,10 @@ def check_number(
     if high is not None:
         ok = ok and (value < high if high_open else value <= high)
     if not ok:
-        rule = _describe(low, high, low_open, high_open)
+        positive_integer = integer and low == 1 and high is None and not low_open
+        rule = (
+            "a positive integer" if positive_integer else _describe(low, high, low_open, high_open)
+        )
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 

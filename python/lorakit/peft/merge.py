@@ -39,8 +39,8 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> int:
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is already merged; unmerge it first")
     for layer in layers:  # every check first, so that a refusal leaves the model as it was
+        layer.check_merge(layer.active_adapter)  # refuses the kinds that do not merge
         check_finite(layer)
-        layer.check_merge(layer.active_adapter)
     for layer in layers:
         layer.merge()
     return len(layers)
