@@ -133,6 +133,20 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
     assert not (out / "adapter").exists()  # no result saved from a diverged model
 
 
+def test_nan_parameters_without_clipping_never_reach_a_checkpoint(
+    tmp_path, model_dir, data, capsys, monkeypatch
+) -> None:
+    # --max-grad-norm 0: no norm is computed, so the infinite gradient of step 2 is applied.
+    out = tmp_path / "out"
+    poison_gradient_at(monkeypatch, 2)
+    argv = run(
+        model_dir, data, out, "--max-steps", "4", "--save-every", "1", "--max-grad-norm", "0"
+    )
+    err = one_line_error(capsys, argv, "diverged at step 2: a parameter is NaN or infinite")
+    assert f"the last checkpoint is {out / 'checkpoint-1'}" in err
+    assert (out / "latest").read_text() == "checkpoint-1"
+
+
 def test_diverged_is_a_value_error_for_the_python_api() -> None:
     assert issubclass(Diverged, ValueError) and issubclass(Interrupted, KeyboardInterrupt)
 

@@ -108,6 +108,7 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.main = self.rank == 0
         params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer_params = params
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = AdamW(
@@ -191,9 +192,9 @@ class Trainer:
 
     def _diverged(self, step: int, why: str) -> Diverged:
         return Diverged(
-            f"training diverged at step {step + 1}: {why}, so no parameter was updated and no "
-            f"checkpoint written; {_last_checkpoint(self.out)} (try a lower --lr or "
-            "--max-grad-norm, or check the data)"
+            f"training diverged at step {step + 1}: {why}; no checkpoint of it was written, "
+            f"{_last_checkpoint(self.out)} (try a lower --lr or --max-grad-norm, or check the "
+            "data)"
         )
 
     @torch.no_grad()
@@ -249,6 +250,11 @@ class Trainer:
         return state
 
     def _save(self, step: int, state: dict[str, Any]) -> None:
+        # Without clipping no gradient norm is computed, so a NaN gradient with a finite loss
+        # reaches the parameters unseen; it must not reach a checkpoint. Every rank holds the
+        # same parameters (DDP), so all stop together.
+        if not all(bool(torch.isfinite(p).all()) for p in self.optimizer_params):
+            raise self._diverged(step - 1, "a parameter is NaN or infinite after the update")
         state = {
             **state,
             "step": step,
