@@ -101,8 +101,8 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(inputs, tmp_path
     # one summary, and each rank's RNG in the checkpoint (written by rank 0).
     assert printed.count("trained 4 steps") == 1
     names = sorted(p.name for p in ddp.iterdir())
-    assert names == ["adapter", "checkpoint-2", "checkpoint-4", "latest", "loss.png",
-                     "metrics.jsonl"]  # fmt: skip
+    assert names == [".lorakit.lock", "adapter", "checkpoint-2", "checkpoint-4", "latest",
+                     "loss.png", "metrics.jsonl"]  # fmt: skip
     saved = sorted(p.name for p in (ddp / "checkpoint-4").iterdir())
     assert "rng.safetensors" in saved and "rng-rank1.safetensors" in saved
     trainer_state = json.loads((ddp / "checkpoint-4" / "trainer.json").read_text())

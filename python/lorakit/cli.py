@@ -54,13 +54,21 @@ def _run(name: str, args: argparse.Namespace) -> str:
         return command.run(config)
 
 
+def _one_line(error: BaseException) -> str:
+    """The message on one line (libraries' messages may span several)."""
+    return " ".join(str(error).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         text = _run(args.command, args)
     except (ValueError, RuntimeError, OSError) as e:  # user mistakes get one line, no traceback
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: the shell's convention is 128 + SIGINT
+        print(f"lorakit {args.command}: {_one_line(e) or 'interrupted'}", file=sys.stderr)
+        return 130
     if text:
         print(text)
     return 0

@@ -121,19 +121,65 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _flatten(cls: type, loaded: dict[str, Any], source: str) -> dict[str, Any]:
-    leaves = _leaf_fields(cls)
-    groups = {g for g, *_ in leaves}
+    leaves = {name: tp for _, name, _, tp in _leaf_fields(cls)}
+    groups = {g for g, *_ in _leaf_fields(cls)}
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
         if key in groups and isinstance(value, dict):
             for sub, v in value.items():
                 flat[f"{key}_{sub}" if key in PREFIXED else sub] = v
         else:
-            flat[key.replace("-", "_")] = value
-    unknown = sorted(set(flat) - {name for _, name, _, _ in leaves})
+            flat[str(key).replace("-", "_")] = value
+    unknown = sorted(set(flat) - set(leaves))
     if unknown:
         raise ValueError(f"{source}: unknown options {unknown}")
-    return flat
+    try:
+        return {name: _convert(name, leaves[name], value) for name, value in flat.items()}
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _convert(name: str, tp: Any, value: Any) -> Any:
+    """A YAML value as the command line would give it for an option of type ``tp``: strings
+    converted by the type as argparse converts them (PyYAML reads ``1e-3`` as a string), and
+    anything else of the wrong type refused with the option's name."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} needs a value, got null")
+    origin = get_origin(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        converted = _scalar(name, type(choices[0]), value)
+        if converted not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        return converted
+    if origin in (typing.Union, types.UnionType):  # list[str] | str: a list, or one string
+        lists = [a for a in get_args(tp) if get_origin(a) is list]
+        if not isinstance(value, list) and str in get_args(tp):
+            return _scalar(name, str, value)
+        tp, origin = lists[0], list
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_scalar(name, get_args(tp)[0], item) for item in items]
+    return _scalar(name, tp, value)
+
+
+def _scalar(name: str, tp: type, value: Any) -> Any:
+    kind = {int: "an integer", float: "a number", str: "a string"}.get(tp, tp.__name__)
+    if isinstance(value, bool | list | dict) or (tp is str and not isinstance(value, str)):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if tp is int and isinstance(value, float):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
 
 
 def build(
@@ -161,6 +207,15 @@ def build(
     try:
         if groups is None:
             return cls(**kwargs.get("", {}))
-        return cls(**{g: sub(**kwargs.get(g, {})) for g, sub in groups.items()})
+        return cls(**{g: _group(g, sub, kwargs.get(g, {})) for g, sub in groups.items()})
     except TypeError as e:
         raise ValueError(str(e)) from None
+
+
+def _group(name: str, cls: type, kwargs: dict[str, Any]) -> Any:
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # its fields are options only with the group's prefix (--lora-r)
+        if name in PREFIXED:
+            raise ValueError(f"{name}: {e}") from None
+        raise

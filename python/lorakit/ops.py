@@ -12,13 +12,9 @@ from collections.abc import Sequence
 import torch
 
 import lorakit._native  # noqa: F401  (loads the library that defines torch.ops.lorakit)
-
-NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _ceil_div(a: int | torch.SymInt, b: int) -> int | torch.SymInt:
-    return (a + b - 1) // b
-
+from lorakit import op_checks as check
+from lorakit.op_checks import NF4_BLOCKSIZES as NF4_BLOCKSIZES  # re-exported for configs
+from lorakit.op_checks import ceil_div as _ceil_div
 
 # ---- NF4 ---------------------------------------------------------------------------------------
 
@@ -70,7 +66,8 @@ def nf4_dequantize(
 
 @torch.library.register_fake("lorakit::nf4_quantize")
 def _nf4_quantize_fake(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    torch._check(blocksize in NF4_BLOCKSIZES, lambda: f"unsupported blocksize {blocksize}")
+    check.float_tensor("nf4_quantize", w, "w")
+    check.nf4_blocksize(blocksize)
     n = w.numel()
     packed = w.new_empty((_ceil_div(n, 2),), dtype=torch.uint8)
     absmax = w.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
@@ -85,6 +82,7 @@ def _nf4_dequantize_fake(
     shape: Sequence[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
+    check.nf4_dequantize("nf4_dequantize", packed, absmax, blocksize, shape, dtype)
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -127,6 +125,8 @@ def blockwise8_dequantize(
 def _blockwise8_quantize_fake(
     x: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check.float_tensor("blockwise8_quantize", x, "x")
+    check.blockwise8("blockwise8_quantize", x, None, code, blocksize)
     q = torch.empty_like(x, dtype=torch.uint8)
     return q, x.new_empty((_ceil_div(x.numel(), blocksize),), dtype=torch.float32)
 
@@ -135,6 +135,10 @@ def _blockwise8_quantize_fake(
 def _blockwise8_dequantize_fake(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
+    op = "blockwise8_dequantize"
+    torch._check(q.dtype == torch.uint8, lambda: f"{op}: q must be uint8, got {q.dtype}")
+    check.blockwise8(op, q, absmax, code, blocksize)
+    torch._check(dtype in check.FLOATS, lambda: f"{op}: dtype must be a float type, got {dtype}")
     return torch.empty_like(q, dtype=dtype)
 
 
@@ -226,21 +230,16 @@ def adamw8bit_step_(
     )
 
 
-def _check_one_device(op: str, tensors: Sequence[object]) -> None:
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    torch._check(len(devices) == 1, lambda: f"{op}: tensors on several devices: {devices}")
-
-
 # The steps mutate their inputs in place and return nothing; the fakes only check devices, as
 # the kernels do (a meta tensor among CPU ones reaches the fake kernel, not the CPU one).
 @torch.library.register_fake("lorakit::adamw_step_")
 def _adamw_step_fake(*args: object) -> None:
-    _check_one_device("adamw_step_", args)
+    check.one_device("adamw_step_", args)
 
 
 @torch.library.register_fake("lorakit::adamw8bit_step_")
 def _adamw8bit_step_fake(*args: object) -> None:
-    _check_one_device("adamw8bit_step_", args)
+    check.one_device("adamw8bit_step_", args)
 
 
 # ---- merge -------------------------------------------------------------------------------------
@@ -260,6 +259,7 @@ def lora_merge_(
         lora_b: ``(out, r)``.
         scale: the adapter's scale (``alpha / r`` or ``alpha / sqrt(r)``), negated to unmerge.
     """
+    check.finite_scale("lora_merge_", scale)
     torch.ops.lorakit.lora_merge_(weight, lora_a, lora_b, scale)
 
 
@@ -286,14 +286,19 @@ def nf4_lora_merge(
     Returns:
         packed: uint8 ``(ceil(out * in / 2),)``; absmax: float32 ``(ceil(out * in / blocksize),)``.
     """
+    check.finite_scale("nf4_lora_merge", scale)
     return torch.ops.lorakit.nf4_lora_merge(
         packed, absmax, blocksize, list(shape), lora_a, lora_b, scale
     )
 
 
 @torch.library.register_fake("lorakit::lora_merge_")
-def _lora_merge_fake(*args: object) -> None:
-    _check_one_device("lora_merge_", args)
+def _lora_merge_fake(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> None:
+    check.float_tensor("lora_merge_", weight, "weight")
+    torch._check(weight.dim() == 2, lambda: "lora_merge_: weight must be 2-D (out, in)")
+    check.lora_merge("lora_merge_", weight.shape[0], weight.shape[1], weight.device, lora_a, lora_b)
 
 
 @torch.library.register_fake("lorakit::nf4_lora_merge")
@@ -306,6 +311,10 @@ def _nf4_lora_merge_fake(
     lora_b: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "nf4_lora_merge"
+    torch._check(len(shape) == 2, lambda: f"{op}: shape must be (out, in), got {shape}")
+    check.nf4_dequantize(op, packed, absmax, blocksize, shape, torch.float32)
+    check.lora_merge(op, shape[0], shape[1], packed.device, lora_a, lora_b)
     return packed.new_empty((packed.numel(),)), absmax.new_empty((absmax.numel(),))
 
 
@@ -339,6 +348,7 @@ def lora_linear(
         ``(..., out)`` in x's dtype.
     """
     _check_frozen(weight, "weight")
+    check.finite_scale("lora_linear", scale)
     return torch.ops.lorakit.lora_linear(x, weight, bias, lora_a, lora_b, scale, x_lora)[0]
 
 
@@ -376,6 +386,7 @@ def lora_linear_nf4(
     Returns:
         ``(..., out)`` in x's dtype.
     """
+    check.finite_scale("lora_linear_nf4", scale)
     return torch.ops.lorakit.lora_linear_nf4.default(
         x,
         packed,
@@ -422,6 +433,9 @@ def _lora_linear_fake(
     scale: float,
     x_lora: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check.dense_weight("lora_linear", x, weight)
+    check.adapter("lora_linear", x, weight.shape[0], bias, lora_a, lora_b, x_lora)
+    check.finite_scale("lora_linear", scale)
     return _lora_fake_outputs(x, weight.shape[0], lora_a.shape[0])
 
 
@@ -440,7 +454,11 @@ def _lora_linear_nf4_fake(
     nested_code: torch.Tensor | None = None,
     nested_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _lora_fake_outputs(x, lora_b.shape[0], lora_a.shape[0])
+    op, out = "lora_linear_nf4", lora_b.shape[0]
+    check.adapter(op, x, out, bias, lora_a, lora_b, x_lora)
+    check.nf4_weight(op, x, packed, absmax, blocksize, out, nested_absmax, nested_code)
+    check.finite_scale(op, scale)
+    return _lora_fake_outputs(x, out, lora_a.shape[0])
 
 
 @torch.library.register_fake("lorakit::lora_linear_backward")
@@ -454,6 +472,10 @@ def _lora_linear_backward_fake(
     scale: float,
     x_lora: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "lora_linear_backward"
+    check.dense_weight(op, x, weight)
+    check.adapter(op, x, weight.shape[0], None, lora_a, lora_b, x_lora)
+    check.grad_y(op, grad_y, x, weight.shape[0])
     return _lora_fake_grads(x, lora_a, lora_b)
 
 
@@ -473,6 +495,10 @@ def _lora_linear_nf4_backward_fake(
     nested_code: torch.Tensor | None = None,
     nested_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op, out = "lora_linear_nf4_backward", lora_b.shape[0]
+    check.adapter(op, x, out, None, lora_a, lora_b, x_lora)
+    check.nf4_weight(op, x, packed, absmax, blocksize, out, nested_absmax, nested_code)
+    check.grad_y(op, grad_y, x, out)
     return _lora_fake_grads(x, lora_a, lora_b)
 
 

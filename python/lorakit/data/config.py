@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from lorakit.data.formats import FORMATS, Format
+from lorakit.validate import check_number
+
+Dedup = Literal["none", "exact", "near"]
+DEDUP = get_args(Dedup)
 
 
 @dataclass
@@ -56,7 +60,7 @@ class DataConfig:
             "within each example). Preference pairs are never packed."
         },
     )
-    dedup: Literal["none", "exact", "near"] = field(
+    dedup: Dedup = field(
         default="near",
         metadata={
             "help": "Drop rows whose text repeats an earlier row exactly (exact), or also rows "
@@ -80,14 +84,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown data format {self.format!r}; choose one of {FORMATS}")
+        if self.dedup not in DEDUP:
+            raise ValueError(f"dedup must be one of {DEDUP}, got {self.dedup!r}")
         if self.mix is not None:
             if len(self.mix) != len(self.data):
                 raise ValueError(f"mix has {len(self.mix)} shares for {len(self.data)} files")
-            if any(r <= 0 for r in self.mix):
-                raise ValueError(f"mix shares must be positive, got {self.mix}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if not 0.0 < self.near_dup_threshold <= 1.0:
-            raise ValueError(f"near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+            for share in self.mix:
+                check_number("mix shares", share, low=0, low_open=True)
+        check_number("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        check_number("seq_len", self.seq_len, integer=True, low=2)
+        check_number("near_dup_threshold", self.near_dup_threshold, low=0, high=1, low_open=True)
+        check_number("min_tokens", self.min_tokens, integer=True, low=0)
+        check_number("max_tokens", self.max_tokens, integer=True, low=0)
+        if 0 < self.max_tokens < self.min_tokens:
+            raise ValueError(
+                f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}: "
+                "every row would be dropped"
+            )

@@ -18,7 +18,9 @@ _BUILDERS = {
 
 
 def _check_jsonl(path: Path) -> None:
-    # datasets reports a bad line as an Arrow parse error without its number; find it first.
+    # datasets reports a bad line as an Arrow parse error without its number, and a file of
+    # blank lines as "no data" for split "train"; find both first.
+    rows = 0
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -29,13 +31,17 @@ def _check_jsonl(path: Path) -> None:
                 raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: line {number} is a {type(row).__name__}, not an object")
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"{path} has no rows")
 
 
 def load_rows(path: str | Path) -> datasets.Dataset:
     """Reads a local file or a directory written by ``Dataset.save_to_disk``; never downloads.
 
     Raises:
-        ValueError: the path does not exist, has an unknown suffix, or a line is not JSON.
+        ValueError: the path does not exist, has an unknown suffix, is empty, or a line is not
+            JSON.
     """
     path = Path(path)
     if not path.exists():
@@ -56,10 +62,12 @@ def load_rows(path: str | Path) -> datasets.Dataset:
             f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_BUILDERS)} "
             "or a directory saved by datasets"
         )
+    if path.stat().st_size == 0:  # datasets raises StopIteration or a parser's error
+        raise ValueError(f"{path} is empty (0 bytes)")
     if path.suffix.lower() == ".jsonl":
         _check_jsonl(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+    except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as e:
         cause = e.__cause__ or e
         raise ValueError(f"{path}: cannot be read as {builder}: {cause}") from None

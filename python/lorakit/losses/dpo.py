@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -78,22 +79,7 @@ def dpo_loss(
     Returns:
         :class:`DPOLossOutput`: per-pair losses, chosen rewards, rejected rewards.
     """
-    if loss_type not in get_args(DPOLossType):
-        raise ValueError(
-            f"dpo_loss: loss_type must be one of {', '.join(get_args(DPOLossType))}, "
-            f"got {loss_type!r}"
-        )
-    if beta <= 0:
-        raise ValueError(f"dpo_loss: beta must be positive, got {beta}")
-    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"dpo_loss: label_smoothing must lie in [0, 0.5) for loss_type 'robust', "
-            f"got {label_smoothing}"
-        )
-    if loss_type != "robust" and label_smoothing != 0.0:
-        raise ValueError(
-            f"dpo_loss: label_smoothing applies only to loss_type 'robust', not {loss_type!r}"
-        )
+    check_options(beta, loss_type, label_smoothing)
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
@@ -118,3 +104,24 @@ def dpo_loss(
         chosen_rewards=beta * chosen_logratios.detach(),
         rejected_rewards=beta * rejected_logratios.detach(),
     )
+
+
+def check_options(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """Raises ValueError unless ``beta`` is positive and finite, ``loss_type`` is known and
+    ``label_smoothing`` is in [0, 0.5) for ``robust`` and 0 for the other types."""
+    if loss_type not in get_args(DPOLossType):
+        raise ValueError(
+            f"dpo_loss: loss_type must be one of {', '.join(get_args(DPOLossType))}, "
+            f"got {loss_type!r}"
+        )
+    if not (isinstance(beta, int | float) and 0 < beta < math.inf):
+        raise ValueError(f"dpo_loss: beta must be positive and finite, got {beta!r}")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(
+            f"dpo_loss: label_smoothing must lie in [0, 0.5) for loss_type 'robust', "
+            f"got {label_smoothing}"
+        )
+    if loss_type != "robust" and label_smoothing != 0.0:
+        raise ValueError(
+            f"dpo_loss: label_smoothing applies only to loss_type 'robust', not {loss_type!r}"
+        )

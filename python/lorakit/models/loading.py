@@ -73,11 +73,21 @@ def load_tokenizer(config: ModelConfig) -> Any:
 
 
 def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.Module:
+    from safetensors import SafetensorError
+
     path = model_dir(config)
     dtype = "auto" if config.dtype == "auto" else DTYPES[config.dtype]
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ValueError(
+            f"{path} holds its weights as pickle (*.bin), which lorakit never loads (loading "
+            "pickle can run code); convert them to safetensors"
+        )
     try:
-        model = auto_class.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
+        # Weights from safetensors only: a pickle can run code when it is loaded.
+        model = auto_class.from_pretrained(
+            path, dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
+        )
+    except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"cannot load a {what} from {path}: {e}") from None
     return model.to(device_of(config))
 

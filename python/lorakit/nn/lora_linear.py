@@ -28,7 +28,8 @@ class LoraSettings:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def check(self, in_features: int, out_features: int) -> None:
-        """Raises ValueError unless the rank fits an ``in -> out`` layer and dropout is in range."""
+        """Raises ValueError unless the rank fits an ``in -> out`` layer, dropout is in range and
+        the scaling is finite."""
         largest = min(in_features, out_features)
         r = self.r
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= largest:
@@ -38,6 +39,8 @@ class LoraSettings:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.scaling):
+            raise ValueError(f"LoRA alpha must be finite, got {self.alpha}")
 
 
 class LoRALinear(AdapterLayer):

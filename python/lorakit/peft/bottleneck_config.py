@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lorakit.nn.bottleneck import NONLINEARITIES, Nonlinearity
+from lorakit.validate import check_number
 
 Placement = Literal["both", "attention", "mlp"]
 PLACEMENTS = ("both", "attention", "mlp")
@@ -37,12 +38,9 @@ class BottleneckConfig:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ValueError(
-                f"reduction_factor must be a positive integer, got {self.reduction_factor!r}"
-            )
-        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
-            raise ValueError(f"size must be a positive integer or None, got {self.size!r}")
+        check_number("reduction_factor", self.reduction_factor, integer=True, low=1)
+        if self.size is not None:
+            check_number("size", self.size, integer=True, low=1)
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(
                 f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {self.nonlinearity!r}"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lorakit.ops import NF4_BLOCKSIZES
+from lorakit.validate import check_number
 
 ALL_LINEAR = "all-linear"
 
@@ -49,13 +50,26 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_number("r", self.r, integer=True, low=1)
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
         check_quantize(self.quantize, self.blocksize)
+        self.target_modules = normalize_targets(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules is empty; name the layers to adapt or 'all-linear'")
+
+
+def normalize_targets(targets: list[str] | str | None) -> list[str] | str | None:
+    """``["all-linear"]`` (what ``--lora-target-modules all-linear`` gives) as ``"all-linear"``.
+
+    Raises:
+        ValueError: ``all-linear`` is listed beside module names.
+    """
+    if not isinstance(targets, list) or ALL_LINEAR not in targets:
+        return targets
+    if len(targets) > 1:
+        raise ValueError(f"target_modules {targets}: {ALL_LINEAR!r} takes no other names")
+    return ALL_LINEAR
 
 
 def check_quantize(quantize: str | None, blocksize: int) -> None:

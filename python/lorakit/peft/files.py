@@ -97,13 +97,25 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file on the CPU; a missing or corrupt file is a clear error."""
+def read_tensors(path: Path, weights: bool = True) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file on the CPU; a missing or corrupt file is a clear error.
+
+    Args:
+        weights: the file holds weights: refuse integer tensors and NaN or infinite values,
+            which would load (and merge) silently into a model that computes nothing useful.
+    """
     if not path.is_file():
         pickled = [p.name for p in path.parent.glob("*.bin")]
         hint = f" ({pickled} found: pickle files are never loaded)" if pickled else ""
         raise FileNotFoundError(f"{path} does not exist{hint}")
     try:
-        return safetensors.torch.load_file(path, device="cpu")
+        tensors = safetensors.torch.load_file(path, device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if weights:
+        for key, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise ValueError(f"{path}: {key} is {tensor.dtype}, not a floating-point weight")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: {key} holds NaN or infinite values")
+    return tensors

@@ -10,7 +10,7 @@ from torch import nn
 
 from lorakit.nn import IA3Linear
 from lorakit.nn.ia3_linear import IA3Settings
-from lorakit.peft.config import check_quantize
+from lorakit.peft.config import check_quantize, normalize_targets
 from lorakit.peft.inject import (
     AdapterReport,
     check_can_add,
@@ -72,6 +72,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         check_quantize(self.quantize, self.blocksize)
+        self.target_modules = normalize_targets(self.target_modules)
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules is empty; name the layers to adapt or leave it None")
         ff, targets = self.feedforward_modules, self.target_modules

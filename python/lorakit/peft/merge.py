@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,7 +39,8 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> int:
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is already merged; unmerge it first")
     for layer in layers:  # every check first, so that a refusal leaves the model as it was
-        layer.check_merge(layer.active_adapter)
+        layer.check_merge(layer.active_adapter)  # refuses the kinds that do not merge
+        check_finite(layer)
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -56,14 +59,33 @@ def unmerge_adapter(model: nn.Module) -> int:
     return len(layers)
 
 
+def check_finite(layer: LoRALinear | IA3Linear) -> None:
+    """Raises ValueError if the active adapter's tensors or scaling hold NaN or Inf: merged,
+    they would silently turn the whole weight into NaN."""
+    name = layer.active_adapter
+    if isinstance(layer, LoRALinear):
+        tensors = [layer.lora_A[name], layer.lora_B[name]]
+        if not math.isfinite(layer.settings[name].scaling):
+            raise ValueError(f"LoRA adapter {name!r} has a non-finite scaling (lora_alpha)")
+    else:
+        tensors = [layer.ia3_l[name]]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(f"{layer.method} adapter {name!r} holds NaN or infinite values")
+
+
 def merged_weight(layer: LoRALinear | IA3Linear, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight with the active adapter folded in: float32 math, rounded to ``dtype``."""
+    """The base weight with the active adapter folded in: float32 math, rounded to ``dtype``.
+
+    Raises:
+        ValueError: the adapter holds NaN or Inf (:func:`check_finite`).
+    """
     base = layer.base
     if isinstance(base, NF4Linear):
         weight = base.weight.dequantize(torch.float32)
     else:
         weight = base.weight.detach().to(torch.float32, copy=True)
     if layer.uses_adapter():
+        check_finite(layer)
         name = layer.active_adapter
         if isinstance(layer, LoRALinear):
             scaling = layer.settings[name].scaling

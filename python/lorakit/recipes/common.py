@@ -5,7 +5,7 @@ objective, and saving the result."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +23,15 @@ from lorakit.peft import (
     save_adapter,
 )
 from lorakit.peft.methods import apply_method
-from lorakit.train import Objective, RowBatches, TrainConfig, Trainer, TrainResult, distributed
+from lorakit.train import (
+    Objective,
+    RowBatches,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    distributed,
+    out_dir,
+)
 from lorakit.train.batches import Batch
 
 ADAPTER_DIR = "adapter"
@@ -101,9 +109,12 @@ def train_and_save(
     when progress is shown."""
     if config.train.progress and distributed.is_main():
         print(data_report)
-    result = Trainer(model, config.train, objective, train, val).fit()
-    if distributed.is_main():
-        save_result(model, tokenizer, config)
+    # The lock spans training and saving, so no other run writes out between them.
+    with out_dir.claim(Path(config.train.out)):
+        trainer = Trainer(model, config.train, objective, train, val, asdict(config))
+        result = trainer.fit()
+        if distributed.is_main():
+            save_result(model, tokenizer, config)
     return RunResult(model, tokenizer, result, report.trainable, report.total, result_path(config))
 
 

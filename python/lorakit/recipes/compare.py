@@ -41,6 +41,7 @@ from lorakit.recipes.demo import (
     torch_threads,
 )
 from lorakit.recipes.sft import finetune
+from lorakit.validate import check_number
 
 # The best of 1e-4 (full only), 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 by validation loss on the default run;
 # IA3 and prefix tuning: the best of 3e-3, 1e-2, 3e-2, 1e-1, 3e-1 (val loss after 40 steps: IA3
@@ -106,8 +107,13 @@ class CompareConfig:
             method, _, lr = item.partition("=")
             if method not in METHODS or not _is_float(lr):
                 raise ValueError(f"method_lr {item!r} is not METHOD=LR with a registered method")
-        if self.steps < 1 or self.warmup_steps < 0 or self.pretrain_steps < 0:
-            raise ValueError("steps must be positive; warmup_steps and pretrain_steps >= 0")
+        for name in ("steps", "hidden", "layers", "batch_size", "lora_r", "threads"):
+            check_number(name, getattr(self, name), integer=True, low=1)
+        for name in ("warmup_steps", "pretrain_steps", "seed"):
+            check_number(name, getattr(self, name), integer=True, low=0)
+        check_number("lr", self.lr, low=0, low_open=True)
+        for item in self.method_lr:
+            check_number(f"method_lr {item}", float(item.partition("=")[2]), low=0, low_open=True)
 
     def lr_of(self, method: str) -> float:
         """``method``'s learning rate: its --method-lr entry, else --lr."""

@@ -35,6 +35,7 @@ from lorakit.recipes.sft import finetune, train_causal_lm
 from lorakit.train import TrainConfig
 from lorakit.train.evaluate import completion_accuracy
 from lorakit.train.metrics import peak_memory_mib
+from lorakit.validate import check_number
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ class DemoConfig:
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "lora_r", "threads"):
+            check_number(name, getattr(self, name), integer=True, low=1)
+        check_number("seed", self.seed, integer=True, low=0)
+        for name in ("pretrain_epochs", "sft_epochs", "reward_epochs", "dpo_epochs"):
+            check_number(name, getattr(self, name), low=0, low_open=True)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from torch import nn
 
 from lorakit.data import Pair, PreparedPairs, collate_pairs, prepare_preferences
 from lorakit.losses import DPOLossType
+from lorakit.losses.dpo import check_options
 from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
 from lorakit.recipes.common import RunConfig, RunResult, batches, make_trainable, train_and_save
-from lorakit.train import RowBatches, distributed
+from lorakit.train import RowBatches, distributed, out_dir
 from lorakit.train.batches import Batch
 from lorakit.train.objectives.dpo import ADAPTERS_OFF, PRECOMPUTED, DPOObjective
 
@@ -60,6 +61,9 @@ class DPOOptions:
             "(no reference forward pass per step; with --method full, no frozen copy)."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_options(self.beta, self.loss_type, self.label_smoothing)
 
 
 @dataclass
@@ -101,7 +105,7 @@ def precomputed_reference(
     path = Path(config.train.out) / REFERENCE_FILE
     fingerprint = {"train": _fingerprint(train), "val": _fingerprint(val)}
     if config.train.resume and path.is_file():
-        stored = read_tensors(path)
+        stored = read_tensors(path, weights=False)  # the fingerprints are bytes
         meta = {k: bytes(stored.pop(f"{k}_fingerprint").tolist()).decode() for k in fingerprint}
         if meta == fingerprint:
             return stored
@@ -148,21 +152,23 @@ def train(
         "loss_type": options.loss_type,
         "label_smoothing": options.label_smoothing,
     }
-    if options.precompute_ref:
-        table = precomputed_reference(config, model, data.train, data.val, pad)
-        objective = DPOObjective(PRECOMPUTED, **loss)
-        train_rows = range(len(data.train))
-        train = batches(config, train_rows, _indexed(data.train, table["train"], pad))
-        val = batches(config, range(len(data.val)), _indexed(data.val, table["val"], pad))
-    else:
-        if config.model.method == "full":
-            reference: str | nn.Module = copy.deepcopy(model).requires_grad_(False).eval()
+    # The reference file is written under out's lock, as the checkpoints are.
+    with out_dir.claim(Path(config.train.out)):
+        if options.precompute_ref:
+            table = precomputed_reference(config, model, data.train, data.val, pad)
+            objective = DPOObjective(PRECOMPUTED, **loss)
+            train_rows = range(len(data.train))
+            train = batches(config, train_rows, _indexed(data.train, table["train"], pad))
+            val = batches(config, range(len(data.val)), _indexed(data.val, table["val"], pad))
         else:
-            reference = ADAPTERS_OFF
-        objective = DPOObjective(reference, **loss)
-        pairs = partial(collate_pairs, pad_id=pad)
-        train, val = batches(config, data.train, pairs), batches(config, data.val, pairs)
-    return train_and_save(model, tokenizer, config, objective, train, val, report, data.report)
+            if config.model.method == "full":
+                reference: str | nn.Module = copy.deepcopy(model).requires_grad_(False).eval()
+            else:
+                reference = ADAPTERS_OFF
+            objective = DPOObjective(reference, **loss)
+            pairs = partial(collate_pairs, pad_id=pad)
+            train, val = batches(config, data.train, pairs), batches(config, data.val, pairs)
+        return train_and_save(model, tokenizer, config, objective, train, val, report, data.report)
 
 
 def run(config: DPOConfig) -> RunResult:

@@ -41,6 +41,7 @@ from lorakit.recipes.common import (
 )
 from lorakit.train import distributed
 from lorakit.train.objectives.reward import RewardObjective
+from lorakit.validate import check_number
 
 # Methods whose reward model saves and loads whole: the head trains beside a LoRA adapter
 # (PEFT's modules_to_save) or with every other weight.
@@ -76,6 +77,9 @@ class RewardOptions:
         default="",
         metadata={"help": "With --score: a reward adapter written by lorakit reward."},
     )
+
+    def __post_init__(self) -> None:
+        check_number("center_coefficient", self.center_coefficient, low=0)
 
 
 @dataclass

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from lorakit.peft.files import read_json, read_tensors
 
 LATEST = "latest"
 
@@ -40,8 +42,12 @@ def save_trainable(model: nn.Module, path: Path) -> None:
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
-    """Copies saved parameters into ``model``'s trainable parameters of the same names."""
-    saved = load_file(str(path))
+    """Copies saved parameters into ``model``'s trainable parameters of the same names.
+
+    Raises:
+        ValueError: the file is corrupt, holds NaN / Inf or integer tensors, or does not fit.
+    """
+    saved = read_tensors(path)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]
@@ -130,17 +136,52 @@ def _rng_file(rank: int) -> str:
 
 
 def latest(out: Path) -> Path | None:
+    """The checkpoint ``out/latest`` names, or None without one.
+
+    Raises:
+        ValueError: ``latest`` names a checkpoint that is not there.
+    """
     pointer = out / LATEST
-    return out / pointer.read_text().strip() if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    path = out / pointer.read_text().strip()
+    if not path.name.startswith("checkpoint-") or not path.is_dir():
+        raise ValueError(
+            f"{pointer} names {path.name!r}, which is not a checkpoint in {out}; "
+            "start afresh with --no-resume"
+        )
+    return path
+
+
+def remove_all(out: Path) -> None:
+    """Deletes every checkpoint in ``out`` and ``latest``: a run that starts afresh must not
+    count another run's checkpoints among the ones it keeps."""
+    for old in out.glob("checkpoint-*"):
+        if old.is_dir():
+            shutil.rmtree(old)
+    (out / LATEST).unlink(missing_ok=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint ``path`` (``trainer.json``), without loading tensors."""
+    return read_json(path / "trainer.json")
 
 
 def load(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
 ) -> dict[str, Any]:
     """Restores the model's trainable parameters, the optimizer and rank ``rank``'s RNG; returns
-    the trainer state."""
+    the trainer state.
+
+    Raises:
+        ValueError: a file of the checkpoint is missing or corrupt (the message names it).
+    """
     load_trainable(model, path / "trainable.safetensors")
-    rest = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), rest))
-    _set_rng_state(load_file(str(path / _rng_file(rank))))
-    return json.loads((path / "trainer.json").read_text())
+    rest = read_json(path / "optimizer.json")
+    tensors = read_tensors(path / "optimizer.safetensors", weights=False)
+    try:
+        optimizer.load_state_dict(_join_optimizer(tensors, rest))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'optimizer.json'} does not fit the optimizer: {e}") from None
+    _set_rng_state(read_tensors(path / _rng_file(rank), weights=False))
+    return read_state(path)

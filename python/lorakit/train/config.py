@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+from lorakit.validate import check_number
 
 Schedule = Literal["cosine", "wsd", "constant"]
 
@@ -77,7 +80,11 @@ class TrainConfig:
     )
     resume: bool = field(
         default=True,
-        metadata={"help": "Continue from the latest checkpoint in out, if there is one."},
+        metadata={
+            "help": "Continue from the latest checkpoint in out, if there is one (refused if an "
+            "option that changes the result differs from the checkpoint's); --no-resume starts "
+            "afresh and deletes out's checkpoints."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and init."})
     log_every: int = field(default=1, metadata={"help": "Write metrics every N steps."})
@@ -103,13 +110,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.epochs <= 0 and self.max_steps <= 0:
+            check_number(name, getattr(self, name), integer=True, low=1)
+        for name in ("max_steps", "eval_every", "patience", "save_every", "seed"):
+            check_number(name, getattr(self, name), integer=True, low=0)
+        for name in ("epochs", "weight_decay", "max_grad_norm", "optim_page_budget_mb"):
+            check_number(name, getattr(self, name), low=0)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("warmup", self.warmup, low=0, high=1, high_open=True)
+        if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.optim_page_budget_mb < 0:
-            raise ValueError(f"optim_page_budget_mb must be >= 0, got {self.optim_page_budget_mb}")
+        for name in ("optim_bits", "schedule", "autocast", "report_to"):
+            choices = get_args(typing.get_type_hints(TrainConfig)[name])
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lorakit.peft.files import write_atomic
+
 
 class MetricsLog:
     """Appends one JSON object per record to ``path`` (kept open; flushed every record), and with
@@ -54,8 +56,33 @@ class MetricsLog:
 
 
 def read(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics file. A last line that is not JSON is dropped: it is a record
+    that a killed run was writing.
+
+    Raises:
+        ValueError: an earlier line is not a JSON object (the message names file and line).
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}: line {number} is not a metrics record")
+        records.append(record)
+    return records
+
+
+def rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replaces ``path`` with ``records`` atomically (a crash leaves the old file or the new)."""
+    text = "".join(f"{json.dumps(r)}\n" for r in records)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -19,11 +19,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lorakit.optim import AdamW
-from lorakit.train import checkpoint, distributed
+from lorakit.train import checkpoint, distributed, out_dir
 from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
-from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read
+from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.objective import Objective
+from lorakit.train.resume_check import changed_options
 from lorakit.train.schedule import scheduler
 
 # torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); the lent GPU machines
@@ -83,6 +84,9 @@ class Trainer:
         objective: the loss and metrics of a batch (:class:`~lorakit.train.objective.Objective`).
         train: training batches.
         val: validation batches; may be empty (no evaluation, no early stopping).
+        run_config: every option of the run (JSON-able, e.g. ``asdict`` of a recipe's config;
+            default: ``config``'s), stored in each checkpoint: a resume with other options is
+            refused (see :func:`lorakit.train.resume_check.changed_options`).
     """
 
     def __init__(
@@ -92,10 +96,12 @@ class Trainer:
         objective: Objective,
         train: RowBatches[Any],
         val: RowBatches[Any] | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         if not train.rows:
             raise ValueError("no training rows")
         self.model, self.config, self.objective = model, config, objective
+        self.run_config = json.loads(json.dumps(run_config or asdict(config)))
         self.train_batches = train
         self.val_batches = val if val is not None and val.rows else None
         self.out = Path(config.out)
@@ -103,6 +109,7 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.main = self.rank == 0
         params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer_params = params
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = AdamW(
@@ -171,13 +178,25 @@ class Trainer:
             sums["loss"] += out.loss_sum.item()
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         seen = sum(self.objective.tokens(b) for b in batches)
         *totals, all_seen = distributed.sum_across([*sums.values(), float(seen)])
         means = {name: total / max(1.0, counted) for name, total in zip(sums, totals, strict=True)}
+        if not math.isfinite(means["loss"]):  # every rank sees the same sum: all stop together
+            raise self._diverged(step, f"the loss is {means['loss']}")
+        try:
+            self.optimizer.step()
+        except FloatingPointError:  # a non-finite gradient norm; nothing was updated
+            raise self._diverged(step, f"the gradient norm is {self.optimizer.grad_norm}") from None
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return self.objective.summarize(means), int(all_seen)
+
+    def _diverged(self, step: int, why: str) -> Diverged:
+        return Diverged(
+            f"training diverged at step {step + 1}: {why}; no checkpoint of it was written, "
+            f"{_last_checkpoint(self.out)} (try a lower --lr or --max-grad-norm, or check the "
+            "data)"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -208,31 +227,42 @@ class Trainer:
     def _resume(self, log_path: Path) -> dict[str, Any]:
         path = checkpoint.latest(self.out) if self.config.resume else None
         if path is None:
-            if self.main:
+            if self.main:  # another run's records and checkpoints are not this run's
                 log_path.unlink(missing_ok=True)
+                checkpoint.remove_all(self.out)
             return {"step": 0, "best_val": None, "bad_evals": 0}
-        state = checkpoint.load(path, self.model, self.optimizer, self.rank)
+        stored = checkpoint.read_state(path)
         # The data position of a step depends on the number of ranks.
-        if state.get("world_size", 1) != self.world:
+        if stored.get("world_size", 1) != self.world:
             raise ValueError(
-                f"{path} was written by {state.get('world_size', 1)} process(es), this run has "
+                f"{path} was written by {stored.get('world_size', 1)} process(es), this run has "
                 f"{self.world}: resume with as many, or start afresh with --no-resume"
             )
+        changed = changed_options(stored.get("config", {}), self.run_config)
+        if changed:
+            raise ValueError(
+                f"{path} was trained with other options ({'; '.join(changed)}): rerun with the "
+                "same options, or start afresh with --no-resume"
+            )
+        state = checkpoint.load(path, self.model, self.optimizer, self.rank)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.main:  # records written after the checkpoint belong to steps run again
-            records = read(log_path) if log_path.exists() else []
-            kept = [r for r in records if r["step"] <= state["step"]]
-            log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
+        if self.main and log_path.exists():  # records after the checkpoint: steps run again
+            rewrite(log_path, [r for r in read(log_path) if r["step"] <= state["step"]])
         return state
 
     def _save(self, step: int, state: dict[str, Any]) -> None:
+        # Without clipping no gradient norm is computed, so a NaN gradient with a finite loss
+        # reaches the parameters unseen; it must not reach a checkpoint. Every rank holds the
+        # same parameters (DDP), so all stop together.
+        if not all(bool(torch.isfinite(p).all()) for p in self.optimizer_params):
+            raise self._diverged(step - 1, "a parameter is NaN or infinite after the update")
         state = {
             **state,
             "step": step,
             "micro_batch": step * self.config.grad_accum * self.world,
             "world_size": self.world,
             "scheduler": self.scheduler.state_dict(),
-            "config": asdict(self.config),
+            "config": self.run_config,
         }
         rng = distributed.gather_to_main(checkpoint.rng_state())
         if self.main:
@@ -244,17 +274,27 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Runs (or resumes) training to the end or an early stop; writes ``metrics.jsonl``,
-        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only)."""
+        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only), holding its lock
+        (:mod:`lorakit.train.out_dir`).
+
+        Raises:
+            Diverged: the loss or the gradient norm is not finite (NaN / Inf).
+            Interrupted: Ctrl-C (the message says where the last checkpoint is).
+            ValueError: ``config.out`` is in use by another run, or its checkpoint is corrupt
+                or was trained with other options.
+        """
+        with out_dir.claim(self.out):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
         state = self._resume(log_path)
         start = state["step"]
         log = MetricsLog(log_path, cfg.report_to, start) if self.main else None
         self.model.train()
         started = time.perf_counter()
-        loss, stopped, done = math.nan, False, start
+        loss, stopped, done = state.get("loss", math.nan), False, start
         bar = tqdm(
             range(start, self.total_steps),
             initial=start,
@@ -290,9 +330,13 @@ class Trainer:
                     log.write(record)
                 bar.set_postfix(_postfix(record, means))
                 if last or stopped or (cfg.save_every and done % cfg.save_every == 0):
-                    self._save(done, state)
+                    self._save(done, {**state, "loss": loss})
                 if stopped:
                     break
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted after step {done} of {self.total_steps}; {_last_checkpoint(self.out)}"
+            ) from None
         finally:
             bar.close()
             if log is not None:
@@ -310,6 +354,21 @@ class Trainer:
             metrics=log_path,
             plot=plot,
         )
+
+
+class Diverged(ValueError):
+    """The loss or the gradient norm became NaN or infinite; the model was not updated."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; the message says where the last checkpoint is."""
+
+
+def _last_checkpoint(out: Path) -> str:
+    path = checkpoint.latest(out)
+    if path is None:
+        return f"no checkpoint in {out} yet (--save-every N writes one every N steps)"
+    return f"the last checkpoint is {path} (a rerun of the same command resumes from it)"
 
 
 def _postfix(record: dict[str, Any], means: dict[str, float]) -> dict[str, str]:

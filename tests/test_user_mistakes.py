@@ -1,0 +1,298 @@
+"""A user's mistake on the command line or in a file: exit status 2 and one line naming the
+file, option or row; never a traceback, never a silently wrong result."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.cli import build_parser, main
+from lorakit.config_args import build
+from lorakit.data import DataConfig
+from lorakit.peft import IA3Config, LoraConfig
+from lorakit.recipes.sft import SFTConfig
+from lorakit.train import TrainConfig
+from sft_helpers import qa_rows, saved_model
+
+FAST = ["--max-steps", "2", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(12)))
+    return str(path)
+
+
+def one_line_error(capsys, argv: list[str], expected: str, status: int = 2) -> str:
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def sft(model_dir, data, out, *extra: str) -> list[str]:
+    return ["sft", "--model", str(model_dir), "--data", data, "--out", str(out), *extra]
+
+
+def sft_config(*argv: str) -> SFTConfig:
+    """The SFTConfig that ``lorakit sft`` builds from ``argv`` (no training)."""
+    args = build_parser().parse_args(["sft", *argv])
+    return build(SFTConfig, args, set(), {})
+
+
+# ---- data files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.jsonl", "", "is empty (0 bytes)"),
+        ("empty.csv", "", "is empty (0 bytes)"),
+        ("empty.txt", "", "is empty (0 bytes)"),
+        ("blank.jsonl", "\n\n", "blank.jsonl has no rows"),
+    ],
+)
+def test_an_empty_data_file_is_one_line(tmp_path, model_dir, capsys, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content)
+    argv = sft(model_dir, str(path), tmp_path / "out", *FAST)
+    one_line_error(capsys, argv, f"{tmp_path / name}")
+    one_line_error(capsys, argv, expected)
+
+
+# ---- YAML values are typed as the command line types them -------------------------------------
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_strings_convert_by_the_options_type(tmp_path) -> None:
+    # PyYAML reads 1e-3 (no dot) as a string; argparse would convert "1e-3" with float().
+    config = sft_config(
+        "--config",
+        write_yaml(tmp_path, 'lr: 1e-3\nbatch_size: "4"\nlora: {alpha: "32"}\nmix: [1]\n'),
+        "--data",
+        "a.jsonl",
+    )
+    assert config.train.lr == 0.001 and isinstance(config.train.lr, float)
+    assert config.train.batch_size == 4 and isinstance(config.train.batch_size, int)
+    assert config.lora.alpha == 32.0
+    assert config.data.mix == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('pack: "no"', "pack must be true or false, got 'no'"),
+        ("pack: 0", "pack must be true or false, got 0"),
+        ("lr: fast", "lr must be a number, got 'fast'"),
+        ("train: {lr: [1]}", "lr must be a number, got [1]"),
+        ("batch_size: 4.5", "batch_size must be an integer, got 4.5"),
+        ('batch_size: "4.5"', "batch_size must be an integer, got '4.5'"),
+        ("batch_size: true", "batch_size must be an integer, got True"),
+        ("batch_size: null", "batch_size needs a value, got null"),
+        ("data: 5", "data must be a string, got 5"),
+        ("schedule: linear", "schedule must be one of ['cosine', 'wsd', 'constant']"),
+        ("optim_bits: 16", "optim_bits must be one of [32, 8], got 16"),
+        ("lora: {alpha: .nan}", "lora: alpha must be > 0, got nan"),
+        ("max_steps: -1", "max_steps must be >= 0, got -1"),
+    ],
+)
+def test_yaml_values_of_the_wrong_type_name_the_option_and_file(
+    tmp_path, model_dir, capsys, text, expected
+) -> None:
+    config = write_yaml(tmp_path, text + "\n")
+    argv = ["sft", "--model", str(model_dir), "--data", "x.jsonl", "--config", config]
+    err = one_line_error(capsys, argv, expected)
+    if "lora:" not in expected and "max_steps" not in expected:  # type errors: the file too
+        assert "run.yaml" in err
+
+
+# ---- numeric options: refused where the value means nothing ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--max-steps", "-1", "max_steps must be >= 0, got -1"),
+        ("--save-every", "-1", "save_every must be >= 0, got -1"),
+        ("--eval-every", "-2", "eval_every must be >= 0"),
+        ("--patience", "-1", "patience must be >= 0"),
+        ("--log-every", "0", "log_every must be a positive integer, got 0"),
+        ("--keep-checkpoints", "0", "keep_checkpoints must be a positive integer"),
+        ("--batch-size", "0", "batch_size must be a positive integer"),
+        ("--grad-accum", "-3", "grad_accum must be a positive integer"),
+        ("--seed", "-1", "seed must be >= 0"),
+        ("--epochs", "-1", "epochs must be >= 0"),
+        ("--lr", "0", "lr must be > 0, got 0.0"),
+        ("--lr", "nan", "lr must be > 0, got nan"),
+        ("--lr", "inf", "lr must be > 0, got inf"),
+        ("--weight-decay", "-0.1", "weight_decay must be >= 0"),
+        ("--max-grad-norm", "nan", "max_grad_norm must be >= 0, got nan"),
+        ("--warmup", "1", "warmup must be in [0, 1)"),
+        ("--optim-page-budget-mb", "-1", "optim_page_budget_mb must be >= 0"),
+        ("--seq-len", "1", "seq_len must be >= 2"),
+        ("--val-fraction", "nan", "val_fraction must be in [0, 1)"),
+        ("--near-dup-threshold", "0", "near_dup_threshold must be in (0, 1]"),
+        ("--min-tokens", "-1", "min_tokens must be >= 0"),
+        ("--max-tokens", "-1", "max_tokens must be >= 0"),
+        ("--lora-r", "0", "lora: r must be a positive integer"),
+        ("--lora-alpha", "nan", "lora: alpha must be > 0, got nan"),
+        ("--lora-alpha", "-16", "lora: alpha must be > 0"),
+        ("--lora-dropout", "nan", "lora: dropout must be in [0, 1)"),
+        ("--bottleneck-reduction-factor", "0", "reduction_factor must be a positive integer"),
+    ],
+)
+def test_meaningless_numbers_are_refused(tmp_path, model_dir, capsys, option, value, expected):
+    argv = ["sft", "--model", str(model_dir), "--data", "x.jsonl", option, value]
+    one_line_error(capsys, argv, expected)
+
+
+def test_configs_refuse_nan_in_python_too() -> None:
+    with pytest.raises(ValueError, match="alpha must be > 0, got nan"):
+        LoraConfig(alpha=math.nan)
+    with pytest.raises(ValueError, match="alpha must be > 0, got inf"):
+        LoraConfig(alpha=math.inf)
+    with pytest.raises(ValueError, match="r must be an integer, got True"):
+        LoraConfig(r=True)
+    with pytest.raises(ValueError, match="mix shares must be > 0, got nan"):
+        DataConfig(data=["a"], mix=[math.nan])
+    with pytest.raises(ValueError, match=r"max_steps must be an integer, got 2\.5"):
+        TrainConfig(max_steps=2.5)
+    with pytest.raises(ValueError, match="every row would be dropped"):
+        DataConfig(min_tokens=10, max_tokens=5)
+
+
+def test_dpo_and_reward_options_refuse_nan(model_dir, capsys) -> None:
+    base = ["--model", str(model_dir), "--data", "x.jsonl"]
+    one_line_error(capsys, ["dpo", *base, "--beta", "nan"], "beta must be positive and finite")
+    one_line_error(capsys, ["reward", *base, "--center-coefficient", "-1"], "must be >= 0")
+
+
+# ---- all-linear on the command line --------------------------------------------------------------
+
+
+def test_all_linear_on_the_command_line_is_the_python_string() -> None:
+    config = sft_config("--lora-target-modules", "all-linear", "--data", "a.jsonl")
+    assert config.lora == LoraConfig(target_modules="all-linear")
+    assert LoraConfig(target_modules=["all-linear"]).target_modules == "all-linear"
+    assert IA3Config(target_modules=["all-linear"]).target_modules == "all-linear"
+    with pytest.raises(ValueError, match="takes no other names"):
+        LoraConfig(target_modules=["all-linear", "q_proj"])
+
+
+def test_all_linear_trains_from_the_command_line(tmp_path, model_dir, data) -> None:
+    out = tmp_path / "out"
+    argv = sft(model_dir, data, out, "--method", "lora", "--lora-target-modules", "all-linear")
+    assert main([*argv, *FAST]) == 0
+    keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys}
+    assert layers == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# ---- corrupt model files ----------------------------------------------------------------------
+
+
+def test_a_truncated_base_model_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(capsys, sft(broken, data, tmp_path / "o", *FAST), f"from {broken}")
+
+
+def test_a_pickled_base_model_is_never_loaded(tmp_path, model_dir, data, capsys) -> None:
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dir, pickled)
+    state = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")  # torch.load(weights_only) would accept it
+    one_line_error(capsys, sft(pickled, data, tmp_path / "o", *FAST), "never loads")
+
+
+# ---- adapters with NaN, Inf or integers --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, model_dir):
+    tmp = tmp_path_factory.mktemp("adapter")
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(12)))
+    assert main([*sft(model_dir, str(data), tmp / "run", "--method", "lora"), *FAST]) == 0
+    return tmp / "run" / "adapter"
+
+
+def broken_adapter(tmp_path, adapter_dir, tensors=None, config=None):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dir, broken)
+    if tensors is not None:
+        weights = load_file(str(broken / "adapter_model.safetensors"))
+        save_file(tensors(weights), str(broken / "adapter_model.safetensors"))
+    if config is not None:
+        path = broken / "adapter_config.json"
+        path.write_text(json.dumps(config(json.loads(path.read_text()))))
+    return broken
+
+
+def first_key_set(weights, value):
+    key = sorted(weights)[0]
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = value
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "expected"),
+    [
+        (lambda w: first_key_set(w, math.nan), None, "holds NaN or infinite values"),
+        (lambda w: first_key_set(w, math.inf), None, "holds NaN or infinite values"),
+        (lambda w: {k: v.to(torch.int32) for k, v in w.items()}, None, "not a floating-point"),
+        (None, lambda c: {**c, "lora_alpha": math.nan}, "alpha must be finite"),
+        (None, lambda c: {**c, "lora_alpha": math.inf}, "alpha must be finite"),
+        (None, lambda c: c | {"alpha_pattern": {"q_proj": math.nan}}, "alpha must be finite"),
+    ],
+)
+def test_non_finite_or_integer_adapters_do_not_merge(
+    tmp_path, model_dir, adapter_dir, capsys, tensors, config, expected
+) -> None:
+    broken = broken_adapter(tmp_path, adapter_dir, tensors, config)
+    out = tmp_path / "merged"
+    argv = ["merge", "--model", str(model_dir), "--adapter", str(broken), "--out", str(out)]
+    one_line_error(capsys, argv, expected)
+    assert not out.exists()
+
+
+def test_merging_a_nan_adapter_in_memory_is_refused(model_dir, adapter_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.peft import load_adapter
+    from lorakit.peft.export import merged_state_dict
+    from lorakit.peft.merge import merge_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(model, adapter_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"][0, 0] = math.nan
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        merge_adapter(model)
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        merged_state_dict(model)
+    after = model.state_dict()  # the refusal left every base weight as it was
+    for key, value in before.items():
+        if "lora_" not in key:
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
