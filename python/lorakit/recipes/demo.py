@@ -45,7 +45,7 @@ class DemoConfig:
     out: str = field(default="lorakit-demo", metadata={"help": "Output directory."})
     hidden: int = field(default=128, metadata={"help": "Model width."})
     layers: int = field(default=4, metadata={"help": "Decoder layers."})
-    pretrain_epochs: float = field(default=60, metadata={"help": "Passes over the corpus."})
+    pretrain_epochs: float = field(default=40, metadata={"help": "Passes over the corpus."})
     sft_epochs: float = field(
         default=20, metadata={"help": "Passes over the SFT questions and the replayed corpus."}
     )
