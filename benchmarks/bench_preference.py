@@ -11,8 +11,9 @@ library) trains it in a fresh process (``preference_worker.py``, whose docstring
 matched between the libraries and what is measured): lorakit's DPO objective (reference = the
 adapters disabled) and reward objective against TRL 1.16's ``DPOTrainer`` (PEFT model,
 ``ref_model=None``) and ``RewardTrainer`` + PEFT; QLoRA against PEFT + bitsandbytes 4-bit.
-Prints the machine, the versions, each configuration's median and p90 step time and memory
-peak, and the ratios lorakit / TRL against the targets (DPO: memory <= 0.5x, time <= 0.8x).
+Prints the machine, the versions, each configuration's median and p90 step time, median CPU
+time per step and memory peak, and the ratios lorakit / TRL against the targets (DPO: memory
+<= 0.5x, time <= 0.8x). A configuration that cannot run prints its error in its row.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lorakit.models import tiny_llama, word_tokenizer
 WORKER = Path(__file__).with_name("preference_worker.py")
 LIBRARIES = ("lorakit", "trl")
 STEPS = ("dpo", "reward")
+METHODS = ("lora", "qlora")
 MEMORY_TARGET, TIME_TARGET = 0.5, 0.8  # DPO, lorakit / TRL (issue 10)
 
 
@@ -188,7 +190,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--methods", nargs="+", default=["lora", "qlora"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--objectives", nargs="+", default=list(STEPS), choices=STEPS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in both libraries")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -222,13 +224,12 @@ def main() -> None:
                     name = f"{step}_{method}_{library}"
                     run = {**spec, "step": step, "method": method, "library": library}
                     run["out"] = str(work / name)
-                    results[step, method, library] = run_worker(run)
-                    optimizers.setdefault(
-                        library, results[step, method, library].get("optimizer", "")
-                    )
+                    results[step, method, library] = result = run_worker(run)
+                    if "optimizer" in result:
+                        optimizers[library] = result["optimizer"]
                 mine = {lib: results[step, method, lib] for lib in LIBRARIES}
                 print("\n".join(report_rows(step, method, mine)), flush=True)
-    print(f"\nOptimizers: {'; '.join(f'{k}: {v}' for k, v in optimizers.items() if v)}.")
+    print(f"\nOptimizers: {'; '.join(f'{k}: {v}' for k, v in optimizers.items())}.")
     print(f"Load average at the end: {os.getloadavg()[0]:.2f}.")
     for line in verdict(results):
         print(f"- {line}")
