@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -22,7 +23,11 @@ class ModelConfig:
 
     model: str = field(
         default="",
-        metadata={"help": "Local directory of a Hugging Face causal LM and its tokenizer."},
+        metadata={
+            "help": "A Hugging Face causal LM and its tokenizer: a local directory, or a hub id "
+            "(owner/name: taken from the Hugging Face cache, downloaded there when missing "
+            "and the network allows; safetensors weights only)."
+        },
     )
     method: MethodName = field(default="qlora", metadata={"help": methods_help()})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
@@ -38,16 +43,40 @@ class ModelConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
 
 
+# A Hugging Face hub id: "name" or "owner/name" of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# What a model directory needs from the hub: never pickled weights (*.bin), never other formats.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
 def model_dir(config: ModelConfig) -> Path:
-    """``config.model`` as a directory holding a ``config.json``.
+    """``config.model`` as a directory holding a ``config.json``: a local directory, or the
+    snapshot of a Hugging Face hub id in the Hugging Face cache (downloaded there when it is
+    not cached yet and the network allows; safetensors weights only).
 
     Raises:
-        ValueError: it does not exist or is not a model directory.
+        ValueError: it is neither a model directory nor a hub id that can be had (not cached,
+            and the hub cannot be reached or has no such model).
     """
     path = Path(config.model)
-    if not config.model or not (path / "config.json").is_file():
+    if config.model and (path / "config.json").is_file():
+        return path
+    if not config.model or path.exists() or not _HUB_ID.fullmatch(config.model):
         raise ValueError(f"model directory {path} does not exist or has no config.json")
-    return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        snapshot = Path(snapshot_download(config.model, allow_patterns=_HUB_FILES))
+    except (OSError, ValueError, HfHubHTTPError) as e:
+        raise ValueError(
+            f"{config.model} is no local directory, and as a Hugging Face hub id it is not in "
+            f"the local cache and cannot be downloaded (offline, or no such model): "
+            f"{type(e).__name__}"
+        ) from None
+    if not (snapshot / "config.json").is_file():
+        raise ValueError(f"hub model {config.model} has no config.json")
+    return snapshot
 
 
 def device_of(config: ModelConfig) -> torch.device:
@@ -58,7 +87,7 @@ def device_of(config: ModelConfig) -> torch.device:
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
-    """The tokenizer of a local model directory (never downloaded).
+    """The tokenizer of :func:`model_dir`.
 
     Raises:
         ValueError: the directory does not exist or holds no loadable tokenizer.
@@ -89,11 +118,14 @@ def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"cannot load a {what} from {path}: {e}") from None
+    # What adapters record as their base (base_model_name_or_path): the hub id, for a model
+    # taken from the cache, as transformers records it.
+    model.config._name_or_path = config.model
     return model.to(device_of(config))
 
 
 def load_model(config: ModelConfig) -> nn.Module:
-    """The causal LM of a local model directory (never downloaded), on ``config.device``.
+    """The causal LM of :func:`model_dir`, on ``config.device``.
 
     Raises:
         ValueError: the directory does not exist or holds no loadable causal LM.
