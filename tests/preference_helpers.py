@@ -1,7 +1,4 @@
-"""Preference pairs about the tiny vocabulary of ``sft_helpers``, as a JSONL file."""
-
-import json
-from pathlib import Path
+"""Preference pairs about the tiny vocabulary of ``sft_helpers``."""
 
 NUMBERS = "one two three four five six".split()
 
@@ -17,8 +14,3 @@ def pair_rows(n: int) -> list[dict[str, str]]:
         }
         for i in range(n)
     ]
-
-
-def write_pairs(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

@@ -1,11 +1,10 @@
 """Loading local files, dedup, length filters, truncation counts, split and mixing."""
 
-import json
 import random
 
-import datasets
 import pytest
 
+from data_files import SUFFIXES, write_as, write_jsonl
 from lorakit.data import DataConfig, Example, load_rows, prepare
 from lorakit.data.dedup import exact_duplicates, near_duplicates
 from lorakit.data.pipeline import mix
@@ -14,26 +13,10 @@ from sft_helpers import qa_rows, tokenizer
 TOK = tokenizer()
 
 
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet", "saved"])
+@pytest.mark.parametrize("suffix", SUFFIXES)
 def test_every_supported_file_type_loads_the_same_rows(tmp_path, suffix) -> None:
     rows = qa_rows(5)
-    table = datasets.Dataset.from_list(rows)
-    path = tmp_path / f"data.{suffix}"
-    if suffix == "jsonl":
-        write_jsonl(path, rows)
-    elif suffix == "json":
-        path.write_text(json.dumps(rows))
-    elif suffix == "csv":
-        table.to_csv(str(path), index=False)
-    elif suffix == "parquet":
-        table.to_parquet(str(path))
-    else:
-        table.save_to_disk(str(path))
+    path = write_as(tmp_path / f"data.{suffix}", rows, suffix)
     assert load_rows(path).to_list() == rows
 
 

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from data_files import write_jsonl
 from lorakit import LoraConfig, apply_lora
 from lorakit.data import IGNORE, DataConfig, collate_pairs, prepare_preferences
 from lorakit.models import ModelConfig, load_model, load_tokenizer
 from lorakit.recipes import dpo
 from lorakit.train import TrainConfig, Trainer
 from lorakit.train.objectives.dpo import ADAPTERS_OFF, DPOObjective, completion_logps
-from preference_helpers import pair_rows, write_pairs
+from preference_helpers import pair_rows
 from sft_helpers import saved_model
 
 
@@ -28,7 +29,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", pair_rows(16))
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pair_rows(16))
 
 
 def config(base, data, out, method: str = "lora", **options) -> dpo.DPOConfig:

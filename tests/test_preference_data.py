@@ -5,13 +5,12 @@ splits into prompt and completions, SFT's ``encode`` for the tokens and masks, a
 restated independently, and separate forward passes for the collated batch.
 """
 
-import json
-
 import datasets
 import pytest
 import torch
 from trl.data_utils import apply_chat_template, extract_prompt
 
+from data_files import SUFFIXES, write_as, write_jsonl
 from lorakit.data import (
     IGNORE,
     DataConfig,
@@ -48,11 +47,6 @@ def templated():
 
 def ids(text: str) -> list[int]:
     return TOK(text, add_special_tokens=False)["input_ids"]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def words(prefix: str, n: int, start: int = 0) -> str:
@@ -310,21 +304,10 @@ def test_near_duplicate_pairs_are_dropped(tmp_path) -> None:
     )
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet", "saved"])
+@pytest.mark.parametrize("suffix", SUFFIXES)
 def test_every_supported_file_type_gives_the_same_pairs(tmp_path, suffix) -> None:
     rows = string_rows(6)
-    table = datasets.Dataset.from_list(rows)
-    path = tmp_path / f"data.{suffix}"
-    if suffix == "jsonl":
-        write_jsonl(path, rows)
-    elif suffix == "json":
-        path.write_text(json.dumps(rows))
-    elif suffix == "csv":
-        table.to_csv(str(path), index=False)
-    elif suffix == "parquet":
-        table.to_parquet(str(path))
-    else:
-        table.save_to_disk(str(path))
+    path = write_as(tmp_path / f"data.{suffix}", rows, suffix)
     data = prepare_preferences(DataConfig(data=[str(path)], val_fraction=0.0), TOK, seed=0)
     expected = [encode_pair(pair_segments(r, TOK), TOK) for r in rows]
     assert sorted(data.train, key=lambda p: p.margin) == expected

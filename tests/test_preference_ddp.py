@@ -4,8 +4,9 @@ twice the gradient accumulation (a pair is never split between ranks or batches)
 import pytest
 import torch
 
+from data_files import write_jsonl
 from lorakit.cli import main
-from preference_helpers import pair_rows, write_pairs
+from preference_helpers import pair_rows
 from sft_helpers import saved_model
 from test_trainer_ddp import records, torchrun
 
@@ -13,7 +14,7 @@ from test_trainer_ddp import records, torchrun
 @pytest.mark.parametrize("recipe", ["reward", "dpo"])
 def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, recipe) -> None:
     model = saved_model(tmp_path / "model")
-    data = write_pairs(tmp_path / "pairs.jsonl", pair_rows(24))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
 
     def argv(out, grad_accum: int) -> list[str]:
         return [

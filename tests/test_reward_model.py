@@ -10,6 +10,7 @@ import torch
 import transformers
 from trl import RewardTrainer
 
+from data_files import write_jsonl
 from lorakit.cli import main
 from lorakit.data import DataConfig, collate_pairs, prepare_preferences
 from lorakit.models import ModelConfig, load_sequence_classifier, load_tokenizer
@@ -17,7 +18,7 @@ from lorakit.recipes import reward
 from lorakit.recipes.common import make_trainable
 from lorakit.train import TrainConfig
 from lorakit.train.objectives.reward import RewardObjective
-from preference_helpers import pair_rows, write_pairs
+from preference_helpers import pair_rows
 from sft_helpers import saved_model
 from trl_reference import _one_process
 
@@ -42,7 +43,7 @@ def scores(model, batch) -> torch.Tensor:
 
 
 def test_loss_equals_trl_reward_trainer_on_the_same_weights_and_batch(base, tmp_path) -> None:
-    data = write_pairs(tmp_path / "pairs.jsonl", pair_rows(6))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(6))
     cfg = config(base, data, tmp_path / "out")
     tokenizer = load_tokenizer(cfg.model)
     model = load_sequence_classifier(cfg.model, tokenizer.pad_token_id)
@@ -63,7 +64,7 @@ def test_loss_equals_trl_reward_trainer_on_the_same_weights_and_batch(base, tmp_
 
 
 def test_trained_adapter_loads_in_peft_and_merged_model_in_transformers(base, tmp_path) -> None:
-    data = write_pairs(tmp_path / "pairs.jsonl", pair_rows(24))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
     cfg = config(base, data, tmp_path / "run", max_steps=20)
     result = reward.run(cfg)
     history = [json.loads(line) for line in result.train.metrics.read_text().splitlines()]
@@ -102,7 +103,7 @@ def test_trained_adapter_loads_in_peft_and_merged_model_in_transformers(base, tm
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(base, tmp_path, monkeypatch) -> None:
-    data = write_pairs(tmp_path / "pairs.jsonl", pair_rows(16))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
     reward.run(config(base, data, tmp_path / "whole", max_steps=8, save_every=2))
     from lorakit.train import Trainer
 
@@ -134,7 +135,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(base, tmp_path, monkeypatc
     ],
 )
 def test_bad_rows_get_one_line_naming_file_and_row(base, tmp_path, capsys, row, expected) -> None:
-    data = write_pairs(tmp_path / "bad.jsonl", [*pair_rows(3), row])
+    data = write_jsonl(tmp_path / "bad.jsonl", [*pair_rows(3), row])
     argv = ["reward", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")]
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -146,7 +147,7 @@ def test_bad_rows_get_one_line_naming_file_and_row(base, tmp_path, capsys, row, 
 def test_cli_mistakes_get_one_line(base, tmp_path, capsys) -> None:
     missing = ["reward", "--model", str(base), "--data", str(tmp_path / "nope.jsonl")]
     assert main(missing) == 2
-    wrong = write_pairs(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}])
+    wrong = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}])
     assert main(["reward", "--model", str(base), "--data", str(wrong)]) == 2
     method = ["reward", "--model", str(base), "--data", str(wrong), "--method", "ia3"]
     assert main(method) == 2

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.models.modes import evaluating
+
 
 @dataclass
 class SamplingOptions:
@@ -100,9 +102,7 @@ def sample(
     repeated = [ids for ids in prompt_ids for _ in range(group_size)]
     ids, mask = left_pad(repeated, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         generate: Any = model.generate
         out = generate(
             input_ids=ids,
@@ -115,8 +115,6 @@ def sample(
             eos_token_id=eos_id,
             pad_token_id=pad_id,
         )
-    finally:
-        model.train(was_training)
     completions = out[:, ids.shape[1] :]
     done, ended = completion_mask(completions, eos_id)
     return Rollout(

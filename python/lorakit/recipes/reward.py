@@ -11,6 +11,7 @@ directory that ``AutoModelForSequenceClassification.from_pretrained`` loads with
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -146,11 +147,19 @@ def run(config: RewardConfig) -> RunResult:
     return train(model, tokenizer, report, config, data)
 
 
-def pairwise_accuracy(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]]) -> float:
-    """Share of ``{"prompt", "chosen", "rejected"}`` rows whose chosen side scores higher."""
+def pair_scores(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]]
+) -> tuple[list[float], list[float]]:
+    """The rewards of the chosen and of the rejected side of ``{"prompt", "chosen",
+    "rejected"}`` rows."""
     prompts = [r["prompt"] for r in rows]
     chosen = score(model, tokenizer, prompts, [r["chosen"] for r in rows])
-    rejected = score(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    return chosen, score(model, tokenizer, prompts, [r["rejected"] for r in rows])
+
+
+def pairwise_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]]) -> float:
+    """Share of ``{"prompt", "chosen", "rejected"}`` rows whose chosen side scores higher."""
+    chosen, rejected = pair_scores(model, tokenizer, rows)
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(rows))
 
 
@@ -207,9 +216,7 @@ def score_file(config: RewardConfig) -> str:
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scores.jsonl"
     if {"prompt", "chosen", "rejected"} <= keys:
-        prompts = [r["prompt"] for r in rows]
-        chosen = score(model, tokenizer, prompts, [r["chosen"] for r in rows])
-        rejected = score(model, tokenizer, prompts, [r["rejected"] for r in rows])
+        chosen, rejected = pair_scores(model, tokenizer, rows)
         records = [
             {"chosen_score": c, "rejected_score": r} for c, r in zip(chosen, rejected, strict=True)
         ]
@@ -234,7 +241,5 @@ def main(config: RewardConfig) -> str:
     """``lorakit reward``: trains (the default) or scores (``--score``)."""
     if config.reward.score:
         return score_file(config) if distributed.is_main() else ""
-    if not config.data.data:
-        raise ValueError("missing --data")
     result = run(config)
     return summary(result) if distributed.is_main() else ""

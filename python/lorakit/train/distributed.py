@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def launched_by_torchrun() -> bool:
@@ -90,6 +92,11 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (``model`` itself when not wrapped)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def barrier() -> None:

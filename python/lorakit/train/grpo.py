@@ -43,14 +43,14 @@ from lorakit.data.prompts import Prompt
 from lorakit.generation import Rollout, SamplingOptions, sample
 from lorakit.losses import AdvantageScale, Baseline, group_advantages, kl_penalty, ppo_policy_loss
 from lorakit.losses.ppo import masked_mean
-from lorakit.optim import AdamW
+from lorakit.models.modes import evaluating
 from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read
-from lorakit.train.policy import completion_logprobs, evaluating, reference_logprobs
+from lorakit.train.policy import completion_logprobs, reference_logprobs
 from lorakit.train.schedule import scheduler
-from lorakit.train.trainer import TrainResult
+from lorakit.train.trainer import TrainResult, trainable_optimizer
 
 RewardFunction = Callable[..., Sequence[float]]
 # The curves plot_metrics draws for a rollout run (one panel each).
@@ -168,16 +168,7 @@ class GRPOTrainer:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("the tokenizer needs an EOS and a pad token to sample completions")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        self.optimizer = AdamW(
-            params,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            state_bits=config.optim_bits,
-            max_grad_norm=config.max_grad_norm or None,
-        )
+        self.optimizer = trainable_optimizer(model, config)
         self.total_steps = max(1, config.max_steps or math.ceil(config.epochs * len(self.prompts)))
         updates = self.total_steps * options.updates * options.minibatches
         self.scheduler = scheduler(self.optimizer, config.schedule, updates, config.warmup)

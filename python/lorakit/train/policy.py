@@ -3,27 +3,15 @@ same model with adapters disabled: no second copy of the base) or any other adap
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from lorakit.data.encode import IGNORE
 from lorakit.losses import entropy_from_logits, token_logprobs_from_logits
+from lorakit.models.modes import evaluating
 from lorakit.peft import disable_adapters
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode (no dropout) within the block, its mode restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 def completion_logprobs(

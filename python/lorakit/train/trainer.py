@@ -49,6 +49,27 @@ def _enable_checkpointing(model: nn.Module) -> None:
     enable({"use_reentrant": False})
 
 
+def trainable_optimizer(model: nn.Module, config: TrainConfig) -> AdamW:
+    """:class:`lorakit.optim.AdamW` over ``model``'s parameters that require a gradient, with
+    ``config``'s rate, decay, state precision, clipping and paging.
+
+    Raises:
+        ValueError: no parameter of ``model`` trains.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return AdamW(
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        state_bits=config.optim_bits,
+        max_grad_norm=config.max_grad_norm or None,
+        paged=config.optim_page_budget_mb > 0,
+        page_budget_mb=config.optim_page_budget_mb or math.inf,
+    )
+
+
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
@@ -108,19 +129,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.main = self.rank == 0
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer_params = params
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        self.optimizer = AdamW(
-            params,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            state_bits=config.optim_bits,
-            max_grad_norm=config.max_grad_norm or None,
-            paged=config.optim_page_budget_mb > 0,
-            page_budget_mb=config.optim_page_budget_mb or math.inf,
-        )
+        self.optimizer = trainable_optimizer(model, config)
         accum = config.grad_accum * self.world  # micro-batches per step, over all ranks
         micro = config.max_steps * accum or math.ceil(config.epochs * len(train))
         self.total_steps = max(1, math.ceil(micro / accum))
@@ -254,7 +263,8 @@ class Trainer:
         # Without clipping no gradient norm is computed, so a NaN gradient with a finite loss
         # reaches the parameters unseen; it must not reach a checkpoint. Every rank holds the
         # same parameters (DDP), so all stop together.
-        if not all(bool(torch.isfinite(p).all()) for p in self.optimizer_params):
+        trained = (p for group in self.optimizer.param_groups for p in group["params"])
+        if not all(bool(torch.isfinite(p).all()) for p in trained):
             raise self._diverged(step - 1, "a parameter is NaN or infinite after the update")
         state = {
             **state,

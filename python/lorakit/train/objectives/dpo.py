@@ -4,15 +4,15 @@ log-probs of both sides of each pair, in one forward pass each, into
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from lorakit.data.encode import IGNORE
 from lorakit.losses import DPOLossType, dpo_loss
 from lorakit.losses.logprobs import sequence_logprobs, sequence_logprobs_from_logits
+from lorakit.models.modes import evaluating
 from lorakit.peft import disable_adapters
+from lorakit.train import distributed
 from lorakit.train.batches import Batch
 from lorakit.train.objective import ObjectiveOutput
 from lorakit.train.objectives.hidden import final_hidden, plain_head
@@ -76,9 +76,9 @@ class DPOObjective:
             return completion_logps(self.reference, batch)
         if self.reference == PRECOMPUTED:
             return batch["ref_logps"]
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        inner = distributed.unwrapped(model)
         # Dropout off too: the reference is a fixed function of the pair.
-        with disable_adapters(inner), _eval(inner):
+        with disable_adapters(inner), evaluating(inner):
             return completion_logps(inner, batch)
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
@@ -110,13 +110,3 @@ class DPOObjective:
 
     def summarize(self, means: dict[str, float]) -> dict[str, float]:
         return means
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)

@@ -15,11 +15,13 @@ import inspect
 import torch
 from torch import nn
 
+from lorakit.train import distributed
+
 
 def plain_head(model: nn.Module) -> nn.Linear | None:
     """The model's LM head if it is a plain ``nn.Linear`` (an adapted or quantized head, or a
     model that cannot skip its full logits, gets None: use its logits)."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = distributed.unwrapped(model)
     get_head = getattr(inner, "get_output_embeddings", None)
     get_decoder = getattr(inner, "get_decoder", None)
     if get_head is None or get_decoder is None:
@@ -32,7 +34,7 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
 def final_hidden(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
     """``model``'s final hidden states (batch, n, hidden) for ``inputs``; requires
     :func:`plain_head` to have returned a head."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = distributed.unwrapped(model)
     captured: list[torch.Tensor] = []
 
     def keep(_: nn.Module, __: object, output: object) -> None:
