@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from lorakit.models import gguf
 from lorakit.peft.methods import MethodName, methods_help
 
 METHODS = get_args(MethodName)
@@ -24,9 +25,10 @@ class ModelConfig:
     model: str = field(
         default="",
         metadata={
-            "help": "A Hugging Face causal LM and its tokenizer: a local directory, or a hub id "
+            "help": "A Hugging Face causal LM and its tokenizer: a local directory, a hub id "
             "(owner/name: taken from the Hugging Face cache, downloaded there when missing "
-            "and the network allows; safetensors weights only)."
+            "and the network allows; safetensors weights only), or a .gguf file (converted "
+            "once to a float32 directory under ~/.cache/lorakit/gguf; needs the gguf package)."
         },
     )
     method: MethodName = field(default="qlora", metadata={"help": methods_help()})
@@ -50,15 +52,18 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.ji
 
 
 def model_dir(config: ModelConfig) -> Path:
-    """``config.model`` as a directory holding a ``config.json``: a local directory, or the
+    """``config.model`` as a directory holding a ``config.json``: a local directory, the
     snapshot of a Hugging Face hub id in the Hugging Face cache (downloaded there when it is
-    not cached yet and the network allows; safetensors weights only).
+    not cached yet and the network allows; safetensors weights only), or a GGUF file's
+    conversion (:func:`lorakit.models.gguf.converted_dir`).
 
     Raises:
         ValueError: it is neither a model directory nor a hub id that can be had (not cached,
-            and the hub cannot be reached or has no such model).
+            and the hub cannot be reached or has no such model), or an unreadable GGUF file.
     """
     path = Path(config.model)
+    if gguf.is_gguf(config.model):
+        return gguf.converted_dir(path)
     if config.model and (path / "config.json").is_file():
         return path
     if not config.model or path.exists() or not _HUB_ID.fullmatch(config.model):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.recipes import compare, demo, dpo, grpo, merge, reward, sft
+from lorakit.recipes import compare, convert, demo, dpo, grpo, merge, reward, sft
 from lorakit.recipes.common import RunConfig, summary
 from lorakit.recipes.pretrain import PretrainConfig
 from lorakit.train import distributed
@@ -110,6 +110,13 @@ COMMANDS: dict[str, Command] = {
         "merge a LoRA or IA3 adapter into its base model; write a plain Hugging Face model "
         "directory (+ tokenizer). A QLoRA adapter merges into the dense base checkpoint it was "
         "trained from (its base_model_name_or_path), not into NF4 weights.",
+    ),
+    "convert": Command(
+        "convert a GGUF model file to a Hugging Face model directory (safetensors + tokenizer)",
+        convert.ConvertConfig,
+        convert.main,
+        convert.REQUIRED,
+        convert.__doc__,
     ),
     "info": Command("print how lorakit was built", InfoConfig, _info),
 }
