@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.recipes import compare, convert, demo, dpo, grpo, merge, reward, sft
+from lorakit.recipes import compare, constitutional, convert, demo, dpo, grpo, merge, reward, sft
 from lorakit.recipes.common import RunConfig, summary
 from lorakit.recipes.pretrain import PretrainConfig
 from lorakit.train import distributed
@@ -95,6 +95,13 @@ COMMANDS: dict[str, Command] = {
         grpo.main,
         TRAINING_REQUIRED | {"reward_function"},
         grpo.__doc__,
+    ),
+    "constitutional": Command(
+        "self-critique and revision against written principles: SFT and preference data out",
+        constitutional.ConstitutionalConfig,
+        constitutional.main,
+        constitutional.REQUIRED,
+        constitutional.__doc__,
     ),
     # ----
     "compare": Command(
