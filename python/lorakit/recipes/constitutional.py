@@ -144,17 +144,13 @@ def generate_data(
 
 
 def run(config: ConstitutionalConfig) -> dict[str, Any]:
-    """Loads the principles, the model's tokenizer and the prompts (all checked before the
-    model loads), then the model, and runs :func:`generate_data`."""
+    """Loads the principles, the model's tokenizer and the prompts, and checks ``--out``
+    (all before the model loads), then the model, and runs :func:`generate_data`."""
     source, options = config.source, config.critique
     principles = load_principles(options.principles or DEFAULT)
     model_config = ModelConfig(model=source.model, dtype=source.dtype, device=source.device)
     tokenizer = load_tokenizer(model_config)
     prompts = [(i, as_messages(p.raw)) for i, p in enumerate(load_prompts(options.data, tokenizer))]
-    model = load_model(model_config)
-    if source.adapter:
-        load_adapter(model, source.adapter)
-    generator = ModelGenerator(model, tokenizer, config.sampling, options.batch_size)
     settings = {
         "model": source.model,
         "adapter": source.adapter,
@@ -165,6 +161,11 @@ def run(config: ConstitutionalConfig) -> dict[str, Any]:
         "judge": options.judge,
         "sampling": asdict(config.sampling),
     }
+    Outputs(Path(options.out), settings).close()  # a mismatched --out is refused before loading
+    model = load_model(model_config)
+    if source.adapter:
+        load_adapter(model, source.adapter)
+    generator = ModelGenerator(model, tokenizer, config.sampling, options.batch_size)
     return generate_data(generator, prompts, principles, config, settings)
 
 
