@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 import lorakit._native  # noqa: F401  (loads the library that defines torch.ops.lorakit)
+from lorakit import op_autocast  # noqa: F401  (the LoRA ops' rules under torch.autocast)
 from lorakit import op_checks as check
 from lorakit.op_checks import NF4_BLOCKSIZES as NF4_BLOCKSIZES  # re-exported for configs
 from lorakit.op_checks import ceil_div as _ceil_div

@@ -31,6 +31,7 @@ from lorakit.train import (
     TrainResult,
     distributed,
     out_dir,
+    precision,
 )
 from lorakit.train.batches import Batch
 
@@ -109,6 +110,9 @@ def train_and_save(
     when progress is shown."""
     if config.train.progress and distributed.is_main():
         print(data_report)
+        bf16 = precision.describe(config.train.autocast, next(model.parameters()).device)
+        if bf16 is not None:
+            print(bf16)
     # The lock spans training and saving, so no other run writes out between them.
     with out_dir.claim(Path(config.train.out)):
         trainer = Trainer(model, config.train, objective, train, val, asdict(config))

@@ -92,8 +92,8 @@ class TrainConfig:
     autocast: Literal["auto", "bf16", "off"] = field(
         default="auto",
         metadata={
-            "help": "bf16 autocast on the GPU (auto: where the GPU supports bf16); ignored on "
-            "the CPU."
+            "help": "bf16 autocast of the forward passes (auto: where bf16 is native: a GPU "
+            "that supports it, a CPU with AVX-512 BF16 or AMX; bf16: always; off: float32)."
         },
     )
     report_to: Literal["none", "tensorboard"] = field(

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lorakit.optim import AdamW
-from lorakit.train import checkpoint, distributed, out_dir
+from lorakit.train import checkpoint, distributed, out_dir, precision
 from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
@@ -150,13 +150,7 @@ class Trainer:
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        use = self.device.type == "cuda" and (
-            self.config.autocast == "bf16"
-            or (self.config.autocast == "auto" and torch.cuda.is_bf16_supported())
-        )
-        if use:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision.autocast(self.config.autocast, self.device)
 
     def _on_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device) for k, v in batch.items()}
