@@ -5,6 +5,7 @@ single-process identity, so the Trainer has one code path."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -34,13 +35,37 @@ def process_group() -> Iterator[None]:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("cuda:nccl,cpu:gloo")
+        init_group("cuda:nccl,cpu:gloo")
     else:
-        dist.init_process_group("gloo")
+        init_group("gloo")
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        release_group()
+
+
+def init_group(backend: str, **options: Any) -> None:
+    """``dist.init_process_group(backend, **options)``, made safe to tear down.
+
+    ``torch._dynamo`` (which ``DistributedDataParallel`` imports on first use) keeps references
+    to the process groups that exist when it is imported. Imported after the group, it keeps the
+    group and its gloo threads alive past ``destroy_process_group``, until interpreter shutdown
+    tears the threads down mid-finalization and the process aborts at random ("terminate called
+    without an active exception"). Imported first, it holds no group.
+    """
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend, **options)
+
+
+def release_group() -> None:
+    """Destroys the default process group now, its gloo threads joined before returning.
+
+    ``DistributedDataParallel`` sits in a reference cycle that holds the group until the cyclic
+    collector runs; collecting first lets ``destroy_process_group`` free it here.
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def active() -> bool:
