@@ -20,6 +20,7 @@ computed per local shard, so its blocks depend on the sharding): it resumes on a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def save(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 def _load(path: Path, state: dict[str, torch.Tensor]) -> None:
     reader = HuggingFaceStorageReader(str(path / SHARDED))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # One process without a process group is meant here (loading onto one rank).
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
 
 
