@@ -188,3 +188,11 @@ def test_8bit_steps_on_unaligned_shards_quantize_each_shard_alone(ranks) -> None
         saved = torch.load(ranks / f"linear90-rank{rank}.pt")
         assert math.prod(saved["state"]["exp_avg"].shape) == rows.numel()
         torch.testing.assert_close(saved["local"], part.weight.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp_needs_a_model_that_names_its_decoder_layers() -> None:
+    assert [type(m).__name__ for m in fsdp.decoder_layers(_qlora_model())] == [
+        "LlamaDecoderLayer"
+    ] * 2
+    with pytest.raises(ValueError, match="names no decoder-layer class"):
+        fsdp.decoder_layers(nn.Sequential(nn.Linear(2, 2)))

@@ -120,10 +120,9 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}"
         )
 
-    # nn.Module only moves parameters and buffers; the NF4 tensors follow the device, and the
-    # expansion dtype follows float casts (model.to(torch.bfloat16)).
     # The uint8 storage is a parameter (moved by nn.Module, never cast); the second level of
-    # double-quantized scales is not, and follows the device.
+    # double-quantized scales is not, and follows the device; the expansion dtype follows float
+    # casts (model.to(torch.bfloat16)).
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
         shape, dtype, blocksize = self._meta
         probe = fn(torch.empty(0, dtype=dtype, device=self.weight_codes.device))

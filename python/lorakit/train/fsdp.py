@@ -25,13 +25,13 @@ from lorakit.train import distributed
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules of the classes that a Hugging Face model names in ``_no_split_modules``
-    (its decoder layers), outermost first.
+    (its decoder layers), innermost first (FSDP2 shards a module's sub-units before it).
 
     Raises:
         ValueError: the model names none, or none is in it.
     """
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in model.modules() if type(m).__name__ in names][::-1]
     if not layers:
         raise ValueError(
             f"--fsdp: {type(model).__name__} names no decoder-layer class (_no_split_modules) "
@@ -51,10 +51,6 @@ def shard(model: nn.Module, device: torch.device) -> None:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
