@@ -318,7 +318,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Runs (or resumes) training to the end or an early stop; writes ``metrics.jsonl``,
-        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only), holding its lock
+        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only; under FSDP every rank
+        writes its part of each checkpoint), holding its lock
         (:mod:`lorakit.train.out_dir`).
 
         Raises:
