@@ -30,6 +30,7 @@ from lorakit.train import (
     Trainer,
     TrainResult,
     distributed,
+    fsdp,
     out_dir,
     precision,
 )
@@ -117,8 +118,10 @@ def train_and_save(
     with out_dir.claim(Path(config.train.out)):
         trainer = Trainer(model, config.train, objective, train, val, asdict(config))
         result = trainer.fit()
-        if distributed.is_main():
-            save_result(model, tokenizer, config)
+        # Under FSDP every rank gathers the trained parameters; rank 0 writes them once.
+        with fsdp.whole_trainable(model):
+            if distributed.is_main():
+                save_result(model, tokenizer, config)
     return RunResult(model, tokenizer, result, report.trainable, report.total, result_path(config))
 
 

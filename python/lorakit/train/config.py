@@ -107,6 +107,15 @@ class TrainConfig:
         default=False,
         metadata={"help": "Recompute activations in the backward pass to save memory."},
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun, shard the model over the ranks with FSDP2 (per decoder "
+            "layer, the frozen NF4 base included) instead of replicating it with DDP; "
+            "checkpoints are then written by every rank (torch.distributed.checkpoint). No "
+            "effect in one process."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
