@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -23,6 +22,7 @@ from lorakit.optim.state import local_shard
 from lorakit.peft import LoraConfig
 from lorakit.peft.inject import apply_lora
 from lorakit.train import fsdp
+from lorakit.train.distributed import init_group, release_group
 from sft_helpers import llama, tokenizer
 
 WORLD = 2
@@ -75,7 +75,7 @@ def _linear(n_in: int, n_out: int) -> nn.Linear:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    init_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model = _qlora_model()
@@ -106,7 +106,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
-        dist.destroy_process_group()
+        release_group()
 
 
 @pytest.fixture(scope="module")
