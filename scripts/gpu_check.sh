@@ -58,6 +58,8 @@ if [[ " $wanted " == *" bench "* ]]; then
   for bench in benchmarks/bench_*.py; do
     step "$(basename "$bench" .py)" python "$bench" --device cuda
   done
+  # Its default is a frozen head (LoRA); a full fine-tune also accumulates the head's gradient.
+  step bench_fused_ce_train_head python benchmarks/bench_fused_ce.py --device cuda --train-head
 fi
 
 if [ ${#failed[@]} -ne 0 ]; then

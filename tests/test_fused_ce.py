@@ -13,6 +13,13 @@ from conftest import FLOAT_DTYPES
 from lorakit import ops
 
 IGNORE = -100
+# The CUDA kernels against the same float64 references, where a GPU is lent.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
 
 
 def inputs(tokens: int, size: int, vocab: int, dtype: torch.dtype, seed: int = 0):
@@ -55,11 +62,15 @@ def assert_within_twice_plain(ours, plain, exact, dtype, what):
     assert ours_err <= 2 * plain_err + floor, f"{what}: {ours_err:.3g} vs plain {plain_err:.3g}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("softcap", [0.0, 30.0])
 @pytest.mark.parametrize("chunk_tokens", [0, 7])
-def test_cross_entropy_and_its_gradients_match_float64(dtype, softcap, chunk_tokens):
-    hidden, weight, labels = inputs(45, 24, 300, dtype)
+@pytest.mark.parametrize(("tokens", "vocab"), [(45, 300), (19, 5003)])  # below / above a block
+def test_cross_entropy_and_its_gradients_match_float64(
+    device, dtype, softcap, chunk_tokens, tokens, vocab
+):
+    hidden, weight, labels = (t.to(device) for t in inputs(tokens, 24, vocab, dtype))
     h64, w64 = leaves(hidden.double(), weight.double())
     exact = F.cross_entropy(logits_of(h64, w64, softcap), labels, reduction="sum")
     exact_grads = grads(exact, h64, w64)
@@ -78,11 +89,12 @@ def test_cross_entropy_and_its_gradients_match_float64(dtype, softcap, chunk_tok
         assert_within_twice_plain(o * 2, p, e, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("head_trains", [False, True])
-def test_logprobs_and_their_gradients_match_float64(dtype, head_trains):
-    hidden, weight, labels = inputs(40, 16, 257, dtype, seed=1)
-    upstream = torch.randn(40)  # DPO / PPO weigh each token's log-prob differently
+def test_logprobs_and_their_gradients_match_float64(device, dtype, head_trains):
+    hidden, weight, labels = (t.to(device) for t in inputs(40, 16, 257, dtype, seed=1))
+    upstream = torch.randn(40, device=device)  # DPO / PPO weigh each token's log-prob differently
     softcap = 0.0
 
     def loss_of(logprobs):
