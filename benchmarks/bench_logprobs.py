@@ -9,7 +9,9 @@ half is the scored completion. Forward and backward of the summed log-probs, thr
 - plain: the head's logits for every position, float32 ``log_softmax``, gather (what a model's
   forward followed by a log-softmax does);
 - from logits: the model's logits as input, :func:`sequence_logprobs_from_logits`;
-- chunked: from the final hidden states, :func:`sequence_logprobs`.
+- chunked: from the final hidden states, :func:`sequence_logprobs` under activation
+  checkpointing (``fused=False``);
+- fused: the same through lorakit's fused op (its default).
 
 Each runs in a fresh process, so that its peak is its own: on the CPU the growth of peak RSS
 (``ru_maxrss``) over the RSS after the inputs exist; on a GPU ``max_memory_allocated`` over the
@@ -33,7 +35,7 @@ from lorakit.data.encode import IGNORE
 from lorakit.losses import sequence_logprobs, sequence_logprobs_from_logits
 from measure import current_bytes, peak_bytes, reset_peak, sync
 
-VARIANTS = ("plain", "from_logits", "chunked")
+VARIANTS = ("plain", "from_logits", "chunked", "fused")
 
 
 def _plain(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,10 @@ def _child(args: argparse.Namespace) -> None:
             logits = F.linear(hidden, weight)
             logprobs = sequence_logprobs_from_logits(logits, labels, args.chunk_tokens)
         else:
-            logprobs = sequence_logprobs(hidden, weight, labels, chunk_tokens=args.chunk_tokens)
+            fused = args.variant == "fused"
+            logprobs = sequence_logprobs(
+                hidden, weight, labels, chunk_tokens=args.chunk_tokens, fused=fused
+            )
         logprobs.sum().backward()
         hidden.grad = weight.grad = None
 
