@@ -163,7 +163,8 @@ def _losses_in_subprocess(isa: str) -> torch.Tensor:
         "h, w, y = inputs(33, 16, 1001, torch.float32)\n"
         "lp = ops.fused_linear_logprobs(h, w, y, 0, 30.0)\n"
         "ce = ops.fused_linear_cross_entropy(h.bfloat16(), w.bfloat16(), y)\n"
-        "print(repr(torch.cat([lp, ce[None]]).tolist()))\n"
+        "half = ops.fused_linear_cross_entropy(h.half(), w.half(), y)\n"
+        "print(repr(torch.cat([lp, ce[None], half[None]]).tolist()))\n"
     )
     env = {**os.environ, "LORAKIT_FUSED_CE_ISA": isa}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
