@@ -3,12 +3,17 @@
 tiny GPT-2 (head tied to the embedding, so its gradient comes from the fused op and the
 embedding lookup together) and a tiny Gemma 2 (final logit soft-capping)."""
 
+import argparse
+
 import pytest
 import torch
 import transformers
 
 from lorakit import LoraConfig, apply_lora, ops
+from lorakit.config_args import add_arguments, build
 from lorakit.data import IGNORE
+from lorakit.recipes.dpo import DPOConfig
+from lorakit.recipes.sft import SFTConfig
 from lorakit.train.objectives import CausalLMObjective
 from lorakit.train.objectives.dpo import ADAPTERS_OFF, DPOObjective
 from lorakit.train.objectives.hidden import plain_head
@@ -135,3 +140,12 @@ def test_dpo_objective_fused_equals_unfused(make, monkeypatch):
     assert_same(fused, unfused)
     for key in ("chosen_logp", "rejected_logp", "reward_margin"):
         assert fused[0].metrics[key] == pytest.approx(unfused[0].metrics[key], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-fused-ce"], False)])
+def test_the_cli_flag_switches_the_fused_path(flag, expected):
+    for cls in (SFTConfig, DPOConfig):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, cls, set())
+        config = build(cls, parser.parse_args(["--model", "m", *flag]), set(), {})
+        assert config.train.fused_ce is expected
