@@ -59,6 +59,8 @@ if [[ " $wanted " == *" bench "* ]]; then
     [ "$bench" = benchmarks/bench_e2e.py ] && continue  # its own step: it takes minutes
     step "$(basename "$bench" .py)" python "$bench" --device cuda
   done
+  # Its default is a frozen head (LoRA); a full fine-tune also accumulates the head's gradient.
+  step bench_fused_ce_train_head python benchmarks/bench_fused_ce.py --device cuda --train-head
 fi
 if [[ " $wanted " == *" e2e "* ]]; then
   # Llama-3-8B- and 70B-shaped QLoRA training and decoding (random weights, built into NF4).

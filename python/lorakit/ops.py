@@ -2,7 +2,8 @@
 
 Each op also gets a fake (meta) kernel here so that ``torch.compile`` and ``FakeTensor`` can trace
 it without running it. Argument checks happen in C++ (``TORCH_CHECK``) and surface as
-``RuntimeError`` naming the bad argument.
+``RuntimeError`` naming the bad argument. The fused linear cross-entropy ops live in
+:mod:`lorakit._fused_ce_ops` (re-exported here).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import lorakit._native  # noqa: F401  (loads the library that defines torch.ops.lorakit)
 from lorakit import op_autocast  # noqa: F401  (the LoRA ops' rules under torch.autocast)
 from lorakit import op_checks as check
+from lorakit._fused_ce_ops import fused_linear_cross_entropy as fused_linear_cross_entropy
+from lorakit._fused_ce_ops import fused_linear_logprobs as fused_linear_logprobs
 from lorakit.op_checks import NF4_BLOCKSIZES as NF4_BLOCKSIZES  # re-exported for configs
 from lorakit.op_checks import ceil_div as _ceil_div
 

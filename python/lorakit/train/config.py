@@ -87,6 +87,14 @@ class TrainConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and init."})
+    fused_ce: bool = field(
+        default=True,
+        metadata={
+            "help": "Where the LM head is a plain linear layer, compute the loss and its gradient "
+            "from the final hidden states a chunk of tokens at a time with lorakit's fused op, "
+            "never the whole batch's logits; --no-fused-ce uses the model's logits."
+        },
+    )
     log_every: int = field(default=1, metadata={"help": "Write metrics every N steps."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     autocast: Literal["auto", "bf16", "off"] = field(
