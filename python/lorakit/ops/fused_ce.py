@@ -1,5 +1,5 @@
 r"""Fused linear cross-entropy and log-probs (``torch.ops.lorakit.fused_linear_*``): part of
-:mod:`lorakit.ops`, which re-exports the wrappers; kept apart to keep that file small.
+:mod:`lorakit.ops`, which re-exports the wrappers.
 
 For hidden states :math:`h_t`, an LM head :math:`W` and labels :math:`y_t` the ops return
 
