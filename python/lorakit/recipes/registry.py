@@ -95,6 +95,7 @@ COMMANDS: dict[str, Command] = {
         grpo.main,
         TRAINING_REQUIRED | {"reward_function"},
         grpo.__doc__,
+        distributed=True,
     ),
     "ppo": Command(
         "PPO: sample, score with a reward model or function, KL-penalised GAE, clipped updates",

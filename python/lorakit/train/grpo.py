@@ -37,6 +37,7 @@ from lorakit.data.prompts import Prompt
 from lorakit.generation import Rollout, SamplingOptions
 from lorakit.losses import AdvantageScale, Baseline, group_advantages, kl_penalty, ppo_policy_loss
 from lorakit.losses.ppo import masked_mean
+from lorakit.train import distributed as dist_helpers
 from lorakit.train.config import TrainConfig
 from lorakit.train.policy import completion_logprobs, reference_logprobs
 from lorakit.train.rollout_loop import RewardFunction, RolloutLoop, StepSums
@@ -123,6 +124,7 @@ class GRPOTrainer(RolloutLoop):
 
     kind = "grpo"
     plotted = PLOTTED
+    runs_distributed = True
 
     def __init__(
         self,
@@ -135,6 +137,8 @@ class GRPOTrainer(RolloutLoop):
         reward: RewardFunction,
     ) -> None:
         self.options = options
+        if options.scale_rewards == "batch" and dist_helpers.world_size() > 1:
+            raise ValueError("--scale-rewards batch is not supported under torchrun (use group)")
         super().__init__(
             model,
             tokenizer,
@@ -195,7 +199,8 @@ class GRPOTrainer(RolloutLoop):
         loss = policy.loss
         if ref_rows is not None:
             loss = loss + self.options.beta * masked_mean(kl_penalty(logprobs, ref_rows), mask)
-        loss.backward()
+        (loss * self.global_share(mask.sum())).backward()
+        self.sync_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -52,7 +52,11 @@ class StepSums:
         self.tokens[name] = self.tokens.get(name, 0.0) + tokens
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(1.0, self.tokens[k]) for k, v in self.values.items()}
+        """Each metric's token-weighted mean over every rank's sums."""
+        names = sorted(self.values)
+        totals = distributed.sum_across([self.values[k] for k in names])
+        tokens = distributed.sum_across([self.tokens[k] for k in names])
+        return {k: v / max(1.0, t) for k, v, t in zip(names, totals, tokens, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,17 @@ class RolloutLoop:
         updates_per_step: optimizer steps per rollout step (for the schedule's length).
         kl_warn: warn when a step's mean per-token KL to the reference exceeds this (nats).
         trained: the module whose trainable parameters checkpoints hold (default ``model``).
+
+    Under torchrun (when the subclass sets ``runs_distributed``) each of the ``N`` processes takes
+    its share of each step's prompts (``batch_size / N``), samples with its own random stream,
+    scores, and sums its gradients with the others' before each optimizer step; rank 0 writes
+    the metrics (over every rank's completions) and the checkpoints (with every rank's RNG).
     """
 
     kind: ClassVar[str] = "rollout"
+    # Whether the subclass's step works under torchrun (its losses scaled by
+    # :meth:`global_share`, its gradients summed with :meth:`sync_gradients`).
+    runs_distributed: ClassVar[bool] = False
     # The curves of metrics.png (one panel each).
     plotted: ClassVar[tuple[str, ...]] = ("reward_mean", "kl")
 
@@ -99,8 +111,13 @@ class RolloutLoop:
         kl_warn: float,
         trained: nn.Module | None = None,
     ) -> None:
-        if distributed.world_size() > 1:
+        world = distributed.world_size()
+        if world > 1 and not self.runs_distributed:
             raise ValueError(f"{self.kind} runs in one process (torchrun is not supported yet)")
+        if config.batch_size % world:
+            raise ValueError(
+                f"--batch-size {config.batch_size} must be a multiple of the {world} processes"
+            )
         if config.grad_accum != 1:
             raise ValueError(f"{self.kind} takes --minibatches, not --grad-accum")
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -123,19 +140,25 @@ class RolloutLoop:
         """Samples ``per_prompt`` completions of each prompt of step ``step`` and scores them;
         prompt ``i``'s completions are rows ``[i * per_prompt, (i + 1) * per_prompt)``."""
         prompts: list[Prompt] = self.prompts.shuffled(step)
+        share = len(prompts) // distributed.world_size()
+        prompts = prompts[distributed.rank() * share :][:share]
         encoded = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         tic = time.perf_counter()
         rollout = sample(self.model, encoded, per_prompt, self.sampling, self.pad_id, self.eos_id)
         seconds = time.perf_counter() - tic
         rewards = self._score(step, prompts, rollout, per_prompt)
         lengths = rollout.completion_mask.sum(1).float()
+        # Every rank's completions on rank 0, which writes the metrics.
+        every = torch.tensor(distributed.gather_to_main(rewards.tolist())).flatten()
+        lengths_every = torch.tensor(distributed.gather_to_main(lengths.tolist())).flatten()
+        ended = torch.tensor(distributed.gather_to_main(rollout.ended.tolist())).flatten()
         metrics = {
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "completion_length": float(lengths.mean()),
-            "ended_with_eos": float(rollout.ended.float().mean()),
+            "reward_mean": float(every.mean()),
+            "reward_std": float(every.std()) if len(every) > 1 else 0.0,
+            "completion_length": float(lengths_every.mean()),
+            "ended_with_eos": float(ended.float().mean()),
             "rollout_s": seconds,
-            "rollout_tokens_per_s": float(lengths.sum()) / seconds,
+            "rollout_tokens_per_s": float(lengths_every.sum()) / seconds,
         }
         return Scored(rollout, rewards, metrics)
 
@@ -159,6 +182,11 @@ class RolloutLoop:
                 f"{len(completions)} completions"
             )
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        if distributed.sum_across([float(len(bad))])[0] and not bad:
+            raise ValueError(
+                f"step {step + 1}: the reward function returned a non-finite value in another "
+                "process; stopped before updating"
+            )
         if bad:
             last = checkpoint.latest(self.out)
             raise ValueError(
@@ -185,21 +213,39 @@ class RolloutLoop:
         """The algorithm's options, recorded in checkpoints."""
         return {}
 
+    # ---- torchrun
+
+    @staticmethod
+    def global_share(tokens: torch.Tensor) -> float:
+        """This rank's share of a minibatch's tokens over every rank's: a token-mean loss
+        times it, its gradients summed over the ranks, is the token mean over all of them."""
+        if not distributed.active():
+            return 1.0
+        return float(tokens) / distributed.sum_across([float(tokens)])[0]
+
+    def sync_gradients(self) -> None:
+        """Sums the trained parameters' gradients over the ranks (before the optimizer step)."""
+        distributed.sum_gradients([p for p in self.trained.parameters() if p.requires_grad])
+
     # ---- checkpoints
 
     def _resume(self, log_path: Path) -> int:
         path = checkpoint.latest(self.out) if self.config.resume else None
         if path is None:
-            log_path.unlink(missing_ok=True)
+            if distributed.is_main():
+                log_path.unlink(missing_ok=True)
             return 0
-        state = checkpoint.load(path, self.trained, self.optimizer)
+        state = checkpoint.load(path, self.trained, self.optimizer, distributed.rank())
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))
-        # Records written after the checkpoint belong to steps that run again.
-        kept = (
-            [r for r in read(log_path) if r["step"] <= state["step"]] if log_path.exists() else []
-        )
-        log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
+        if distributed.is_main():
+            # Records written after the checkpoint belong to steps that run again.
+            kept = (
+                [r for r in read(log_path) if r["step"] <= state["step"]]
+                if log_path.exists()
+                else []
+            )
+            log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
         return int(state["step"])
 
     def _save(self, step: int) -> None:
@@ -210,9 +256,21 @@ class RolloutLoop:
             self.kind: self.options_state(),
             "extra": self.extra_state(),
         }
-        checkpoint.save(
-            self.out, step, self.trained, self.optimizer, state, self.config.keep_checkpoints
-        )
+        trained = [p for p in self.trained.parameters() if p.requires_grad]
+        if not distributed.same_on_every_rank([float(p.double().sum()) for p in trained]):
+            raise RuntimeError(f"step {step}: the processes' trained parameters differ")
+        rng = distributed.gather_to_main(checkpoint.rng_state())
+        if distributed.is_main():
+            checkpoint.save(
+                self.out,
+                step,
+                self.trained,
+                self.optimizer,
+                state,
+                self.config.keep_checkpoints,
+                rng,
+            )
+        distributed.barrier()
 
     # ---- the loop
 
@@ -240,8 +298,12 @@ class RolloutLoop:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "metrics.jsonl"
+        main = distributed.is_main()
         start = self._resume(log_path)
-        log = MetricsLog(log_path, cfg.report_to, start)
+        if start == 0 and distributed.active():
+            # Each rank its own random stream (the adapters were initialised alike before).
+            torch.manual_seed(cfg.seed + 1 + distributed.rank())
+        log = MetricsLog(log_path, cfg.report_to, start) if main else None
         device = next(self.model.parameters()).device
         started, done, last_loss = time.perf_counter(), start, math.nan
         bar = tqdm(
@@ -249,7 +311,7 @@ class RolloutLoop:
             initial=start,
             total=self.total_steps,
             desc=self.kind,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and main),
             dynamic_ncols=True,
         )
         try:
@@ -259,19 +321,23 @@ class RolloutLoop:
                     done, last_loss = step + 1, metrics["loss"]
                     record = {"step": done, **metrics, "lr": self.scheduler.get_last_lr()[0]}
                     record["memory_mib"] = peak_memory_mib(device)
-                    self._warn(done, metrics)
+                    if main:
+                        self._warn(done, metrics)
                     last = done == self.total_steps
-                    if done % cfg.log_every == 0 or last:
+                    if log is not None and (done % cfg.log_every == 0 or last):
                         log.write(record)
                     bar.set_postfix({k: f"{record[k]:.3f}" for k in self.plotted if k in record})
                     if last or (cfg.save_every and done % cfg.save_every == 0):
                         self._save(done)
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         plot = self.out / "metrics.png"
-        records = read(log_path)
-        plot_metrics([{k: r[k] for k in ("step", *self.plotted) if k in r} for r in records], plot)
+        if main:
+            records = read(log_path)
+            rows = [{k: r[k] for k in ("step", *self.plotted) if k in r} for r in records]
+            plot_metrics(rows, plot)
         return TrainResult(
             steps=done,
             last_loss=last_loss,
