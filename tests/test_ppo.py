@@ -8,18 +8,27 @@ mistakes in one line."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.cli import main
-from lorakit.generation import SamplingOptions
+from lorakit.generation import SamplingOptions, sample
 from lorakit.models import ModelConfig, load_model, load_tokenizer
-from lorakit.peft import adapter_layers, adapter_names, save_adapter
+from lorakit.peft import (
+    adapter_layers,
+    adapter_names,
+    disable_adapters,
+    save_adapter,
+    using_adapter,
+)
 from lorakit.recipes import ppo, reward
 from lorakit.train import TrainConfig
 from lorakit.train.ppo import PPOOptions, PPOTrainer
+from lorakit.train.rollout_loop import StepSums
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
     contains_target,
@@ -223,3 +232,65 @@ def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, rew
     assert len(err) == 1 and "give one reward" in err[0], err
     assert main([*argv, "--reward-adapter", str(adapter), "--gamma", "2"]) == 2
     assert "gamma" in capsys.readouterr().err
+
+
+def _gae_reference(rewards, values, gamma: float, lam: float) -> tuple[list, list]:
+    """GAE of one episode as a plain loop over Python floats (float64)."""
+    advantages, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        running = rewards[t] + gamma * next_value - values[t] + gamma * lam * running
+        advantages[t] = running
+    return advantages, [a + v for a, v in zip(advantages, values, strict=True)]
+
+
+def test_values_and_advantages_equal_plain_computations(tmp_path) -> None:
+    """Values read at the right positions of left-padded rows, and the KL-penalised rewards,
+    score placement, GAE and whitening of a rollout, against one unpadded forward pass per row
+    and plain float64 loops."""
+    torch.manual_seed(0)
+    model, tok = policy()
+    cfg = config(tmp_path, 1, batch=4, kl_coef=0.3, gamma=0.9, lam=0.8)
+    head, _ = ppo.prepare(model, tok, cfg, contains_target)
+    with torch.no_grad():  # make the adapters and the head matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        head.weight.normal_(0, 0.5)
+    trainer = PPOTrainer(
+        model, tok, cfg.train, cfg.ppo, cfg.sampling, PROMPTS, contains_target, head
+    )
+    model.eval()
+    prompts = [tok(p.text, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    prompts[1] = prompts[1][:2]  # prompts of different lengths: left padding
+    rollout = sample(model, prompts, 2, cfg.sampling, tok.pad_token_id, tok.eos_token_id)
+    scores = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    targets, _ = trainer._targets(rollout, scores, StepSums())
+    lengths = rollout.completion_mask.sum(1).tolist()
+    all_advantages = []
+    for row, prompt in enumerate(p for p in prompts for _ in range(2)):
+        start = rollout.prompt_len - len(prompt)
+        ids = rollout.input_ids[row, start : rollout.prompt_len + lengths[row]][None]
+        with torch.no_grad(), using_adapter(model, "value"):
+            hidden = model.model(input_ids=ids).last_hidden_state[0].double()
+        n = lengths[row]
+        values = hidden[len(prompt) - 1 : len(prompt) - 1 + n] @ head.weight[0].double()
+        values = (values + head.bias.double()).tolist()
+        # float32 forward passes with and without padding: rounding only.
+        assert targets.values[row, :n].tolist() == pytest.approx(values, abs=1e-5)
+        lp = targets.logprobs[row, :n].double()
+        with torch.no_grad(), disable_adapters(model):
+            logits = model(input_ids=ids).logits[0].double()
+        token_ids = ids[0, len(prompt) :]
+        ref = F.log_softmax(logits[len(prompt) - 1 : -1], -1).gather(-1, token_ids[:, None])[:, 0]
+        rewards = (-0.3 * (lp - ref)).tolist()  # k1, coefficient 0.3
+        rewards[-1] += float(scores[row])
+        advantages, returns = _gae_reference(rewards, values, 0.9, 0.8)
+        assert targets.returns[row, :n].tolist() == pytest.approx(returns, abs=1e-4)
+        all_advantages += advantages
+    mean = sum(all_advantages) / len(all_advantages)
+    var = sum((a - mean) ** 2 for a in all_advantages) / (len(all_advantages) - 1)
+    whitened = [(a - mean) / math.sqrt(var + 1e-8) for a in all_advantages]
+    mask = rollout.completion_mask.bool()
+    assert targets.advantages[mask].tolist() == pytest.approx(whitened, abs=1e-4)
+    assert (targets.advantages[~mask] == 0).all()
