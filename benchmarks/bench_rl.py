@@ -83,6 +83,39 @@ def header(args: argparse.Namespace, parameters: int, load: float) -> str:
     )
 
 
+def generation_rows(args: argparse.Namespace, spec: dict[str, Any], work: Path) -> None:
+    """Runs and prints the two generation variants and their speed ratio."""
+    results: dict[str, dict[str, Any]] = {}
+    print(
+        "\n| generate | median tokens/s | slow end (p90 call) tokens/s | median call (ms) "
+        "| p90 call (ms) | peak memory growth (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|", flush=True)
+    for variant in GENERATION_VARIANTS:
+        run = {
+            **spec,
+            "variant": variant,
+            "steps": args.gen_steps,
+            "completion_len": args.gen_tokens,
+            "out": str(work / variant),
+        }
+        results[variant] = r = run_worker(run, WORKER)
+        if "error" in r:
+            print(f"| {variant} | failed: {r['error']} | | | | |", flush=True)
+            continue
+        print(
+            f"| {variant} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_p10']:.0f} "
+            f"| {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {r['peak_mib']:.0f} |",
+            flush=True,
+        )
+    ours, theirs = (results[v] for v in GENERATION_VARIANTS)
+    print(
+        f"\nGeneration speed, lorakit / PEFT + bitsandbytes: median "
+        f"{_ratio(ours, theirs, 'tokens_per_s')}, slow end "
+        f"{_ratio(ours, theirs, 'tokens_per_s_p10')}."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -100,6 +133,7 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32, help="tokens per generate call")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-generation", action="store_true", help="only the step variants")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
@@ -143,37 +177,11 @@ def main() -> None:
         )
         if "error" not in ppo:
             print(
-                f"PPO step: rollout (sampling + scoring) {ppo['rollout_s'] * 1000:.0f} ms, "
-                f"the rest (reference, values, updates) {ppo['train_s'] * 1000:.0f} ms (medians)."
+                f"PPO step: sampling {ppo['rollout_s'] * 1000:.0f} ms; reference, values and "
+                f"updates {ppo['train_s'] * 1000:.0f} ms (medians; the rest is scoring)."
             )
-        print(
-            "\n| generate | median tokens/s | slow end (p90 call) tokens/s | median call (ms) "
-            "| p90 call (ms) | peak memory growth (MiB) |"
-        )
-        print("|---|---:|---:|---:|---:|---:|", flush=True)
-        for variant in GENERATION_VARIANTS:
-            run = {
-                **spec,
-                "variant": variant,
-                "steps": args.gen_steps,
-                "completion_len": args.gen_tokens,
-                "out": str(work / variant),
-            }
-            results[variant] = r = run_worker(run, WORKER)
-            if "error" in r:
-                print(f"| {variant} | failed: {r['error']} | | | | |", flush=True)
-                continue
-            print(
-                f"| {variant} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_p10']:.0f} "
-                f"| {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {r['peak_mib']:.0f} |",
-                flush=True,
-            )
-        ours, theirs = (results[v] for v in GENERATION_VARIANTS)
-        print(
-            f"\nGeneration speed, lorakit / PEFT + bitsandbytes: median "
-            f"{_ratio(ours, theirs, 'tokens_per_s')}, slow end "
-            f"{_ratio(ours, theirs, 'tokens_per_s_p10')}."
-        )
+        if not args.no_generation:
+            generation_rows(args, spec, work)
     print(f"Load average at the end: {os.getloadavg()[0]:.2f}.")
 
 

@@ -11,8 +11,9 @@ configuration so that its memory peak is its own (see ``preference_worker.py``, 
   on the same base, the value model its own adapter and head: every role on one base;
 - ``ppo_four_models``: the same PPO steps while the three other roles' models (reference,
   reward, value) are also held as models of their own, each its own copy of the base
-  quantized as the policy's is, as TRL's PPO holds them (its steps still compute on the
-  shared base, so this is a lower bound of that layout's memory);
+  quantized as the policy's is, as TRL's PPO holds them, each run once on a batch of the
+  step's shape (the steps themselves still compute on the shared base, so this is a lower
+  bound of that layout's memory);
 - ``generate_lorakit`` / ``generate_peft``: sampling ``completion_len`` tokens for ``batch``
   prompts with ``generate`` (KV cache, top-k off, EOS suppressed so that every call makes the
   same tokens) through lorakit's QLoRA layers, or PEFT LoRA on a bitsandbytes 4-bit model
@@ -20,7 +21,9 @@ configuration so that its memory peak is its own (see ``preference_worker.py``, 
 
 Memory is the peak growth over the process's memory before the model is loaded, so it counts
 the weights of every model the variant holds, the adapters, the optimizer state and the step's
-activations (CPU: peak RSS; CUDA: ``max_memory_allocated``).
+activations (CPU: peak RSS; CUDA: ``max_memory_allocated``). On the CPU transformers maps the
+safetensors file, so a weight counts once it is read: an embedding table counts the pages of
+the rows the batches touch, quantized layers their NF4 copy.
 """
 
 from __future__ import annotations
@@ -94,14 +97,19 @@ def _sft(spec: dict[str, Any], peak: Peak, clock: StepClock) -> dict[str, Any]:
     return {}
 
 
-def _other_roles(spec: dict[str, Any], config: Any, pad: int) -> list[torch.nn.Module]:
+def _other_roles(spec: dict[str, Any], config: Any, tokenizer: Any) -> list[torch.nn.Module]:
     """The reference, reward and value models of the four-model layout, each its own copy of
-    the base (a causal LM; two sequence classifiers), quantized as the policy is."""
+    the base (a causal LM; two sequence classifiers), quantized as the policy is, each run once
+    on a batch of the step's shape so that the weights its role reads are resident."""
     copies = [load_model(config.model)]
-    copies += [load_sequence_classifier(config.model, pad) for _ in range(2)]
+    copies += [load_sequence_classifier(config.model, tokenizer.pad_token_id) for _ in range(2)]
+    length = spec["prompt_len"] + spec["completion_len"]
+    ids = torch.tensor(_tokens(spec, tokenizer, spec["batch"], length))
     for model in copies:
         apply_method(model, spec["method"], config)
         model.requires_grad_(False)
+        with torch.no_grad():
+            model(input_ids=ids.to(next(model.parameters()).device))
     return copies
 
 
@@ -112,7 +120,7 @@ def _ppo(spec: dict[str, Any], peak: Peak, clock: StepClock) -> dict[str, Any]:
     peak.start()
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
-    held = _other_roles(spec, config, tokenizer.pad_token_id) if spec["four_models"] else []
+    held = _other_roles(spec, config, tokenizer) if spec["four_models"] else []
     # Every completion exactly completion_len tokens long: EOS never sampled.
     model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
     steps = spec["warmup"] + spec["steps"]
