@@ -88,9 +88,9 @@ def generation_rows(args: argparse.Namespace, spec: dict[str, Any], work: Path) 
     results: dict[str, dict[str, Any]] = {}
     print(
         "\n| generate | median tokens/s | slow end (p90 call) tokens/s | median call (ms) "
-        "| p90 call (ms) | peak memory growth (MiB) |"
+        "| p90 call (ms) | median CPU time / call (ms) | peak memory growth (MiB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|", flush=True)
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
     for variant in GENERATION_VARIANTS:
         run = {
             **spec,
@@ -101,18 +101,20 @@ def generation_rows(args: argparse.Namespace, spec: dict[str, Any], work: Path) 
         }
         results[variant] = r = run_worker(run, WORKER)
         if "error" in r:
-            print(f"| {variant} | failed: {r['error']} | | | | |", flush=True)
+            print(f"| {variant} | failed: {r['error']} | | | | | |", flush=True)
             continue
         print(
-            f"| {variant} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_p10']:.0f} "
-            f"| {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {r['peak_mib']:.0f} |",
+            f"| {variant} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_p10']:.1f} "
+            f"| {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {r['cpu_ms']:.0f} "
+            f"| {r['peak_mib']:.0f} |",
             flush=True,
         )
     ours, theirs = (results[v] for v in GENERATION_VARIANTS)
     print(
         f"\nGeneration speed, lorakit / PEFT + bitsandbytes: median "
         f"{_ratio(ours, theirs, 'tokens_per_s')}, slow end "
-        f"{_ratio(ours, theirs, 'tokens_per_s_p10')}."
+        f"{_ratio(ours, theirs, 'tokens_per_s_p10')}; CPU time per call, PEFT + bitsandbytes "
+        f"/ lorakit: {_ratio(theirs, ours, 'cpu_ms')}."
     )
 
 
