@@ -11,7 +11,8 @@ adapter for it as ``lorakit reward`` writes it are saved once; each variant then
 fresh process (``rl_worker.py``, whose docstring says what each measures): an SFT step, a PPO
 step with every role on the one base, the same PPO step with the four-model layout's copies
 held, and ``generate`` with each library. Prints the machine, the versions, each variant's
-median and p90 step time, CPU time and memory peak (weights included), the ratios PPO / SFT
+median and p90 step time, CPU time, memory peak (weights included) and, for PPO, the bytes of
+the distinct tensors its roles hold, the ratios PPO / SFT
 (target <= 1.3x: issue 11) and four models / one base, and the generation speed ratio.
 """
 
@@ -158,24 +159,26 @@ def main() -> None:
         results: dict[str, dict[str, Any]] = {}
         print(
             "\n| variant | models holding a base | median step (ms) | p90 step (ms) "
-            "| median CPU time / step (ms) | peak memory growth (MiB) |"
+            "| median CPU time / step (ms) | peak memory growth (MiB) | tensors held (MiB) |"
         )
-        print("|---|---:|---:|---:|---:|---:|", flush=True)
+        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
         for variant in STEP_VARIANTS:
             run = {**spec, "variant": variant, "steps": args.steps, "out": str(work / variant)}
             results[variant] = r = run_worker(run, WORKER)
             if "error" in r:
-                print(f"| {variant} | | failed: {r['error']} | | | |", flush=True)
+                print(f"| {variant} | | failed: {r['error']} | | | | |", flush=True)
                 continue
+            held = f"{r['tensor_mib']:.0f}" if "tensor_mib" in r else ""
             print(
                 f"| {variant} | {r.get('models_held', 1)} | {r['median_ms']:.0f} "
-                f"| {r['p90_ms']:.0f} | {r['cpu_ms']:.0f} | {r['peak_mib']:.0f} |",
+                f"| {r['p90_ms']:.0f} | {r['cpu_ms']:.0f} | {r['peak_mib']:.0f} | {held} |",
                 flush=True,
             )
         sft, ppo, four = (results[v] for v in STEP_VARIANTS)
         print(
             f"\nPeak memory: PPO / SFT {_ratio(ppo, sft, 'peak_mib')} (target <= "
-            f"{MEMORY_TARGET}x); four models / one base {_ratio(four, ppo, 'peak_mib')}."
+            f"{MEMORY_TARGET}x); four models / one base {_ratio(four, ppo, 'peak_mib')} "
+            f"(tensors held: {_ratio(four, ppo, 'tensor_mib')})."
         )
         if "error" not in ppo:
             print(

@@ -113,6 +113,14 @@ def _other_roles(spec: dict[str, Any], config: Any, tokenizer: Any) -> list[torc
     return copies
 
 
+def _storage_mib(modules: list[torch.nn.Module]) -> float:
+    """MiB of the distinct storages behind the modules' parameters and buffers (a tensor that
+    several roles share counts once; mapped weights count whole, read or not)."""
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2**20
+
+
 def _ppo(spec: dict[str, Any], peak: Peak, clock: StepClock) -> dict[str, Any]:
     config = _config(spec, ppo.PPOConfig)
     config.ppo = PPOOptions(reward_adapter=spec["reward_adapter"], updates=spec["updates"])
@@ -139,6 +147,7 @@ def _ppo(spec: dict[str, Any], peak: Peak, clock: StepClock) -> dict[str, Any]:
         reward,
         head,
     )
+    modules = [trainer.trained, *held, *([reward.model] if hasattr(reward, "model") else [])]
     records = []
     with evaluating(trainer.trained):
         for step in range(steps):
@@ -151,6 +160,7 @@ def _ppo(spec: dict[str, Any], peak: Peak, clock: StepClock) -> dict[str, Any]:
         "train_s": statistics.median(r["train_s"] for r in timed),
         "completion_length": statistics.median(r["completion_length"] for r in timed),
         "models_held": 1 + len(held),
+        "tensor_mib": _storage_mib(modules),
     }
 
 
