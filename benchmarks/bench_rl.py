@@ -12,8 +12,8 @@ fresh process (``rl_worker.py``, whose docstring says what each measures): an SF
 step with every role on the one base, the same PPO step with the four-model layout's copies
 held, and ``generate`` with each library. Prints the machine, the versions, each variant's
 median and p90 step time, CPU time, memory peak (weights included) and, for PPO, the bytes of
-the distinct tensors its roles hold, the ratios PPO / SFT
-(target <= 1.3x: issue 11) and four models / one base, and the generation speed ratio.
+the distinct tensors its roles hold; the ratios PPO / SFT (target <= 1.3x: issue 11) and four
+models / one base, and the generation speed ratio.
 """
 
 from __future__ import annotations
