@@ -227,6 +227,10 @@ def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, rew
     out = capsys.readouterr().out
     assert "trained 2 PPO steps" in out and "value loss" in out
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    # The same reward adapter on a reward model of its own (a second copy of the base).
+    own = [*argv, "--out", str(tmp_path / "own"), "--max-steps", "1"]  # the last value counts
+    assert main([*own, "--reward-model", str(model_dir), "--reward-adapter", str(adapter)]) == 0
+    assert "trained 1 PPO steps" in capsys.readouterr().out
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give one reward" in err[0], err
