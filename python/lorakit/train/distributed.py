@@ -127,3 +127,28 @@ def unwrapped(model: nn.Module) -> nn.Module:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def sum_gradients(parameters: list[torch.Tensor]) -> None:
+    """Sums the gradients of ``parameters`` over the ranks, in place, in one collective (every
+    rank must hold the same parameters with a gradient)."""
+    if not active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_reduce_device())
+    dist.all_reduce(flat)
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
+
+
+def same_on_every_rank(values: list[float]) -> bool:
+    """Whether every rank passed the same ``values`` (checked on every rank)."""
+    if not active():
+        return True
+    mine = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))

@@ -50,18 +50,21 @@ def _enable_checkpointing(model: nn.Module) -> None:
     enable({"use_reentrant": False})
 
 
-def trainable_optimizer(model: nn.Module, config: TrainConfig) -> AdamW:
-    """:class:`lorakit.optim.AdamW` over ``model``'s parameters that require a gradient, with
-    ``config``'s rate, decay, state precision, clipping and paging.
+def trainable_optimizer(
+    model: nn.Module, config: TrainConfig, groups: list[dict[str, Any]] | None = None
+) -> AdamW:
+    """:class:`lorakit.optim.AdamW` over ``model``'s parameters that require a gradient (or the
+    parameter ``groups`` given, each with its own options such as ``lr``), with ``config``'s
+    rate, decay, state precision, clipping and paging.
 
     Raises:
-        ValueError: no parameter of ``model`` trains.
+        ValueError: no parameter trains.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     return AdamW(
-        params,
+        groups or params,
         lr=config.lr,
         weight_decay=config.weight_decay,
         state_bits=config.optim_bits,
