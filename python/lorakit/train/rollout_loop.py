@@ -257,7 +257,7 @@ class RolloutLoop:
             "extra": self.extra_state(),
         }
         trained = [p for p in self.trained.parameters() if p.requires_grad]
-        if not distributed.same_on_every_rank([float(p.double().sum()) for p in trained]):
+        if not distributed.same_on_every_rank([float(p.detach().double().sum()) for p in trained]):
             raise RuntimeError(f"step {step}: the processes' trained parameters differ")
         rng = distributed.gather_to_main(checkpoint.rng_state())
         if distributed.is_main():
