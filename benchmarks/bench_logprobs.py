@@ -9,7 +9,9 @@ half is the scored completion. Forward and backward of the summed log-probs, thr
 - plain: the head's logits for every position, float32 ``log_softmax``, gather (what a model's
   forward followed by a log-softmax does);
 - from logits: the model's logits as input, :func:`sequence_logprobs_from_logits`;
-- chunked: from the final hidden states, :func:`sequence_logprobs`.
+- chunked: from the final hidden states, :func:`sequence_logprobs` under activation
+  checkpointing (``fused=False``);
+- fused: the same through lorakit's fused op (its default).
 
 Each runs in a fresh process, so that its peak is its own: on the CPU the growth of peak RSS
 (``ru_maxrss``) over the RSS after the inputs exist; on a GPU ``max_memory_allocated`` over the
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from lorakit.data.encode import IGNORE
 from lorakit.losses import sequence_logprobs, sequence_logprobs_from_logits
+from measure import current_bytes, peak_bytes, reset_peak, sync
 
-VARIANTS = ("plain", "from_logits", "chunked")
+VARIANTS = ("plain", "from_logits", "chunked", "fused")
 
 
 def _plain(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,24 +43,6 @@ def _plain(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> 
     targets = labels[:, 1:]
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * (targets != IGNORE)).sum(dim=1)
-
-
-def _current_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -78,22 +61,24 @@ def _child(args: argparse.Namespace) -> None:
             logits = F.linear(hidden, weight)
             logprobs = sequence_logprobs_from_logits(logits, labels, args.chunk_tokens)
         else:
-            logprobs = sequence_logprobs(hidden, weight, labels, chunk_tokens=args.chunk_tokens)
+            fused = args.variant == "fused"
+            logprobs = sequence_logprobs(
+                hidden, weight, labels, chunk_tokens=args.chunk_tokens, fused=fused
+            )
         logprobs.sum().backward()
         hidden.grad = weight.grad = None
 
-    _sync(device)
-    base = _current_bytes(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    base = current_bytes(device)
+    reset_peak(device)
     step()
-    _sync(device)
-    peak = _peak_bytes(device) - base
+    sync(device)
+    peak = peak_bytes(device) - base
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     print(json.dumps({"peak": peak, "ms": statistics.median(times) * 1e3}))
 

@@ -48,6 +48,7 @@ IMPL_LABELS = {"lorakit": "lorakit", "bnb": "bitsandbytes", "ref": "PyTorch refe
 
 # Targets: CPU speed-ups over bitsandbytes; CUDA fractions of device copy bandwidth.
 CPU_MIN_SPEEDUP = 3.0
+MAX_P90_OVER_MEDIAN = 1.5  # no stalls: single calls stay near the median (issue 14)
 CUDA_MIN_COPY_FRACTION = {"dequantize": 0.85, "quantize": 0.60}
 COPY_BYTES = 1 << 30  # 1 GiB, far larger than any L2 cache
 FLUSH_BYTES = 256 << 20  # overwritten before each timed CUDA call; H100 / H200 L2 is 50 MiB
@@ -163,6 +164,15 @@ class Measurement:
     def median_ms(self) -> float | None:
         return statistics.median(self.times_ms) if self.times_ms else None
 
+    @property
+    def p90_ms(self) -> float | None:
+        """The tail: single calls that stall (page faults, memory compaction) show here."""
+        if not self.times_ms:
+            return None
+        if len(self.times_ms) == 1:
+            return self.times_ms[0]
+        return statistics.quantiles(self.times_ms, n=10, method="inclusive")[-1]
+
 
 def nf4_bytes(numel: int, blocksize: int) -> int:
     """Bytes moved by one quantize or dequantize: bf16 weight + packed indices + absmax."""
@@ -267,7 +277,7 @@ def ratio_text(m: Measurement, base: Measurement | None) -> str:
 def table(
     results: Sequence[Measurement], blocksize: int, copy_gbs: float | None = None
 ) -> list[str]:
-    cols = ["op", "shape", "impl", "median ms", "min ms", "GB/s", "time vs lorakit"]
+    cols = ["op", "shape", "impl", "median ms", "min ms", "p90 ms", "GB/s", "time vs lorakit"]
     if copy_gbs is not None:
         cols.append("% of copy BW")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -275,7 +285,7 @@ def table(
         base = find(results, m.op, m.size, "lorakit")
         shape = f"{m.size}x{m.size}"
         if m.median_ms is None or m.times_ms is None:
-            cells = [m.op, shape, m.impl, f"error: {m.error}", "", "", ""]
+            cells = [m.op, shape, m.impl, f"error: {m.error}", "", "", "", ""]
             if copy_gbs is not None:
                 cells.append("")
         else:
@@ -286,6 +296,7 @@ def table(
                 m.impl,
                 ms_text(m.median_ms),
                 ms_text(min(m.times_ms)),
+                ms_text(m.p90_ms or 0.0),
                 f"{gbs:.1f}",
                 ratio_text(m, base),
             ]
@@ -346,6 +357,10 @@ def verdicts(
                     checks.append(
                         (speedup >= 1.0, f"{speedup:.2f}x bitsandbytes' speed (target >= 1x)")
                     )
+            tail = (mine.p90_ms or 0.0) / mine.median_ms
+            checks.append(
+                (tail <= MAX_P90_OVER_MEDIAN, f"p90 {tail:.2f}x the median (target <= 1.5x)")
+            )
             for ok, text in checks:
                 lines.append(f"{'PASS' if ok else 'FAIL'}  {name}: lorakit {text}")
     return lines

@@ -85,12 +85,13 @@ def save_model(args: argparse.Namespace, directory: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in its own process; its result, or ``{"error": last line}``."""
+def run_worker(spec: dict[str, Any], worker: Path = WORKER) -> dict[str, Any]:
+    """One configuration in its own process (``worker SPEC.json RESULT.json``); its result, or
+    ``{"error": last line}``."""
     spec_path, result_path = Path(f"{spec['out']}.json"), Path(f"{spec['out']}.result.json")
     spec_path.write_text(json.dumps(spec))
     done = subprocess.run(
-        [sys.executable, str(WORKER), str(spec_path), str(result_path)],
+        [sys.executable, str(worker), str(spec_path), str(result_path)],
         capture_output=True,
         text=True,
     )

@@ -79,6 +79,32 @@ TORCH_LIBRARY(lorakit, m) {
   m.def(
       "nf4_lora_merge(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, Tensor lora_a, "
       "Tensor lora_b, float scale) -> (Tensor packed, Tensor absmax)");
+
+  // ---- fused linear cross-entropy / log-probs: never the whole (tokens, vocab) logits ----------
+  // hidden: (T, H); weight: (V, H), the LM head, hidden's dtype (float32, float16 or bfloat16);
+  // labels: int64 (T,), in [0, V) or -100 (ignored: no loss, no gradient). z = hidden weight^T,
+  // soft-capped to softcap * tanh(z / softcap) when softcap > 0, is formed chunk_tokens rows at a
+  // time (0: chosen by memory); each chunk's gradients are formed in the same pass, so backward
+  // only scales them. Softmax sums in float32.
+  // loss: float32 0-d, sum over non-ignored tokens of -log softmax(z)[label]. grad_hidden (T, H) in
+  // hidden's dtype and grad_weight (V, H) float32 are d loss / d hidden and d loss / d weight when
+  // asked for, else (0, H).
+  m.def(
+      "fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, bool grad_hidden, "
+      "bool grad_weight, int chunk_tokens=0, float softcap=0.0) "
+      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight)");
+  // logprobs: float32 (T,), log softmax(z)[label] per token (0 where ignored). grad_hidden: d
+  // logprobs[t] / d hidden[t] per row (the gradient for a frozen head: backward scales row t by
+  // the incoming grad[t]), or (0, H).
+  m.def(
+      "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, bool grad_hidden, "
+      "int chunk_tokens=0, float softcap=0.0) -> (Tensor logprobs, Tensor grad_hidden)");
+  // The backward of sum(grad * logprobs) when the head trains: a second chunked pass (the weight's
+  // gradient depends on grad, unknown in the forward). grad: float32 (T,).
+  m.def(
+      "fused_linear_logprobs_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor labels, "
+      "bool grad_hidden, bool grad_weight, int chunk_tokens=0, float softcap=0.0) "
+      "-> (Tensor grad_hidden, Tensor grad_weight)");
 }
 
 // The pybind11 module only loads the library (running the registrations above) and says what was

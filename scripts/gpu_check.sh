@@ -6,7 +6,7 @@
 # failed. Everything goes to "$OUT"/gpu_check.log (OUT is set by the device tool;
 # benchmarks/results/ otherwise).
 #
-# Usage (from anywhere): scripts/gpu_check.sh [build] [tests] [bench]   (default: all three)
+# Usage (from anywhere): scripts/gpu_check.sh [build] [tests] [bench] [e2e]   (default: all four)
 # The device tool allows 10 minutes a command: on a warm machine the steps can run as separate
 # calls (the build stays installed between them).
 # bitsandbytes is not installed on the GPU machines; wheels found in wheels/ (e.g. a carried
@@ -39,7 +39,7 @@ step() {
   if [ "$rc" -ne 0 ]; then failed+=("$name"); fi
 }
 
-wanted=${*:-build tests bench}
+wanted=${*:-build tests bench e2e}
 shopt -s nullglob
 if [[ " $wanted " == *" build "* ]]; then
   for wheel in wheels/*.whl; do
@@ -56,8 +56,15 @@ if [[ " $wanted " == *" tests "* ]]; then
 fi
 if [[ " $wanted " == *" bench "* ]]; then
   for bench in benchmarks/bench_*.py; do
+    [ "$bench" = benchmarks/bench_e2e.py ] && continue  # its own step: it takes minutes
     step "$(basename "$bench" .py)" python "$bench" --device cuda
   done
+  # Its default is a frozen head (LoRA); a full fine-tune also accumulates the head's gradient.
+  step bench_fused_ce_train_head python benchmarks/bench_fused_ce.py --device cuda --train-head
+fi
+if [[ " $wanted " == *" e2e "* ]]; then
+  # Llama-3-8B- and 70B-shaped QLoRA training and decoding (random weights, built into NF4).
+  step bench_e2e python benchmarks/bench_e2e.py --device cuda --out "$out_dir/e2e_gpu.md"
 fi
 
 if [ ${#failed[@]} -ne 0 ]; then

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.cli import main
-from lorakit.data.prompts import Prompt, load_prompts
+from lorakit.data.prompts import load_prompts
 from lorakit.generation import SamplingOptions, sample
 from lorakit.models import ModelConfig
 from lorakit.peft import disable_adapters
@@ -20,36 +20,15 @@ from lorakit.recipes import grpo
 from lorakit.train import TrainConfig
 from lorakit.train.grpo import GRPOOptions
 from lorakit.train.policy import completion_logprobs, reference_logprobs
-from sft_helpers import llama, saved_model, tokenizer
-
-TARGET = "five"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these are tiny matmuls, and on a loaded 2-core machine the native
-    LoRA ops' thread pool made a 4-step run take 26 s instead of 5 s (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-PROMPTS = [Prompt(f"question : {w} ?", f"question : {w} ?") for w in ("one", "two", "three", "a")]
-
-
-def contains_target(prompts: list, completions: list[str], **_: object) -> list[float]:
-    return [float(TARGET in c.split()) for c in completions]
-
-
-def policy():
-    """A tiny random Llama whose head is scaled up: at Llama's init (std 0.02) the logits of a
-    32-wide model are almost uniform and a LoRA on the blocks barely moves them."""
-    tok = tokenizer()
-    model = llama(tok)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    return model, tok
+from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
+    PROMPTS,
+    contains_target,
+    interrupting,
+    one_thread,
+    policy,
+    records,
+)
+from sft_helpers import saved_model, tokenizer
 
 
 def config(out, steps: int, lr: float = 1e-2, **options) -> grpo.GRPOConfig:
@@ -68,10 +47,6 @@ def config(out, steps: int, lr: float = 1e-2, **options) -> grpo.GRPOConfig:
         grpo=GRPOOptions(**{"reward_function": "tests:unused", "group_size": 4, **options}),
         sampling=SamplingOptions(max_new_tokens=4),
     )
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_reward_rises_while_kl_stays_bounded(tmp_path) -> None:
@@ -104,18 +79,6 @@ def test_reward_rises_while_kl_stays_bounded(tmp_path) -> None:
     assert (tmp_path / "metrics.png").is_file()
 
 
-def _interrupting(after: int):
-    calls = {"n": 0}
-
-    def reward(prompts, completions, **columns):
-        calls["n"] += 1
-        if calls["n"] > after:
-            raise KeyboardInterrupt
-        return contains_target(prompts, completions)
-
-    return reward
-
-
 def test_resumed_run_repeats_the_uninterrupted_run(tmp_path) -> None:
     def run(out, reward):
         torch.manual_seed(0)
@@ -124,7 +87,7 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path) -> None:
 
     run(tmp_path / "straight", contains_target)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", _interrupting(after=3))  # dies in step 4, checkpoint at 2
+        run(tmp_path / "resumed", interrupting(after=3))  # dies in step 4, checkpoint at 2
     run(tmp_path / "resumed", contains_target)
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

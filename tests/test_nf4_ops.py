@@ -169,3 +169,21 @@ def test_torch_compile_fullgraph() -> None:
     compiled = torch.compile(roundtrip_compiled, fullgraph=True, backend="aot_eager")
     w = torch.randn(64, 96)
     assert torch.equal(compiled(w), roundtrip_compiled(w))
+
+
+def test_large_outputs_reuse_released_buffers_and_stay_exact() -> None:
+    # 2048 x 2048 float32 = 16 MiB, above the cache's 8 MiB threshold: a released output's
+    # (already faulted-in) buffer serves the next output of that size, so repeated calls take no
+    # page faults. Each result must still be the reference's, bit for bit.
+    shape = [2048, 2048]
+    packed, absmax = ops.nf4_quantize(torch.randn(shape), 64)
+    expected = ref.nf4_dequantize(packed, absmax, 64, shape, torch.float32)
+    first = ops.nf4_dequantize(packed, absmax, 64, shape, torch.float32)
+    assert torch.equal(first, expected)
+    address = first.data_ptr()
+    del first
+    second = ops.nf4_dequantize(packed, absmax, 64, shape, torch.float32)
+    assert second.data_ptr() == address
+    assert torch.equal(second, expected)
+    kept = ops.nf4_dequantize(packed, absmax, 64, shape, torch.float32)  # while second lives
+    assert kept.data_ptr() != second.data_ptr() and torch.equal(kept, expected)

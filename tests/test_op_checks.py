@@ -222,3 +222,22 @@ def test_a_non_finite_merge_scale_is_refused(scale) -> None:
         ops.nf4_lora_merge(
             packed, absmax, 64, (OUT, IN), torch.randn(R, IN), torch.randn(OUT, R), scale
         )
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf])
+def test_the_native_ops_refuse_a_non_finite_scale_themselves(scale) -> None:
+    # Callers of torch.ops.lorakit skip the Python wrappers; the C++ checks hold on their own.
+    lib = torch.ops.lorakit
+    dense, nf4 = dense_args("cpu", scale=scale), nf4_args("cpu", scale=scale)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        lib.lora_linear(*dense.values())
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        lib.lora_linear_nf4(*nf4.values())
+    weight = torch.randn(OUT, IN)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        lib.lora_merge_(weight, torch.randn(R, IN), torch.randn(OUT, R), scale)
+    packed, absmax = ops.nf4_quantize(weight, 64)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        lib.nf4_lora_merge(
+            packed, absmax, 64, [OUT, IN], torch.randn(R, IN), torch.randn(OUT, R), scale
+        )

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lorakit.optim import AdamW
+from lorakit.train.distributed import init_group, release_group
 
 WORLD = 2
 STEPS = 10
@@ -33,24 +33,28 @@ def _optimizer(model: torch.nn.Module, bits: int) -> AdamW:
     return AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_bits=bits)
 
 
+def _train_rank(rank: int, out_dir: str, bits: int) -> None:
+    torch.set_num_threads(1)
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = _optimizer(model, bits)
+    for step in range(STEPS):
+        x, y = _batch(step)
+        mine = slice(rank * BATCH, (rank + 1) * BATCH)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        opt.step()
+    torch.save(
+        {"params": [p.detach() for p in model.module.parameters()], "opt": opt.state_dict()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
 def _worker(rank: int, init_file: str, out_dir: str, bits: int) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    init_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        torch.set_num_threads(1)
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        opt = _optimizer(model, bits)
-        for step in range(STEPS):
-            x, y = _batch(step)
-            mine = slice(rank * BATCH, (rank + 1) * BATCH)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
-            opt.step()
-        torch.save(
-            {"params": [p.detach() for p in model.module.parameters()], "opt": opt.state_dict()},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        _train_rank(rank, out_dir, bits)
     finally:
-        dist.destroy_process_group()
+        release_group()
 
 
 def _single_process(bits: int) -> list[torch.Tensor]:

@@ -285,6 +285,18 @@ def test_changed_options_lists_each_difference() -> None:
     ]
 
 
+def test_an_option_newer_than_the_checkpoint_counts_as_its_default() -> None:
+    # A checkpoint written before an option existed resumes while that option keeps its default.
+    stored = {"train": {"lr": 1e-4}}
+    assert changed_options(stored, {"train": {"lr": 1e-4, "fused_ce": True}}) == []
+    assert changed_options(stored, {"train": {"lr": 1e-4, "fused_ce": False}}) == [
+        "train.fused_ce True -> False"
+    ]
+    assert changed_options(stored, {"train": {"lr": 1e-4, "brand_new": 1}}) == [
+        "train.brand_new (none) -> 1"
+    ]
+
+
 # ---- one run per directory --------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 #include "common/ceil_div.h"
 
 namespace lorakit {
@@ -26,6 +28,11 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
                               const char* b_name) {
   TORCH_CHECK(a.device() == b.device(), a_name, " is on ", a.device(), " but ", b_name, " is on ",
               b.device(), "; move them to the same device");
+}
+
+// A NaN or infinite scale would give NaN or garbage, and differently on different kernel paths.
+inline void check_finite_scale(const char* op, double scale) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
 }  // namespace lorakit

@@ -31,7 +31,9 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
 
 Sizes check_adapter_args(const char* op, const at::Tensor& x, int64_t out,
                          const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                         const at::Tensor& lora_b, const std::optional<at::Tensor>& x_lora) {
+                         const at::Tensor& lora_b, const std::optional<at::Tensor>& x_lora,
+                         double scale) {
+  check_finite_scale(op, scale);
   TORCH_CHECK(is_supported_float(x.scalar_type()), op,
               ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., in), got a scalar");
@@ -163,7 +165,7 @@ Forward lora_linear_dense(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& x_lora) {
   constexpr const char* op = "lora_linear";
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be (out, in), got ", weight.sizes());
-  check_adapter_args(op, x, weight.size(0), bias, lora_a, lora_b, x_lora);
+  check_adapter_args(op, x, weight.size(0), bias, lora_a, lora_b, x_lora, scale);
   TORCH_CHECK(weight.size(1) == x.size(-1), op, ": weight is ", weight.sizes(), " but x has ",
               x.size(-1), " input features");
   check_matches_x(op, weight, "weight", x);
@@ -178,7 +180,8 @@ Backward lora_linear_dense_backward(const at::Tensor& grad_y, const at::Tensor& 
                                     const at::Tensor& lora_b, const at::Tensor& xa, double scale,
                                     const std::optional<at::Tensor>& x_lora) {
   constexpr const char* op = "lora_linear_backward";
-  const Sizes s = check_adapter_args(op, x, weight.size(0), std::nullopt, lora_a, lora_b, x_lora);
+  const Sizes s =
+      check_adapter_args(op, x, weight.size(0), std::nullopt, lora_a, lora_b, x_lora, scale);
   check_grad_y(op, grad_y, s);
   const at::Tensor g = grad_y.reshape({s.tokens, s.out});
   at::Tensor grad_x = at::mm(g, weight);

@@ -19,10 +19,12 @@ struct Sizes {
   int64_t tokens, in, out, rank;
 };
 
-// Checks x, the adapter and the bias against each other; `out` is the base weight's row count.
+// Checks x, the adapter and the bias against each other, and that the scale is finite; `out` is
+// the base weight's row count.
 Sizes check_adapter_args(const char* op, const at::Tensor& x, int64_t out,
                          const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                         const at::Tensor& lora_b, const std::optional<at::Tensor>& x_lora);
+                         const at::Tensor& lora_b, const std::optional<at::Tensor>& x_lora,
+                         double scale);
 // Checks grad_y against the forward's sizes.
 void check_grad_y(const char* op, const at::Tensor& grad_y, const Sizes& s);
 

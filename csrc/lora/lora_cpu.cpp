@@ -100,7 +100,7 @@ Forward lora_linear_nf4_cpu(const at::Tensor& x, const at::Tensor& packed_in,
                             const std::optional<at::Tensor>& nested_absmax,
                             const std::optional<at::Tensor>& nested_code, double nested_offset) {
   constexpr const char* op = "lora_linear_nf4";
-  const Sizes s = check_adapter_args(op, x, lora_b.size(0), bias, lora_a, lora_b, x_lora);
+  const Sizes s = check_adapter_args(op, x, lora_b.size(0), bias, lora_a, lora_b, x_lora, scale);
   const Nf4Scales scales = check_nf4_weight(op, x, packed_in, absmax, blocksize, s.out,
                                             nested_absmax, nested_code, nested_offset);
   const at::Tensor packed = packed_in.contiguous();
@@ -139,7 +139,8 @@ Backward lora_linear_nf4_backward_cpu(const at::Tensor& grad_y, const at::Tensor
                                       const std::optional<at::Tensor>& nested_code,
                                       double nested_offset) {
   constexpr const char* op = "lora_linear_nf4_backward";
-  const Sizes s = check_adapter_args(op, x, lora_b.size(0), std::nullopt, lora_a, lora_b, x_lora);
+  const Sizes s =
+      check_adapter_args(op, x, lora_b.size(0), std::nullopt, lora_a, lora_b, x_lora, scale);
   const Nf4Scales scales = check_nf4_weight(op, x, packed_in, absmax, blocksize, s.out,
                                             nested_absmax, nested_code, nested_offset);
   check_grad_y(op, grad_y, s);

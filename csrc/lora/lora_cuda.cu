@@ -44,7 +44,7 @@ Forward lora_linear_nf4_cuda(const at::Tensor& x, const at::Tensor& packed,
                              const std::optional<at::Tensor>& nested_absmax,
                              const std::optional<at::Tensor>& nested_code, double nested_offset) {
   constexpr const char* op = "lora_linear_nf4";
-  const Sizes s = check_adapter_args(op, x, lora_b.size(0), bias, lora_a, lora_b, x_lora);
+  const Sizes s = check_adapter_args(op, x, lora_b.size(0), bias, lora_a, lora_b, x_lora, scale);
   const Nf4Scales scales = check_nf4_weight(op, x, packed, absmax, blocksize, s.out, nested_absmax,
                                             nested_code, nested_offset);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -79,7 +79,8 @@ Backward lora_linear_nf4_backward_cuda(const at::Tensor& grad_y, const at::Tenso
                                        const std::optional<at::Tensor>& nested_code,
                                        double nested_offset) {
   constexpr const char* op = "lora_linear_nf4_backward";
-  const Sizes s = check_adapter_args(op, x, lora_b.size(0), std::nullopt, lora_a, lora_b, x_lora);
+  const Sizes s =
+      check_adapter_args(op, x, lora_b.size(0), std::nullopt, lora_a, lora_b, x_lora, scale);
   const Nf4Scales scales = check_nf4_weight(op, x, packed, absmax, blocksize, s.out, nested_absmax,
                                             nested_code, nested_offset);
   check_grad_y(op, grad_y, s);

@@ -62,7 +62,7 @@ void merge_nf4_blocks(const uint8_t* packed, const float* absmax, int64_t n, int
 
 void lora_merge_cpu(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                     double scale) {
-  const int64_t r = check_lora_merge_args(weight, lora_a, lora_b);
+  const int64_t r = check_lora_merge_args(weight, lora_a, lora_b, scale);
   const int64_t out = weight.size(0), in = weight.size(1);
   if (weight.numel() == 0 || r == 0) return;
   const at::Tensor a = lora_a.to(at::kFloat).contiguous();
@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_merge_cpu(const at::Tensor& packed,
                                                       at::IntArrayRef shape,
                                                       const at::Tensor& lora_a,
                                                       const at::Tensor& lora_b, double scale) {
-  const int64_t r = check_nf4_lora_merge_args(packed, absmax, blocksize, shape, lora_a, lora_b);
+  const int64_t r =
+      check_nf4_lora_merge_args(packed, absmax, blocksize, shape, lora_a, lora_b, scale);
   const int64_t n = shape[0] * shape[1], in = shape[1];
   const at::Tensor p = packed.contiguous().view(-1);
   const at::Tensor s = absmax.contiguous().view(-1);

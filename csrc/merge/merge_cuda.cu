@@ -22,7 +22,7 @@ namespace {
 
 void lora_merge_cuda(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                      double scale) {
-  const int64_t r = check_lora_merge_args(weight, lora_a, lora_b);
+  const int64_t r = check_lora_merge_args(weight, lora_a, lora_b, scale);
   if (weight.numel() == 0 || r == 0) return;
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor a = lora_a.to(at::kFloat).contiguous();
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_merge_cuda(const at::Tensor& packed,
                                                        at::IntArrayRef shape,
                                                        const at::Tensor& lora_a,
                                                        const at::Tensor& lora_b, double scale) {
-  check_nf4_lora_merge_args(packed, absmax, blocksize, shape, lora_a, lora_b);
+  check_nf4_lora_merge_args(packed, absmax, blocksize, shape, lora_a, lora_b, scale);
   const c10::cuda::CUDAGuard guard(packed.device());
   static const auto dequantize =
       c10::Dispatcher::singleton()

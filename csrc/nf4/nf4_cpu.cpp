@@ -4,7 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include "common/dispatch.h"
-#include "common/huge_pages.h"
+#include "common/output_cache.h"
 
 #include <algorithm>
 
@@ -54,8 +54,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               at::IntArrayRef shape, at::ScalarType dtype) {
   const int64_t n = check_dequantize_args(packed, absmax, blocksize, shape, dtype);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
+  at::Tensor out = empty_cpu_output(shape, packed.options().dtype(dtype));
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   const bool use_avx2 = cpu_has_avx2();

@@ -197,3 +197,47 @@ def lora_merge(
         lora_a.device == device and lora_b.device == device,
         lambda: f"{op}: lora_a and lora_b must be on the weight's device {device}",
     )
+
+
+def fused_ce(
+    op: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    softcap: float,
+) -> None:
+    """``check_args`` of csrc/fused_ce/fused_ce_common.cpp, less the labels' range (values)."""
+    float_tensor(op, hidden, "hidden")
+    torch._check(
+        weight.dtype == hidden.dtype,
+        lambda: f"{op}: weight is {weight.dtype} but hidden is {hidden.dtype}",
+    )
+    torch._check(
+        hidden.dim() == 2 and weight.dim() == 2,
+        lambda: (
+            f"{op}: hidden must be (tokens, hidden) and weight (vocab, hidden), got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        ),
+    )
+    torch._check(hidden.shape[1] == weight.shape[1], lambda: f"{op}: hidden sizes differ")
+    torch._check(weight.shape[0] > 0, lambda: f"{op}: weight has no rows (an empty vocabulary)")
+    _dtype(op, labels, "labels", torch.int64)
+    torch._check(
+        labels.dim() == 1 and labels.shape[0] == hidden.shape[0],
+        lambda: f"{op}: labels must be (tokens,), got {tuple(labels.shape)}",
+    )
+    one_device(op, [hidden, weight, labels])
+    torch._check(chunk_tokens >= 0, lambda: f"{op}: chunk_tokens must be >= 0")
+    torch._check(
+        math.isfinite(softcap) and softcap >= 0, lambda: f"{op}: softcap must be finite and >= 0"
+    )
+
+
+def row_grad(op: str, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+    _dtype(op, grad, "grad", torch.float32)
+    torch._check(
+        grad.dim() == 1 and grad.shape[0] == hidden.shape[0],
+        lambda: f"{op}: grad must be (tokens,), got {tuple(grad.shape)}",
+    )
+    one_device(op, [grad, hidden])

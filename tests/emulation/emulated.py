@@ -31,6 +31,7 @@ _SIGNATURES = {
     "emu_adamw_step": [_I32, _P, _P, _P, _P, _I64, *_HYPER],
     "emu_adamw8bit_step": [_I32, _P, _P, _P, _P, _P, _P, _I64, _P, _P, *_HYPER],
     "emu_lora_merge": [_I32, _P, _P, _P, _I64, _I64, _I64, _F32],
+    "emu_fused_ce_rows": [_I32, _P, _I64, _I64, _P, _P, _F32, _F32, _I32, _P],
     "emu_check_kernel": [ctypes.c_char_p, _I32, _I32, _P, _P],
 }
 # SMs of an H100 SXM: the blockwise 8-bit launchers size their grid-stride grids from it.
@@ -179,6 +180,26 @@ class Emulated:
         a32, b32 = a.float().contiguous(), b.float().contiguous()  # as the CUDA glue converts them
         self._call("emu_lora_merge", DTYPE_CODES[weight.dtype], _ptr(weight), _ptr(a32),
                    _ptr(b32), out, n_in, a.shape[0], scale)  # fmt: skip
+
+    def fused_ce_rows(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        row_scale: torch.Tensor | None,
+        scale: float,
+        softcap: float,
+        write_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row kernel of fused_ce_cuda.cu on a copy of ``logits`` (rows, vocab): the
+        log-probs of ``labels`` (rows,) and the logits' buffer afterwards (the gradient, scaled by
+        ``scale * row_scale``, when ``write_grad``)."""
+        rows, vocab = logits.shape
+        out, labels = logits.contiguous().clone(), labels.contiguous()
+        logprobs = poisoned((rows,), torch.float32)
+        self._call("emu_fused_ce_rows", DTYPE_CODES[logits.dtype], _ptr(out), rows, vocab,
+                   _ptr(labels), _ptr(row_scale), scale, softcap, int(write_grad),
+                   _ptr(logprobs))  # fmt: skip
+        return logprobs, out
 
     # ---- the emulator's own checks -----------------------------------------------------------
 

@@ -350,6 +350,67 @@ def nf4_lora_merge_cases(emu: Emulated) -> Iterator[Case]:
             yield f"blocksize {blocksize} ({out}, {n_in}) rank {r}", run
 
 
+# ---- fused linear cross-entropy -----------------------------------------------------------------
+
+
+def within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor | float, what: str) -> str:
+    err = (got.double() - want.double()).abs()
+    over = err > bound
+    if not over.any():
+        return ""
+    i = int(over.flatten().nonzero()[0])
+    return (
+        f"{what}: {int(over.sum())} values beyond the bound, first at {i}: {err.flatten()[i]:.3g}"
+    )
+
+
+def fused_ce_rows_cases(emu: Emulated) -> Iterator[Case]:
+    # The row kernel on h Wᵀ against the CPU op (which forms the same logits with the same GEMM):
+    # the log-probs, and the hidden states' gradient g W. Not bitwise: the two devices' exp differ
+    # (the CPU's is a polynomial within 2 ulp) and sum in different orders, so each compares
+    # within a few float32 ulps of the values' size plus, for the gradient, one rounding of the
+    # dtype per term of g W and the float32 sums of g W. A vocabulary below the block's 512
+    # threads leaves threads idle; 4099 gives each thread a ragged share. Row 1 is ignored
+    # (-100); softcap 30 is Gemma 2's.
+    for dtype in FLOAT_DTYPES:
+        eps = torch.finfo(dtype).eps
+        for rows, vocab, size in [(6, 37, 16), (5, 1000, 32), (3, 4099, 24)]:
+            for softcap in (0.0, 30.0):
+                for per_row in (False, True):
+
+                    def run(dtype=dtype, rows=rows, vocab=vocab, size=size, softcap=softcap,
+                            per_row=per_row, eps=eps) -> str:  # fmt: skip
+                        h = torch.randn(rows, size).to(dtype)
+                        w = (torch.randn(vocab, size) * 3 / size**0.5).to(dtype)
+                        labels = torch.randint(0, vocab, (rows,))
+                        labels[1] = -100
+                        r = torch.randn(rows) if per_row else None
+                        x = h.clone().requires_grad_()
+                        if per_row:  # the log-probs' backward with a per-token gradient r
+                            want_lp = ops.fused_linear_logprobs(x, w, labels, 0, softcap)
+                            (want_lp * r).sum().backward()
+                        else:  # the summed cross-entropy's
+                            want_lp = ops.fused_linear_logprobs(h, w, labels, 0, softcap)
+                            ops.fused_linear_cross_entropy(x, w, labels, 0, softcap).backward()
+                        logits = h @ w.t()
+                        scale = -1.0 if per_row else 1.0
+                        lp, g = emu.fused_ce_rows(logits, labels, r, scale, softcap, True)
+                        gh = g @ w
+                        lp_bound = 1e-5 * (1 + want_lp.abs()) + 4 * eps * logits.abs().max()
+                        # g W sums vocab products in float32 on both sides, in different
+                        # orders: sqrt(vocab) float32 roundings of |g| |W| on top.
+                        magnitude = g.double().abs() @ w.double().abs()
+                        sums = vocab**0.5 * torch.finfo(torch.float32).eps * magnitude
+                        gh_bound = 4 * eps * magnitude + sums + eps * x.grad.double().abs()
+                        return first_failure(
+                            within(lp, want_lp, lp_bound, "logprobs"),
+                            within(gh, x.grad, gh_bound, "grad_hidden"),
+                        )
+
+                    label = f"{dtype} ({rows}, {vocab}) softcap {softcap} per-row {per_row}"
+                    yield label, run
+
+
 KERNELS: dict[str, Callable[[Emulated], Iterator[Case]]] = {
     "nf4_quantize_kernel": nf4_quantize_cases,
     "nf4_dequantize_kernel": nf4_dequantize_cases,
@@ -360,6 +421,7 @@ KERNELS: dict[str, Callable[[Emulated], Iterator[Case]]] = {
     "adamw8bit_kernel": adamw8bit_cases,
     "lora_merge_kernel": lora_merge_cases,
     "nf4_lora_merge (dequantize, merge, quantize)": nf4_lora_merge_cases,
+    "fused_ce_rows_kernel": fused_ce_rows_cases,
 }
 
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorakit import ops
 from lorakit.data.encode import IGNORE
-from lorakit.losses.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logprobs
+from lorakit.losses.logprobs import (
+    DEFAULT_CHUNK_TOKENS,
+    fusable,
+    head_operands,
+    scored_rows,
+    sequence_logprobs,
+)
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -37,13 +44,24 @@ def causal_lm_loss_sum_from_hidden(
     labels: torch.Tensor,
     head_bias: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    fused: bool = True,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """:func:`causal_lm_loss_sum` from final hidden states and a linear LM head, without the
-    whole batch's logits: see :mod:`lorakit.losses.logprobs` (arguments as
-    :func:`~lorakit.losses.logprobs.sequence_logprobs`).
+    whole batch's logits: with ``fused`` (and no head bias) lorakit's native fused linear
+    cross-entropy (:func:`lorakit.ops.fused_linear_cross_entropy`, the gradients formed in the
+    same pass), otherwise :func:`~lorakit.losses.logprobs.sequence_logprobs`'s chunked path
+    (arguments as there).
 
     Returns:
         The sum over trained tokens (a 0-d float32 tensor) and their number.
     """
-    logprobs = sequence_logprobs(hidden, head_weight, labels, head_bias, chunk_tokens)
-    return -logprobs.sum(), int((labels[:, 1:] != IGNORE).sum())
+    count = int((labels[:, 1:] != IGNORE).sum())
+    if fused and fusable(hidden, head_bias):
+        rows, targets, _ = scored_rows(hidden, labels)
+        x, weight = head_operands(rows, head_weight)
+        return ops.fused_linear_cross_entropy(x, weight, targets, chunk_tokens, softcap), count
+    logprobs = sequence_logprobs(
+        hidden, head_weight, labels, head_bias, chunk_tokens, fused=False, softcap=softcap
+    )
+    return -logprobs.sum(), count

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from lorakit import ops
 from lorakit.data.encode import IGNORE
 
 # 512 positions x 128K vocabulary x 4 bytes = 256 MiB per float32 buffer of one chunk; the
@@ -87,10 +88,41 @@ def _check_chunk(chunk_tokens: int) -> None:
 
 
 def _head_logprobs(
-    x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
+    logits = F.linear(x, weight, bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     # One chunk: the whole of x (at least 1, for the empty chunk of a batch that scores nothing).
-    return _TargetLogprobs.apply(F.linear(x, weight, bias), targets, max(len(targets), 1))
+    return _TargetLogprobs.apply(logits, targets, max(len(targets), 1))
+
+
+def fusable(hidden: torch.Tensor, head_bias: torch.Tensor | None) -> bool:
+    """Whether lorakit's fused op computes these log-probs: a head without bias, and a dtype it
+    takes (float64 references keep the chunked path)."""
+    return head_bias is None and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden`` and the head's ``weight`` in the dtype the head's ``F.linear`` would compute
+    in: the autocast dtype where autocast is on, else the weight's."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def scored_rows(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positions that predict a scored label: their hidden states (rows, hidden), their
+    targets (rows,) and their batch row (rows,)."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE
+    return hidden[:, :-1][scored], targets[scored], scored.nonzero()[:, 0]
 
 
 def _check_shapes(name: str, scores: torch.Tensor, labels: torch.Tensor) -> None:
@@ -107,12 +139,16 @@ def sequence_logprobs(
     labels: torch.Tensor,
     head_bias: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    fused: bool = True,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Per-sequence sums of ``log p(labels[:, t + 1] | ...)`` from final hidden states.
 
     Only the scored positions (label not :data:`IGNORE`) are gathered and projected, so prompt
-    and padding positions cost nothing. The head's matmul runs in ``hidden``'s dtype, as the
-    model's own head would; the softmax runs in float32 (or float64).
+    and padding positions cost nothing. The head's matmul runs in the dtype the model's own head
+    would use; the softmax runs in float32 (or float64). With ``fused`` (and no head bias) lorakit's
+    native op (:func:`lorakit.ops.fused_linear_logprobs`) computes the log-probs and their
+    gradient in one pass per chunk; otherwise each chunk runs under activation checkpointing.
 
     Args:
         hidden: (batch, n, hidden) final hidden states (after the final norm).
@@ -121,6 +157,8 @@ def sequence_logprobs(
         head_bias: (vocab,) the head's bias, if it has one.
         chunk_tokens: scored positions per chunk: the peak holds a few (chunk_tokens, vocab)
             float32 buffers.
+        fused: use the native fused op where it applies.
+        softcap: the model's final logit soft-capping ``c * tanh(z / c)`` (Gemma 2); 0: none.
 
     Returns:
         (batch,) float32 (float64 for float64 inputs), differentiable with respect to
@@ -128,19 +166,25 @@ def sequence_logprobs(
     """
     _check_shapes("sequence_logprobs", hidden, labels)
     _check_chunk(chunk_tokens)
-    targets = labels[:, 1:]
-    scored = targets != IGNORE
-    rows, row_targets = hidden[:, :-1][scored], targets[scored]
-    # split, not slicing: its backward concatenates the chunks' gradients once, where each
-    # slice's backward would allocate a zero gradient of all the rows.
-    token_logprobs = torch.cat(
-        [
-            checkpoint(_head_logprobs, x, t, head_weight, head_bias, use_reentrant=False)
-            for x, t in zip(rows.split(chunk_tokens), row_targets.split(chunk_tokens), strict=True)
-        ]
-    )
+    rows, row_targets, row_of = scored_rows(hidden, labels)
+    if fused and fusable(hidden, head_bias):
+        x, weight = head_operands(rows, head_weight)
+        token_logprobs = ops.fused_linear_logprobs(x, weight, row_targets, chunk_tokens, softcap)
+    else:
+        # split, not slicing: its backward concatenates the chunks' gradients once, where each
+        # slice's backward would allocate a zero gradient of all the rows.
+        token_logprobs = torch.cat(
+            [
+                checkpoint(
+                    _head_logprobs, x, t, head_weight, head_bias, softcap, use_reentrant=False
+                )
+                for x, t in zip(
+                    rows.split(chunk_tokens), row_targets.split(chunk_tokens), strict=True
+                )
+            ]
+        )
     total = token_logprobs.new_zeros(hidden.shape[0])
-    return total.index_add(0, scored.nonzero()[:, 0], token_logprobs)
+    return total.index_add(0, row_of, token_logprobs)
 
 
 def token_logprobs_from_logits(

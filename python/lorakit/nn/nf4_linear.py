@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lorakit import ops
 from lorakit.quant import NF4Weight, QuantizedAbsmax
+from lorakit.quant.nf4_storage import block_rows, from_block_rows, nested_part
+
+# The frozen parameters that hold the weight (see lorakit.quant.nf4_storage); the state dict
+# holds bitsandbytes' keys instead.
+_STORAGE = ("weight_codes", "weight_scales")
 
 
 def nf4_lora_linear(
@@ -55,6 +60,13 @@ class NF4Linear(nn.Module):
     full. Its state dict uses bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``,
     ``weight.quant_state.bitsandbytes__nf4``, ...), so either library loads the other's.
 
+    The weight is held as two frozen ``uint8`` parameters, ``weight_codes`` and ``weight_scales``,
+    one row per quantization block (:mod:`lorakit.quant.nf4_storage`), so that FSDP2's
+    ``fully_shard`` shards it like any parameter: each rank keeps its rows and the layer's
+    are all-gathered while it runs. ``weight`` is the :class:`~lorakit.quant.NF4Weight` viewing
+    them; it is readable while they are whole (always outside FSDP; in forward, backward or after
+    ``unshard()`` under it).
+
     Args:
         weight: an ``(out, in)`` :class:`~lorakit.quant.NF4Weight`.
         bias: ``(out,)`` or None; kept frozen, in the weight's dtype.
@@ -65,9 +77,43 @@ class NF4Linear(nn.Module):
         if len(weight.shape) != 2:
             raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got {list(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self.weight = weight
+        self.weight = weight  # the setter below registers the storage
         frozen = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.bias = frozen
+
+    @property
+    def weight(self) -> NF4Weight:
+        params = self._parameters  # read directly: nn.Module.__getattr__ is slow on a hot path
+        codes, scales = params["weight_codes"], params["weight_scales"]
+        if isinstance(codes, DTensor):
+            raise RuntimeError(
+                "this NF4Linear's weight is sharded by FSDP; it is whole only while the layer "
+                "runs or after unshard()"
+            )
+        # Building the views takes about 30 us, a twentieth of a 1-row forward of a 576 x 1536
+        # layer: they are kept while the parameters and their memory are the same (FSDP2 hands
+        # in other tensors, or the same ones with their memory freed and allocated again). A
+        # compiled graph builds them once, and cannot compare data pointers.
+        if torch.compiler.is_compiling():
+            return from_block_rows(codes, scales, self._nested, *self._meta)
+        key = (codes.data_ptr(), scales.data_ptr())
+        cached = self._view
+        if cached is not None and cached[0] is codes and cached[1] is scales and cached[2] == key:
+            return cached[3]
+        weight = from_block_rows(codes, scales, self._nested, *self._meta)
+        self._view = (codes, scales, key, weight)
+        return weight
+
+    @weight.setter
+    def weight(self, value: NF4Weight) -> None:
+        if isinstance(self._parameters.get("weight_codes"), DTensor):
+            raise RuntimeError("cannot replace the weight of an NF4Linear sharded by FSDP")
+        codes, scales = block_rows(value)
+        self.weight_codes = nn.Parameter(codes, requires_grad=False)
+        self.weight_scales = nn.Parameter(scales, requires_grad=False)
+        self._nested = nested_part(value)
+        self._meta = (value.shape, value.dtype, value.blocksize)
+        self._view: tuple[torch.Tensor, torch.Tensor, tuple[int, int], NF4Weight] | None = None
 
     @classmethod
     def from_linear(
@@ -88,18 +134,25 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}"
         )
 
-    # nn.Module only moves parameters and buffers; the NF4 tensors follow the device, and the
-    # expansion dtype follows float casts (model.to(torch.bfloat16)).
+    # The uint8 storage is a parameter (moved by nn.Module, never cast); the second level of
+    # double-quantized scales is not, and follows the device; the expansion dtype follows float
+    # casts (model.to(torch.bfloat16)).
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
+        shape, dtype, blocksize = self._meta
+        probe = fn(torch.empty(0, dtype=dtype, device=self.weight_codes.device))
         super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device))
-        self.weight = replace(self.weight.to(probe.device), dtype=probe.dtype)
+        self._meta = (shape, probe.dtype, blocksize)
+        self._view = None
+        if self._nested is not None:
+            self._nested = self._nested.to(probe.device)
         return self
 
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in _STORAGE:
+            del destination[f"{prefix}{name}"]
         destination.update(self.weight.state_dict(f"{prefix}weight"))
 
     def _load_from_state_dict(
@@ -118,6 +171,8 @@ class NF4Linear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         unexpected_keys[:] = [k for k in unexpected_keys if k not in own]
+        storage = {f"{prefix}{name}" for name in _STORAGE}
+        missing_keys[:] = [k for k in missing_keys if k not in storage]
         if key not in own:
             missing_keys.append(key)
             return
@@ -131,4 +186,4 @@ class NF4Linear(nn.Module):
                 f"{key}: shape {list(weight.shape)} does not match {list(self.weight.shape)}"
             )
             return
-        self.weight = weight.to(self.weight.device)
+        self.weight = weight.to(self.weight_codes.device)

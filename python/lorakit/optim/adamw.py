@@ -8,10 +8,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lorakit import ops
 from lorakit.optim.paging import PagedParam, StatePager
-from lorakit.optim.state import check_loaded_state, new_state, uses_8bit
+from lorakit.optim.state import check_loaded_state, local_shard, new_state, uses_8bit
 from lorakit.quant import dynamic_map
 
 # clip_grad_norm_'s guard against dividing by a zero norm, kept so max_grad_norm clips alike.
@@ -169,7 +170,9 @@ class AdamW(torch.optim.Optimizer):
     def _grad_scale(self, params: list[torch.Tensor]) -> float:
         if self.max_grad_norm is None or not params:
             return 1.0
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # Over DTensor gradients the norm is a DTensor of the ranks' partial sums.
+        norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
         self.grad_norm = norm
         if norm != norm or norm == float("inf"):
             raise FloatingPointError(
@@ -221,11 +224,12 @@ class AdamW(torch.optim.Optimizer):
                 "grad_scale": grad_scale,
             }
             update = functools.partial(self._update, hyper=hyper)
+            shard, grad = local_shard(p), local_shard(p.grad)
             pager = self._pager(p.device)
             if pager is not None and home != p.device:
-                paged.setdefault(pager, []).append(PagedParam(p, state, eightbit, update))
+                paged.setdefault(pager, []).append(PagedParam(shard, state, eightbit, update, grad))
             else:
-                update(p, p.grad, state)
+                update(shard, grad, state)
         for pager, items in paged.items():
             pager.step(items)
         return loss

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorakit.optim.state import state_layout
+from lorakit.optim.state import local_shard, state_layout
 
 # Pages start at multiples of the 8-bit block, so no quantization block straddles two pages.
 _ALIGN = 256
@@ -80,6 +80,7 @@ class PagedParam:
     state: dict[str, Any]
     eightbit: bool
     update: Update  # (param slice, grad slice, state slices on the device) -> updates in place
+    grad: torch.Tensor | None = None  # default: param.grad (a DTensor's local shard has none)
 
 
 class _Lane:
@@ -152,7 +153,7 @@ class StatePager:
         Raises:
             ValueError: the budget cannot hold even the smallest pool of pages.
         """
-        sizes = [(_allocated_bytes(p.numel(), eightbit), p) for p, eightbit in params]
+        sizes = [(_allocated_bytes(local_shard(p).numel(), eightbit), p) for p, eightbit in params]
         if sum(size for size, _ in sizes) <= self.budget_bytes:
             return
         smallest_page = max(_page_bytes(_ALIGN, e) for e in (False, True))
@@ -218,7 +219,8 @@ class StatePager:
         page = 0
         for item in items:
             flat_param = item.param.view(-1)
-            flat_grad = item.param.grad.view(-1)  # type: ignore[union-attr]
+            grad = item.param.grad if item.grad is None else item.grad
+            flat_grad = grad.view(-1)  # type: ignore[union-attr]
             for start, stop in self._pages(item):
                 slot = page % self.slots
                 device_views = self._slot_views(self._pool[slot], stop - start, item.eightbit)

@@ -4,6 +4,12 @@
 8-bit state: ``exp_avg`` and ``exp_avg_sq``, uint8 codes of the parameter's shape, plus
 ``exp_avg_absmax`` and ``exp_avg_sq_absmax``, float32 ``(ceil(numel / 256),)``.
 Both also hold ``step``, the number of steps taken (an int).
+
+Under FSDP2 a parameter is a ``DTensor`` and each rank keeps the state of its own shard only:
+moments shaped like the local shard, and 8-bit blocks of 256 counted from the shard's first
+element, so a block never straddles two ranks (each rank quantizes what it holds; no block needs
+values from another). Whether a parameter keeps 8-bit state is decided on its whole size, so it is
+the same on any number of ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lorakit.ops import ADAMW8BIT_BLOCKSIZE
 
@@ -23,8 +30,15 @@ KEYS_32BIT = frozenset({"step", *MOMENTS})
 KEYS_8BIT = KEYS_32BIT | {"exp_avg_absmax", "exp_avg_sq_absmax"}
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (a view of it, updated in place by the step), or
+    ``tensor`` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def uses_8bit(param: torch.Tensor, state_bits: int) -> bool:
-    """Whether ``param`` keeps 8-bit state in a group with ``state_bits``."""
+    """Whether ``param`` keeps 8-bit state in a group with ``state_bits`` (on its whole size, a
+    ``DTensor``'s global one)."""
     return state_bits == 8 and param.numel() >= MIN_8BIT_NUMEL
 
 
@@ -51,10 +65,11 @@ def new_state(
 ) -> dict[str, Any]:
     """Zero moments for ``param`` on ``device`` (pinned host memory for paged state). Zero 8-bit
     codes are index 0 / absmax 0 blocks, which dequantize to exactly 0 as the codes nearest 0 are
-    scaled by 0."""
+    scaled by 0. A ``DTensor`` ``param`` gets the state of its local shard."""
+    shard = local_shard(param)
     state: dict[str, Any] = {"step": 0}
-    for key, (dtype, numel) in state_layout(param.numel(), eightbit).items():
-        shape = param.shape if key in MOMENTS else (numel,)
+    for key, (dtype, numel) in state_layout(shard.numel(), eightbit).items():
+        shape = shard.shape if key in MOMENTS else (numel,)
         state[key] = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
     return state
 
@@ -70,7 +85,7 @@ def check_loaded_state(index: int, param: torch.Tensor, state: dict[str, Any], b
             f"keeps {kind} state for it ({sorted(keys)}): the state dict comes from another "
             "optimizer configuration (state_bits, or another optimizer)"
         )
-    for key, (dtype, numel) in state_layout(param.numel(), eightbit).items():
+    for key, (dtype, numel) in state_layout(local_shard(param).numel(), eightbit).items():
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.numel() != numel:
             got = (

@@ -8,6 +8,7 @@ from lorakit.peft.adapters import (
     disable_adapters,
     lora_layers,
     set_adapter,
+    using_adapter,
 )
 from lorakit.peft.bottleneck import apply_bottleneck, bottleneck_layers
 from lorakit.peft.bottleneck_config import BottleneckConfig
@@ -47,4 +48,5 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
+    "using_adapter",
 ]

@@ -96,3 +96,16 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, enabled in zip(layers, previous, strict=True):
             layer.adapters_enabled = enabled
+
+
+@contextmanager
+def using_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Within the block, adapter ``name`` is the active one (see :func:`set_adapter`; no weight
+    is copied); the adapter active before is restored after it."""
+    previous = active_adapter(model)
+    set_adapter(model, name)
+    try:
+        yield model
+    finally:
+        if previous is not None:
+            set_adapter(model, previous)

@@ -150,7 +150,8 @@ def check_dtype(name: str, base: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; an NF4 weight counts as its number of weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # NF4 storage (uint8 parameters of packed codes and scales) counts as its weights instead.
+    total = sum(p.numel() for p in model.parameters() if p.is_floating_point())
     total += sum(math.prod(m.weight.shape) for m in model.modules() if isinstance(m, NF4Linear))
     return trainable, total
 

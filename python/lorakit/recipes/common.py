@@ -30,7 +30,9 @@ from lorakit.train import (
     Trainer,
     TrainResult,
     distributed,
+    fsdp,
     out_dir,
+    precision,
 )
 from lorakit.train.batches import Batch
 
@@ -109,12 +111,17 @@ def train_and_save(
     when progress is shown."""
     if config.train.progress and distributed.is_main():
         print(data_report)
+        bf16 = precision.describe(config.train.autocast, next(model.parameters()).device)
+        if bf16 is not None:
+            print(bf16)
     # The lock spans training and saving, so no other run writes out between them.
     with out_dir.claim(Path(config.train.out)):
         trainer = Trainer(model, config.train, objective, train, val, asdict(config))
         result = trainer.fit()
-        if distributed.is_main():
-            save_result(model, tokenizer, config)
+        # Under FSDP every rank gathers the trained parameters; rank 0 writes them once.
+        with fsdp.whole_trainable(model):
+            if distributed.is_main():
+                save_result(model, tokenizer, config)
     return RunResult(model, tokenizer, result, report.trainable, report.total, result_path(config))
 
 

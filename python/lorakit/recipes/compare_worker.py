@@ -107,7 +107,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = _TimedTrainer(
         model,
         config.train,
-        CausalLMObjective(pad),
+        CausalLMObjective(pad, fused_ce=config.train.fused_ce),
         batches(config, data.train, rows),
         batches(config, data.val, rows),
         cpu_peak=cpu_peak,

@@ -151,6 +151,7 @@ def train(
         "beta": options.beta,
         "loss_type": options.loss_type,
         "label_smoothing": options.label_smoothing,
+        "fused_ce": config.train.fused_ce,
     }
     # The reference file is written under out's lock, as the checkpoints are.
     with out_dir.claim(Path(config.train.out)):

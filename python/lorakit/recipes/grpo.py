@@ -25,6 +25,7 @@ from lorakit.models import load_model, load_tokenizer
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
+from lorakit.train import distributed
 from lorakit.train.grpo import GRPOOptions, GRPOTrainer, RewardFunction
 from lorakit.train.trainer import TrainResult
 
@@ -126,6 +127,8 @@ def train(
     result = GRPOTrainer(
         model, tokenizer, config.train, config.grpo, config.sampling, prompts, reward
     ).fit()
+    if not distributed.is_main():
+        return GRPOResult(result, result_path(config), {})
     save_result(model, tokenizer, config)
     lines = result.metrics.read_text().splitlines()
     return GRPOResult(result, result_path(config), json.loads(lines[-1]) if lines else {})
@@ -144,6 +147,8 @@ def run(config: GRPOConfig) -> GRPOResult:
 def main(config: GRPOConfig) -> str:
     """``lorakit grpo``: what it prints when done."""
     result = run(config)
+    if not distributed.is_main():
+        return ""
     last = result.last
     return "\n".join(
         [

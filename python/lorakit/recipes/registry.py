@@ -11,7 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.recipes import compare, constitutional, convert, demo, dpo, grpo, merge, reward, sft
+from lorakit.recipes import (
+    compare,
+    constitutional,
+    convert,
+    demo,
+    dpo,
+    grpo,
+    merge,
+    ppo,
+    reward,
+    sft,
+)
 from lorakit.recipes.common import RunConfig, summary
 from lorakit.recipes.pretrain import PretrainConfig
 from lorakit.train import distributed
@@ -95,6 +106,16 @@ COMMANDS: dict[str, Command] = {
         grpo.main,
         TRAINING_REQUIRED | {"reward_function"},
         grpo.__doc__,
+        distributed=True,
+    ),
+    "ppo": Command(
+        "PPO: sample, score with a reward model or function, KL-penalised GAE, clipped updates",
+        ppo.PPOConfig,
+        ppo.main,
+        TRAINING_REQUIRED,
+        ppo.__doc__,
+        # Joins torchrun's group so that the loop refuses several processes in one line.
+        distributed=True,
     ),
     "constitutional": Command(
         "self-critique and revision against written principles: SFT and preference data out",

@@ -32,7 +32,7 @@ def train_causal_lm(
         model,
         tokenizer,
         config,
-        CausalLMObjective(pad),
+        CausalLMObjective(pad, fused_ce=config.train.fused_ce),
         batches(config, data.train, rows),
         batches(config, data.val, rows),
         report,

@@ -5,6 +5,8 @@ A checkpoint is a directory ``checkpoint-<step>`` holding
 - ``trainable.safetensors``: every parameter that trains, by its name in the model (the adapter
   for LoRA / QLoRA, the whole model for full fine-tuning);
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and everything else;
+- under FSDP, ``sharded/`` and ``optimizer-rank<r>.json`` instead of the three files above,
+  every rank writing its part (:mod:`lorakit.train.sharded_checkpoint`);
 - ``rng.safetensors``: the CPU (and CUDA) random generator states; under DDP rank 0's, with
   ``rng-rank<r>.safetensors`` for each other rank (dropout draws differ between ranks);
 - ``trainer.json``: step, data position, early-stopping state and the scheduler's state.
@@ -60,7 +62,7 @@ def load_trainable(model: nn.Module, path: Path) -> None:
             params[name].copy_(tensor)
 
 
-def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
     for index, values in state["state"].items():
@@ -73,7 +75,7 @@ def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
     return tensors, rest
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+def join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in rest["state"].items()}
     for key, tensor in tensors.items():
         index, name = key.split(".", 1)
@@ -110,13 +112,32 @@ def save(
 
     ``rng_states``: every rank's :func:`rng_state`, in rank order (default: this process's).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=out))
+    tmp = staging_dir(out)
     save_trainable(model, tmp / "trainable.safetensors")
-    tensors, rest = _split_optimizer(optimizer.state_dict())
+    tensors, rest = split_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(rest))
+    return publish(out, tmp, step, trainer_state, keep, rng_states)
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh temporary directory in ``out`` that a checkpoint's tensors are written to before
+    :func:`publish` renames it into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=out))
+
+
+def publish(
+    out: Path,
+    tmp: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep: int,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Adds the RNG and trainer state to staged checkpoint ``tmp`` (its tensors written), renames
+    it to ``out/checkpoint-<step>``, points ``latest`` at it and keeps the ``keep`` latest."""
+    final = out / f"checkpoint-{step}"
     for rank, state in enumerate(rng_states or [rng_state()]):
         save_file(state, str(tmp / _rng_file(rank)))
     (tmp / "trainer.json").write_text(json.dumps(trainer_state))
@@ -180,8 +201,13 @@ def load(
     rest = read_json(path / "optimizer.json")
     tensors = read_tensors(path / "optimizer.safetensors", weights=False)
     try:
-        optimizer.load_state_dict(_join_optimizer(tensors, rest))
+        optimizer.load_state_dict(join_optimizer(tensors, rest))
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path / 'optimizer.json'} does not fit the optimizer: {e}") from None
-    _set_rng_state(read_tensors(path / _rng_file(rank), weights=False))
+    load_rng(path, rank)
     return read_state(path)
+
+
+def load_rng(path: Path, rank: int) -> None:
+    """Restores rank ``rank``'s random generators from checkpoint ``path``."""
+    _set_rng_state(read_tensors(path / _rng_file(rank), weights=False))

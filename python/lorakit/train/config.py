@@ -87,13 +87,21 @@ class TrainConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and init."})
+    fused_ce: bool = field(
+        default=True,
+        metadata={
+            "help": "Where the LM head is a plain linear layer, compute the loss and its gradient "
+            "from the final hidden states a chunk of tokens at a time with lorakit's fused op, "
+            "never the whole batch's logits; --no-fused-ce uses the model's logits."
+        },
+    )
     log_every: int = field(default=1, metadata={"help": "Write metrics every N steps."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     autocast: Literal["auto", "bf16", "off"] = field(
         default="auto",
         metadata={
-            "help": "bf16 autocast on the GPU (auto: where the GPU supports bf16); ignored on "
-            "the CPU."
+            "help": "bf16 autocast of the forward passes (auto: where bf16 is native: a GPU "
+            "that supports it, a CPU with AVX-512 BF16 or AMX; bf16: always; off: float32)."
         },
     )
     report_to: Literal["none", "tensorboard"] = field(
@@ -106,6 +114,15 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass to save memory."},
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun, shard the model over the ranks with FSDP2 (per decoder "
+            "layer, the frozen NF4 base included) instead of replicating it with DDP; "
+            "checkpoints are then written by every rank (torch.distributed.checkpoint). No "
+            "effect in one process."
+        },
     )
 
     def __post_init__(self) -> None:

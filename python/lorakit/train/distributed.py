@@ -5,6 +5,7 @@ single-process identity, so the Trainer has one code path."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -34,13 +35,37 @@ def process_group() -> Iterator[None]:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("cuda:nccl,cpu:gloo")
+        init_group("cuda:nccl,cpu:gloo")
     else:
-        dist.init_process_group("gloo")
+        init_group("gloo")
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        release_group()
+
+
+def init_group(backend: str, **options: Any) -> None:
+    """``dist.init_process_group(backend, **options)``, made safe to tear down.
+
+    ``torch._dynamo`` (which ``DistributedDataParallel`` imports on first use) keeps references
+    to the process groups that exist when it is imported. Imported after the group, it keeps the
+    group and its gloo threads alive past ``destroy_process_group``, until interpreter shutdown
+    tears the threads down mid-finalization and the process aborts at random ("terminate called
+    without an active exception"). Imported first, it holds no group.
+    """
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend, **options)
+
+
+def release_group() -> None:
+    """Destroys the default process group now, its gloo threads joined before returning.
+
+    ``DistributedDataParallel`` sits in a reference cycle that holds the group until the cyclic
+    collector runs; collecting first lets ``destroy_process_group`` free it here.
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def active() -> bool:
@@ -102,3 +127,28 @@ def unwrapped(model: nn.Module) -> nn.Module:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def sum_gradients(parameters: list[torch.Tensor]) -> None:
+    """Sums the gradients of ``parameters`` over the ranks, in place, in one collective (every
+    rank must hold the same parameters with a gradient)."""
+    if not active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_reduce_device())
+    dist.all_reduce(flat)
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
+
+
+def same_on_every_rank(values: list[float]) -> bool:
+    """Whether every rank passed the same ``values`` (checked on every rank)."""
+    if not active():
+        return True
+    mine = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))

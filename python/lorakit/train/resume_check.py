@@ -11,6 +11,10 @@ result are the same, so any other difference is refused and listed. These may di
   ``gradient_checkpointing`` (recomputes the same activations), ``optim_page_budget_mb``
   (moves optimizer state, not its values).
 
+An option the checkpoint does not store at all (one added to lorakit after it was written) is
+taken to have had its default, so a run resumed by a newer lorakit is refused only when the new
+option is set to something else.
+
 Everything else is compared, including ``max_steps`` and ``epochs`` (they set the length of the
 learning-rate schedule, so a longer run is not the shorter one continued) and ``eval_every`` /
 ``patience`` (they decide when early stopping ends the run). To train on with other options,
@@ -19,7 +23,11 @@ start afresh with ``--no-resume``.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
+
+from lorakit.train.config import TrainConfig
 
 FREE = frozenset(
     {
@@ -47,16 +55,29 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_options(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"name stored -> current"`` for each option outside :data:`FREE` that differs (an option
-    only one side has counts as changed); both are JSON-like nested dicts."""
+def _train_defaults() -> dict[str, Any]:
+    fields = dataclasses.fields(TrainConfig)
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+def changed_options(
+    stored: dict[str, Any], current: dict[str, Any], defaults: Mapping[str, Any] | None = None
+) -> list[str]:
+    """``"name stored -> current"`` for each option outside :data:`FREE` that differs; both are
+    JSON-like nested dicts. An option only the current run has is compared with its default
+    (``defaults``, by the option's own name; the Trainer's options' defaults when None); any
+    other option only one side has counts as changed."""
     old, new = _flat(stored), _flat(current)
+    known = _train_defaults() if defaults is None else defaults
     missing = object()
     changed = []
     for name in sorted(old.keys() | new.keys()):
-        if name.rsplit(".", 1)[-1] in FREE:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in FREE:
             continue
         before, after = old.get(name, missing), new.get(name, missing)
+        if before is missing and leaf in known:
+            before = known[leaf]
         if before != after:
             shown = ["(none)" if v is missing else repr(v) for v in (before, after)]
             changed.append(f"{name} {shown[0]} -> {shown[1]}")

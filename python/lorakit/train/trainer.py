@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lorakit.optim import AdamW
-from lorakit.train import checkpoint, distributed, out_dir
+from lorakit.optim.state import local_shard
+from lorakit.train import checkpoint, distributed, fsdp, out_dir, precision, sharded_checkpoint
 from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
@@ -49,18 +50,21 @@ def _enable_checkpointing(model: nn.Module) -> None:
     enable({"use_reentrant": False})
 
 
-def trainable_optimizer(model: nn.Module, config: TrainConfig) -> AdamW:
-    """:class:`lorakit.optim.AdamW` over ``model``'s parameters that require a gradient, with
-    ``config``'s rate, decay, state precision, clipping and paging.
+def trainable_optimizer(
+    model: nn.Module, config: TrainConfig, groups: list[dict[str, Any]] | None = None
+) -> AdamW:
+    """:class:`lorakit.optim.AdamW` over ``model``'s parameters that require a gradient (or the
+    parameter ``groups`` given, each with its own options such as ``lr``), with ``config``'s
+    rate, decay, state precision, clipping and paging.
 
     Raises:
-        ValueError: no parameter of ``model`` trains.
+        ValueError: no parameter trains.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     return AdamW(
-        params,
+        groups or params,
         lr=config.lr,
         weight_decay=config.weight_decay,
         state_bits=config.optim_bits,
@@ -92,7 +96,9 @@ class Trainer:
     pairs), so accumulation equals one large batch.
 
     Under torchrun (``N`` ranks in a process group, see :mod:`lorakit.train.distributed`) the
-    model is wrapped in ``DistributedDataParallel`` and a step takes ``N * grad_accum``
+    model is wrapped in ``DistributedDataParallel``, or with ``config.fsdp`` sharded in place
+    with FSDP2 (:mod:`lorakit.train.fsdp`; checkpoints then written by every rank, see
+    :mod:`lorakit.train.sharded_checkpoint`), and a step takes ``N * grad_accum``
     micro-batches, rank ``r`` computing those from ``(s * N + r) * grad_accum`` on: ``N``
     processes with ``grad_accum`` k train as one with ``N * k``, up to float summation order.
     Every rank evaluates its share of the validation batches and the sums are reduced, so all
@@ -129,14 +135,17 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.main = self.rank == 0
+        if config.gradient_checkpointing:
+            _enable_checkpointing(model)
+        self.fsdp = config.fsdp and self.world > 1
+        if self.fsdp:  # before the optimizer: sharding replaces the parameters
+            fsdp.shard(model, self.device)
         self.optimizer = trainable_optimizer(model, config)
         accum = config.grad_accum * self.world  # micro-batches per step, over all ranks
         micro = config.max_steps * accum or math.ceil(config.epochs * len(train))
         self.total_steps = max(1, math.ceil(micro / accum))
         self.scheduler = scheduler(self.optimizer, config.schedule, self.total_steps, config.warmup)
-        if config.gradient_checkpointing:
-            _enable_checkpointing(model)
-        self.ddp = self._wrap() if self.world > 1 else None
+        self.ddp = self._wrap() if self.world > 1 and not self.fsdp else None
 
     def _wrap(self) -> DistributedDataParallel:
         # Buffers (rotary tables) never change in training, so they are not re-sent every
@@ -150,20 +159,17 @@ class Trainer:
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        use = self.device.type == "cuda" and (
-            self.config.autocast == "bf16"
-            or (self.config.autocast == "auto" and torch.cuda.is_bf16_supported())
-        )
-        if use:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision.autocast(self.config.autocast, self.device)
 
     def _on_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         # DDP all-reduces gradients in the backward pass; once per step (the last micro-batch)
-        # is enough, the earlier ones only accumulate locally.
+        # is enough, the earlier ones only accumulate locally. FSDP likewise reduce-scatters them.
+        if self.fsdp:
+            fsdp.set_gradient_sync(self.model, last)
+            return contextlib.nullcontext()
         if self.ddp is None or last:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
@@ -181,8 +187,9 @@ class Trainer:
             with self._no_sync(last=i == k - 1):
                 with self._autocast():
                     out = self.objective(self.model if self.ddp is None else self.ddp, batch)
-                # The step's loss is the mean over every rank's counted items. DDP averages the
-                # ranks' gradients, so each rank scales by the world size to make that a sum.
+                # The step's loss is the mean over every rank's counted items. DDP and FSDP
+                # average the ranks' gradients, so each rank scales by the world size to make
+                # that a sum.
                 (out.loss_sum * self.world / max(1.0, counted)).backward()
             sums["loss"] += out.loss_sum.item()
             for name, value in out.metrics.items():
@@ -218,9 +225,17 @@ class Trainer:
         self.model.eval()
         sums: dict[str, float] = {"loss": 0.0}
         count = 0
-        for i in range(len(self.val_batches))[self.rank :: self.world]:
+        n_batches = len(self.val_batches)
+        # Under FSDP every forward all-gathers, so every rank runs as many: a rank short of a
+        # batch computes batch 0 again and discards it.
+        mine = range(n_batches)[self.rank :: self.world]
+        rounds = -(-n_batches // self.world) if self.fsdp else len(mine)
+        for j in range(rounds):
+            i = mine[j] if j < len(mine) else 0
             with self._autocast():
                 out = self.objective(self.model, self._on_device(self.val_batches.in_order(i)))
+            if j >= len(mine):
+                continue
             sums["loss"] += float(out.loss_sum)
             count += out.count
             for name, value in out.metrics.items():
@@ -253,7 +268,12 @@ class Trainer:
                 f"{path} was trained with other options ({'; '.join(changed)}): rerun with the "
                 "same options, or start afresh with --no-resume"
             )
-        state = checkpoint.load(path, self.model, self.optimizer, self.rank)
+        if self.fsdp:
+            sharded_checkpoint.load(path, self.model, self.optimizer)
+            checkpoint.load_rng(path, self.rank)
+            state = checkpoint.read_state(path)
+        else:
+            state = checkpoint.load(path, self.model, self.optimizer, self.rank)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.main and log_path.exists():  # records after the checkpoint: steps run again
             rewrite(log_path, [r for r in read(log_path) if r["step"] <= state["step"]])
@@ -261,10 +281,11 @@ class Trainer:
 
     def _save(self, step: int, state: dict[str, Any]) -> None:
         # Without clipping no gradient norm is computed, so a NaN gradient with a finite loss
-        # reaches the parameters unseen; it must not reach a checkpoint. Every rank holds the
-        # same parameters (DDP), so all stop together.
+        # reaches the parameters unseen; it must not reach a checkpoint. The ranks' counts are
+        # summed (under FSDP each holds a shard), so all stop together.
         trained = (p for group in self.optimizer.param_groups for p in group["params"])
-        if not all(bool(torch.isfinite(p).all()) for p in trained):
+        bad = sum(int((~torch.isfinite(local_shard(p))).sum()) for p in trained)
+        if distributed.sum_across([float(bad)])[0]:
             raise self._diverged(step - 1, "a parameter is NaN or infinite after the update")
         state = {
             **state,
@@ -275,7 +296,17 @@ class Trainer:
             "config": self.run_config,
         }
         rng = distributed.gather_to_main(checkpoint.rng_state())
-        if self.main:
+        if self.fsdp:
+            tmp = distributed.broadcast_from_main(
+                str(checkpoint.staging_dir(self.out)) if self.main else None
+            )
+            sharded_checkpoint.save(Path(tmp), self.model, self.optimizer)
+            distributed.barrier()  # every rank's part is written before it is published
+            if self.main:
+                checkpoint.publish(
+                    self.out, Path(tmp), step, state, self.config.keep_checkpoints, rng
+                )
+        elif self.main:
             checkpoint.save(
                 self.out, step, self.model, self.optimizer, state, self.config.keep_checkpoints, rng
             )
@@ -284,7 +315,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Runs (or resumes) training to the end or an early stop; writes ``metrics.jsonl``,
-        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only), holding its lock
+        ``loss.png`` and checkpoints under ``config.out`` (rank 0 only; under FSDP every rank
+        writes its part of each checkpoint), holding its lock
         (:mod:`lorakit.train.out_dir`).
 
         Raises:

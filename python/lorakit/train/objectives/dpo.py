@@ -15,7 +15,7 @@ from lorakit.peft import disable_adapters
 from lorakit.train import distributed
 from lorakit.train.batches import Batch
 from lorakit.train.objective import ObjectiveOutput
-from lorakit.train.objectives.hidden import final_hidden, plain_head
+from lorakit.train.objectives.hidden import final_hidden, head_softcap, plain_head
 
 # Where the reference log-probs come from: the policy with its adapters switched off (no second
 # copy of the base), or precomputed ones carried in each batch as ``ref_logps`` (2B,).
@@ -23,17 +23,21 @@ ADAPTERS_OFF = "adapters_off"
 PRECOMPUTED = "precomputed"
 
 
-def completion_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+def completion_logps(model: nn.Module, batch: Batch, fused_ce: bool = True) -> torch.Tensor:
     """(rows,) summed log-probs of each row's trained tokens (its completion), float32.
 
     Where the LM head is a plain linear layer the log-probs come from the final hidden states
-    chunk by chunk, never the whole batch's logits (see :mod:`lorakit.train.objectives.hidden`).
+    chunk by chunk, never the whole batch's logits (see :mod:`lorakit.train.objectives.hidden`):
+    through lorakit's fused op with ``fused_ce``, else under activation checkpointing.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     head = plain_head(model)
     if head is not None:
         hidden = final_hidden(model, **inputs)
-        return sequence_logprobs(hidden, head.weight, batch["labels"], head.bias).float()
+        labels, softcap = batch["labels"], head_softcap(model)
+        return sequence_logprobs(
+            hidden, head.weight, labels, head.bias, fused=fused_ce, softcap=softcap
+        ).float()
     logits = model(**inputs, use_cache=False).logits
     return sequence_logprobs_from_logits(logits, batch["labels"]).float()
 
@@ -51,6 +55,7 @@ class DPOObjective:
         reference: :data:`ADAPTERS_OFF` (the policy with its adapters disabled),
             :data:`PRECOMPUTED` (``ref_logps`` in each batch), or a frozen model.
         beta, loss_type, label_smoothing: as :func:`lorakit.losses.dpo_loss` takes them.
+        fused_ce: log-probs through lorakit's fused op where the head is a plain linear layer.
     """
 
     def __init__(
@@ -59,9 +64,11 @@ class DPOObjective:
         beta: float = 0.1,
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
+        fused_ce: bool = True,
     ) -> None:
         self.reference, self.beta = reference, beta
         self.loss_type, self.label_smoothing = loss_type, label_smoothing
+        self.fused_ce = fused_ce
 
     def count(self, batch: Batch) -> int:
         return int(batch["margin"].shape[0])
@@ -73,18 +80,18 @@ class DPOObjective:
     def reference_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(rows,) the reference's completion log-probs."""
         if isinstance(self.reference, nn.Module):
-            return completion_logps(self.reference, batch)
+            return completion_logps(self.reference, batch, self.fused_ce)
         if self.reference == PRECOMPUTED:
             return batch["ref_logps"]
         inner = distributed.unwrapped(model)
         # Dropout off too: the reference is a fixed function of the pair.
         with disable_adapters(inner), evaluating(inner):
-            return completion_logps(inner, batch)
+            return completion_logps(inner, batch, self.fused_ce)
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         pairs = self.count(batch)
         reference = self.reference_logps(model, batch)
-        policy = completion_logps(model, batch)
+        policy = completion_logps(model, batch, self.fused_ce)
         lengths = (batch["labels"][:, 1:] != IGNORE).sum(1)
         out = dpo_loss(
             policy[:pairs],

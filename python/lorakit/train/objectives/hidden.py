@@ -31,6 +31,14 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear and keeps else None
 
 
+def head_softcap(model: nn.Module) -> float:
+    """The final logit soft-capping ``c`` of ``model``'s head (``c * tanh(z / c)``, Gemma 2's
+    ``final_logit_softcapping``), 0 for none: what the log-probs from its hidden states must
+    apply to match its logits."""
+    config = getattr(distributed.unwrapped(model), "config", None)
+    return float(getattr(config, "final_logit_softcapping", None) or 0.0)
+
+
 def final_hidden(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
     """``model``'s final hidden states (batch, n, hidden) for ``inputs``; requires
     :func:`plain_head` to have returned a head."""

@@ -2,7 +2,8 @@
 
 Each op also gets a fake (meta) kernel here so that ``torch.compile`` and ``FakeTensor`` can trace
 it without running it. Argument checks happen in C++ (``TORCH_CHECK``) and surface as
-``RuntimeError`` naming the bad argument.
+``RuntimeError`` naming the bad argument. The fused linear cross-entropy ops live in
+:mod:`lorakit.ops.fused_ce` (re-exported here).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import lorakit._native  # noqa: F401  (loads the library that defines torch.ops.
 from lorakit import op_checks as check
 from lorakit.op_checks import NF4_BLOCKSIZES as NF4_BLOCKSIZES  # re-exported for configs
 from lorakit.op_checks import ceil_div as _ceil_div
+from lorakit.ops import autocast  # noqa: F401  (the LoRA ops' rules under torch.autocast)
+from lorakit.ops.fused_ce import fused_linear_cross_entropy as fused_linear_cross_entropy
+from lorakit.ops.fused_ce import fused_linear_logprobs as fused_linear_logprobs
 
 # ---- NF4 ---------------------------------------------------------------------------------------
 

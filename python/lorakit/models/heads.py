@@ -1,0 +1,146 @@
+"""Scalar heads on a causal LM's backbone that share its weights: PPO's value model (its own
+adapter plus a value head, one value per token) and a reward model trained by ``lorakit reward``
+loaded as one more named adapter plus its score head. Switching between them and the policy
+switches the active adapter; no weight is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.peft import (
+    LoraConfig,
+    active_adapter,
+    apply_lora,
+    load_adapter,
+    set_adapter,
+    using_adapter,
+)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer under a causal LM's head (transformers' ``base_model``: ``model.model``
+    for Llama, ``model.transformer`` for GPT-2), whose output is the last hidden state.
+
+    Raises:
+        ValueError: the model has no separate backbone.
+    """
+    inner = getattr(model, "base_model", model)
+    if inner is model:
+        raise ValueError(f"{type(model).__name__} has no backbone (base_model) to put a head on")
+    return inner
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+class ValueHead(nn.Linear):
+    """hidden -> 1, float32, zero-initialised: the value model starts at V = 0 (its adapter's
+    B = 0 too), so the first advantages are the rewards-to-go themselves."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden, 1, bias=True, dtype=torch.float32)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+
+
+def add_value_adapter(model: nn.Module, config: LoraConfig, name: str = "value") -> ValueHead:
+    """Adds LoRA adapter ``name`` (``config``'s targets, on the backbone's layers as they are:
+    NF4 stays NF4) and returns a new :class:`ValueHead` on the model's device. What trained
+    before still trains, the value adapter trains too, and the active adapter is unchanged."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    previous = active_adapter(model)
+    apply_lora(backbone(model), replace(config, quantize=None), name)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    if previous is not None:
+        set_adapter(model, previous)
+    device = next(model.parameters()).device
+    return ValueHead(hidden_size(model)).to(device)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Positions count from each row's first real token (left padding), as generate uses them.
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def token_values(
+    model: nn.Module,
+    head: nn.Module,
+    adapter: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_len: int,
+) -> torch.Tensor:
+    """The value of the state before each completion token, float32 (rows, completion_len):
+    ``head`` on the backbone's last hidden state at the position that predicts the token, with
+    adapter ``adapter`` active (TRL's PPO reads its value model at the same positions)."""
+    n = completion_len
+    with using_adapter(model, adapter):
+        hidden = backbone(model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=_positions(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+    return head(hidden[:, -(n + 1) : -1].float()).squeeze(-1)
+
+
+class AdapterRewardModel(nn.Module):
+    """A reward model that is adapter ``name`` of a causal LM plus a score head: called like
+    transformers' ``*ForSequenceClassification`` with one label (the score at the last token
+    that is not ``pad_token_id``), so :func:`lorakit.recipes.reward.score` scores with it.
+
+    The LM is held, not owned (it is not a submodule): its weights are the policy's.
+    """
+
+    def __init__(self, model: nn.Module, name: str, score: nn.Linear, pad_token_id: int) -> None:
+        super().__init__()
+        self.shared: tuple[nn.Module] = (model,)
+        self.name, self.score, self.pad_token_id = name, score, pad_token_id
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any
+    ) -> SimpleNamespace:
+        model = self.shared[0]
+        with using_adapter(model, self.name):
+            hidden = backbone(model)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+        # transformers' rule for the scored position: the last token that is not padding.
+        real = (input_ids != self.pad_token_id).int()
+        last = (torch.arange(input_ids.shape[1], device=input_ids.device) * real).argmax(-1)
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        return SimpleNamespace(logits=self.score(hidden[rows, last]))
+
+
+def load_reward_adapter(
+    model: nn.Module, folder: str | Path, pad_token_id: int, name: str = "reward"
+) -> AdapterRewardModel:
+    """Loads a reward adapter written by ``lorakit reward`` (LoRA + the ``score`` head in
+    ``modules_to_save``) onto ``model``'s backbone as adapter ``name``, frozen; the policy's
+    adapter stays active.
+
+    The adapter's keys name layers of the ``*ForSequenceClassification`` model it was trained
+    on, whose backbone sits under the same attribute as the causal LM's: loading it into a
+    module laid out like that (the shared backbone plus a new ``score``) puts its LoRA weights
+    on the shared layers and its head in ``score``.
+
+    Raises:
+        ValueError: the files do not fit the model (see :func:`lorakit.load_adapter`).
+    """
+    shell = nn.Module()
+    setattr(shell, model.base_model_prefix, backbone(model))
+    device = next(model.parameters()).device
+    dtype = backbone(model).get_input_embeddings().weight.dtype
+    shell.score = nn.Linear(hidden_size(model), 1, bias=False, device=device, dtype=dtype)
+    load_adapter(shell, folder, name, trainable=False)
+    return AdapterRewardModel(model, name, shell.score, pad_token_id)

@@ -1,0 +1,350 @@
+"""What the rollout loops (GRPO, PPO) share: the prompts of a step, sampling and scoring with the
+NaN guard, token-weighted step metrics, checkpoints that resume exactly, and the loop with its
+progress bar, metrics file, KL warnings and plot.
+
+A subclass implements :meth:`RolloutLoop._step` (one rollout and its updates, returning the
+step's metrics) and, when it keeps more state than the trained parameters, the optimizer, the
+schedule and the RNG, :meth:`RolloutLoop.extra_state` / :meth:`RolloutLoop.load_extra_state`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lorakit.data.prompts import Prompt
+from lorakit.generation import Rollout, SamplingOptions, sample
+from lorakit.models.modes import evaluating
+from lorakit.optim import AdamW
+from lorakit.train import checkpoint, distributed
+from lorakit.train.batches import RowBatches
+from lorakit.train.config import TrainConfig
+from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read
+from lorakit.train.schedule import scheduler
+from lorakit.train.trainer import TrainResult
+
+RewardFunction = Callable[..., Sequence[float]]
+# A mean per-token KL estimate below this (nats) is reported: k1 is an unbiased estimate of a
+# non-negative quantity, so a clearly negative mean says the sampled tokens do not come from the
+# policy the log-probs are computed with (e.g. top_p truncation).
+NEGATIVE_KL = -0.01
+
+
+@dataclass
+class StepSums:
+    """Token-weighted sums of the update metrics over a step."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, value: torch.Tensor | float, tokens: float) -> None:
+        self.values[name] = self.values.get(name, 0.0) + float(value) * tokens
+        self.tokens[name] = self.tokens.get(name, 0.0) + tokens
+
+    def means(self) -> dict[str, float]:
+        """Each metric's token-weighted mean over every rank's sums."""
+        names = sorted(self.values)
+        totals = distributed.sum_across([self.values[k] for k in names])
+        tokens = distributed.sum_across([self.tokens[k] for k in names])
+        return {k: v / max(1.0, t) for k, v, t in zip(names, totals, tokens, strict=True)}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A step's sampled completions and their rewards."""
+
+    rollout: Rollout
+    rewards: torch.Tensor
+    """(rows,) float32, on the CPU."""
+    metrics: dict[str, float]
+
+
+class RolloutLoop:
+    """The loop of an RL trainer that samples from ``model`` (an adapter on a frozen base).
+
+    Args:
+        model: the causal LM that samples (the policy).
+        tokenizer: its tokenizer (prompts are encoded, completions decoded with it).
+        config: ``batch_size`` is prompts per step, ``max_steps`` (or ``epochs`` over the
+            prompts) the number of rollout steps.
+        sampling: how completions are sampled.
+        prompts: the prompt rows.
+        reward: ``reward(prompts, completions, **columns) -> rewards``.
+        optimizer: the optimizer of the trained parameters.
+        updates_per_step: optimizer steps per rollout step (for the schedule's length).
+        kl_warn: warn when a step's mean per-token KL to the reference exceeds this (nats).
+        trained: the module whose trainable parameters checkpoints hold (default ``model``).
+
+    Under torchrun (when the subclass sets ``runs_distributed``) each of the ``N`` processes takes
+    its share of each step's prompts (``batch_size / N``), samples with its own random stream,
+    scores, and sums its gradients with the others' before each optimizer step; rank 0 writes
+    the metrics (over every rank's completions) and the checkpoints (with every rank's RNG).
+    """
+
+    kind: ClassVar[str] = "rollout"
+    # Whether the subclass's step works under torchrun (its losses scaled by
+    # :meth:`global_share`, its gradients summed with :meth:`sync_gradients`).
+    runs_distributed: ClassVar[bool] = False
+    # The curves of metrics.png (one panel each).
+    plotted: ClassVar[tuple[str, ...]] = ("reward_mean", "kl")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: TrainConfig,
+        sampling: SamplingOptions,
+        prompts: Sequence[Prompt],
+        reward: RewardFunction,
+        optimizer: AdamW,
+        updates_per_step: int,
+        kl_warn: float,
+        trained: nn.Module | None = None,
+    ) -> None:
+        world = distributed.world_size()
+        if world > 1 and not self.runs_distributed:
+            raise ValueError(f"{self.kind} runs in one process (torchrun is not supported yet)")
+        if config.batch_size % world:
+            raise ValueError(
+                f"--batch-size {config.batch_size} must be a multiple of the {world} processes"
+            )
+        if config.grad_accum != 1:
+            raise ValueError(f"{self.kind} takes --minibatches, not --grad-accum")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.sampling, self.reward, self.kl_warn = sampling, reward, kl_warn
+        self.trained = model if trained is None else trained
+        self.prompts = RowBatches(list(prompts), config.batch_size, list, config.seed)
+        self.out = Path(config.out)
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None or self.pad_id is None:
+            raise ValueError("the tokenizer needs an EOS and a pad token to sample completions")
+        self.optimizer = optimizer
+        self.total_steps = max(1, config.max_steps or math.ceil(config.epochs * len(self.prompts)))
+        updates = self.total_steps * updates_per_step
+        self.scheduler = scheduler(self.optimizer, config.schedule, updates, config.warmup)
+
+    # ---- sampling and scoring
+
+    def sample_and_score(self, step: int, per_prompt: int) -> Scored:
+        """Samples ``per_prompt`` completions of each prompt of step ``step`` and scores them;
+        prompt ``i``'s completions are rows ``[i * per_prompt, (i + 1) * per_prompt)``."""
+        prompts: list[Prompt] = self.prompts.shuffled(step)
+        share = len(prompts) // distributed.world_size()
+        prompts = prompts[distributed.rank() * share :][:share]
+        encoded = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        tic = time.perf_counter()
+        rollout = sample(self.model, encoded, per_prompt, self.sampling, self.pad_id, self.eos_id)
+        seconds = time.perf_counter() - tic
+        rewards = self._score(step, prompts, rollout, per_prompt)
+        lengths = rollout.completion_mask.sum(1).float()
+        # Every rank's completions on rank 0, which writes the metrics.
+        every = torch.tensor(distributed.gather_to_main(rewards.tolist())).flatten()
+        lengths_every = torch.tensor(distributed.gather_to_main(lengths.tolist())).flatten()
+        ended = torch.tensor(distributed.gather_to_main(rollout.ended.tolist())).flatten()
+        metrics = {
+            "reward_mean": float(every.mean()),
+            "reward_std": float(every.std()) if len(every) > 1 else 0.0,
+            "completion_length": float(lengths_every.mean()),
+            "ended_with_eos": float(ended.float().mean()),
+            "rollout_s": seconds,
+            "rollout_tokens_per_s": float(lengths_every.sum()) / seconds,
+        }
+        return Scored(rollout, rewards, metrics)
+
+    def _score(
+        self, step: int, prompts: list[Prompt], rollout: Rollout, per_prompt: int
+    ) -> torch.Tensor:
+        completions = [
+            self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ]
+        raw = [p.raw for p in prompts for _ in range(per_prompt)]
+        columns = {
+            k: [p.columns[k] for p in prompts for _ in range(per_prompt)]
+            for k in prompts[0].columns
+        }
+        values = self.reward(raw, completions, **columns)
+        rewards = torch.as_tensor(list(values), dtype=torch.float32)
+        if rewards.shape != (len(completions),):
+            raise ValueError(
+                f"the reward function returned {rewards.numel()} values for "
+                f"{len(completions)} completions"
+            )
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        if distributed.sum_across([float(len(bad))])[0] and not bad:
+            raise ValueError(
+                f"step {step + 1}: the reward function returned a non-finite value in another "
+                "process; stopped before updating"
+            )
+        if bad:
+            last = checkpoint.latest(self.out)
+            raise ValueError(
+                f"step {step + 1}: the reward function returned {rewards[bad[0]].item()} for "
+                f"completion {bad[0]} ({completions[bad[0]]!r}) and {len(bad) - 1} other(s); "
+                f"stopped before updating; last checkpoint: {last or 'none'}"
+            )
+        return rewards
+
+    # ---- what a subclass provides
+
+    def _step(self, step: int) -> dict[str, float]:
+        """One rollout step (0-based): samples, scores, updates; returns its metrics."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond parameters, optimizer, schedule and RNG (JSON), saved in checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`extra_state` returned."""
+
+    def options_state(self) -> dict[str, Any]:
+        """The algorithm's options, recorded in checkpoints."""
+        return {}
+
+    # ---- torchrun
+
+    @staticmethod
+    def global_share(tokens: torch.Tensor) -> float:
+        """This rank's share of a minibatch's tokens over every rank's: a token-mean loss
+        times it, its gradients summed over the ranks, is the token mean over all of them."""
+        if not distributed.active():
+            return 1.0
+        return float(tokens) / distributed.sum_across([float(tokens)])[0]
+
+    def sync_gradients(self) -> None:
+        """Sums the trained parameters' gradients over the ranks (before the optimizer step)."""
+        distributed.sum_gradients([p for p in self.trained.parameters() if p.requires_grad])
+
+    # ---- checkpoints
+
+    def _resume(self, log_path: Path) -> int:
+        path = checkpoint.latest(self.out) if self.config.resume else None
+        if path is None:
+            if distributed.is_main():
+                log_path.unlink(missing_ok=True)
+            return 0
+        state = checkpoint.load(path, self.trained, self.optimizer, distributed.rank())
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_extra_state(state.get("extra", {}))
+        if distributed.is_main():
+            # Records written after the checkpoint belong to steps that run again.
+            kept = (
+                [r for r in read(log_path) if r["step"] <= state["step"]]
+                if log_path.exists()
+                else []
+            )
+            log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
+        return int(state["step"])
+
+    def _save(self, step: int) -> None:
+        state = {
+            "step": step,
+            "scheduler": self.scheduler.state_dict(),
+            "config": asdict(self.config),
+            self.kind: self.options_state(),
+            "extra": self.extra_state(),
+        }
+        trained = [p for p in self.trained.parameters() if p.requires_grad]
+        if not distributed.same_on_every_rank([float(p.detach().double().sum()) for p in trained]):
+            raise RuntimeError(f"step {step}: the processes' trained parameters differ")
+        rng = distributed.gather_to_main(checkpoint.rng_state())
+        if distributed.is_main():
+            checkpoint.save(
+                self.out,
+                step,
+                self.trained,
+                self.optimizer,
+                state,
+                self.config.keep_checkpoints,
+                rng,
+            )
+        distributed.barrier()
+
+    # ---- the loop
+
+    def _warn(self, step: int, metrics: dict[str, float]) -> None:
+        kl = metrics.get("kl")
+        if kl is None:
+            return
+        if kl > self.kl_warn:
+            warnings.warn(
+                f"step {step}: mean per-token KL to the reference is {kl:.3f} nats "
+                f"(> kl_warn {self.kl_warn}); raise the KL coefficient or lower lr",
+                stacklevel=1,
+            )
+        elif kl < NEGATIVE_KL:
+            warnings.warn(
+                f"step {step}: mean per-token KL estimate to the reference is {kl:.4f} nats "
+                f"(< {NEGATIVE_KL}); the sampled tokens do not follow the policy's "
+                "log-probs (top_p < 1?) or the estimate is noisy (use k3)",
+                stacklevel=1,
+            )
+
+    def fit(self) -> TrainResult:
+        """Runs (or resumes) to ``total_steps``; writes ``metrics.jsonl``, ``metrics.png`` and
+        checkpoints under ``config.out``."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "metrics.jsonl"
+        main = distributed.is_main()
+        start = self._resume(log_path)
+        if start == 0 and distributed.active():
+            # Each rank its own random stream (the adapters were initialised alike before).
+            torch.manual_seed(cfg.seed + 1 + distributed.rank())
+        log = MetricsLog(log_path, cfg.report_to, start) if main else None
+        device = next(self.model.parameters()).device
+        started, done, last_loss = time.perf_counter(), start, math.nan
+        bar = tqdm(
+            range(start, self.total_steps),
+            initial=start,
+            total=self.total_steps,
+            desc=self.kind,
+            disable=not (cfg.progress and main),
+            dynamic_ncols=True,
+        )
+        try:
+            with evaluating(self.trained):
+                for step in bar:
+                    metrics = self._step(step)
+                    done, last_loss = step + 1, metrics["loss"]
+                    record = {"step": done, **metrics, "lr": self.scheduler.get_last_lr()[0]}
+                    record["memory_mib"] = peak_memory_mib(device)
+                    if main:
+                        self._warn(done, metrics)
+                    last = done == self.total_steps
+                    if log is not None and (done % cfg.log_every == 0 or last):
+                        log.write(record)
+                    bar.set_postfix({k: f"{record[k]:.3f}" for k in self.plotted if k in record})
+                    if last or (cfg.save_every and done % cfg.save_every == 0):
+                        self._save(done)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        plot = self.out / "metrics.png"
+        if main:
+            records = read(log_path)
+            rows = [{k: r[k] for k in ("step", *self.plotted) if k in r} for r in records]
+            plot_metrics(rows, plot)
+        return TrainResult(
+            steps=done,
+            last_loss=last_loss,
+            best_val_loss=None,
+            stopped_early=False,
+            seconds=time.perf_counter() - started,
+            peak_memory_mib=peak_memory_mib(device),
+            metrics=log_path,
+            plot=plot,
+        )
