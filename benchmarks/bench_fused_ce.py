@@ -26,13 +26,12 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from lorakit import ops
-from measure import current_bytes, peak_bytes, reset_peak, sync
+from measure import peak_and_times
 
 VARIANTS = ("unfused", "fused")
 PRESETS = {
@@ -60,18 +59,7 @@ def _child(args: argparse.Namespace) -> None:
         loss.backward()
         hidden.grad = weight.grad = None
 
-    sync(device)
-    base = current_bytes(device)
-    reset_peak(device)
-    step()
-    sync(device)
-    peak = peak_bytes(device) - base
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    peak, times = peak_and_times(step, device, args.repeats)
     p90 = statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
     print(json.dumps({"peak": peak, "median": statistics.median(times) * 1e3, "p90": p90 * 1e3}))
 

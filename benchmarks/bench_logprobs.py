@@ -26,14 +26,13 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from lorakit.data.encode import IGNORE
 from lorakit.losses import sequence_logprobs, sequence_logprobs_from_logits
-from measure import current_bytes, peak_bytes, reset_peak, sync
+from measure import peak_and_times
 
 VARIANTS = ("plain", "from_logits", "chunked", "fused")
 
@@ -68,18 +67,7 @@ def _child(args: argparse.Namespace) -> None:
         logprobs.sum().backward()
         hidden.grad = weight.grad = None
 
-    sync(device)
-    base = current_bytes(device)
-    reset_peak(device)
-    step()
-    sync(device)
-    peak = peak_bytes(device) - base
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    peak, times = peak_and_times(step, device, args.repeats)
     print(json.dumps({"peak": peak, "ms": statistics.median(times) * 1e3}))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from preference_worker import Peak, StepClock
+from preference_worker import Peak, StepClock, step_stats
 
 LORA_R = 16
 LORA_ALPHA = 32
@@ -317,15 +316,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         run = _train_lorakit if spec["library"] == "lorakit" else _train_peft
         clock = run(model, spec, peak)
         tokens_per_step = spec["batch"] * spec["seq_len"]
-    timed = clock.wall[spec["warmup"] :]
-    deciles = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed
-    median = statistics.median(timed)
+    stats = step_stats(clock.wall, clock.cpu, spec["warmup"])
+    median_s = stats["median_ms"] / 1000
     return {
         "model_mib": model_mib,
         "peak_mib": peak.total(),
-        "median_ms": 1000 * median,
-        "p90_ms": 1000 * deciles[-1],
-        "tokens_per_s": tokens_per_step / median if median > 0 else math.inf,
+        **stats,
+        "tokens_per_s": tokens_per_step / median_s if median_s > 0 else math.inf,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "threads": torch.get_num_threads(),
     }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import resource
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,3 +37,21 @@ def reset_peak(device: str) -> None:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def peak_and_times(step: Callable[[], None], device: str, repeats: int) -> tuple[int, list[float]]:
+    """Runs ``step`` once for its memory peak (bytes above what is held before it), then
+    ``repeats`` more times for their wall times in seconds (the first call is the warm-up)."""
+    sync(device)
+    base = current_bytes(device)
+    reset_peak(device)
+    step()
+    sync(device)
+    peak = peak_bytes(device) - base
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return peak, times

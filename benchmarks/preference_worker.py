@@ -106,6 +106,18 @@ class StepClock:
         return {"seconds": self.wall, "cpu_seconds": self.cpu}
 
 
+def step_stats(wall: list[float], cpu: list[float], warmup: int) -> dict[str, float]:
+    """Median and p90 wall milliseconds and median CPU milliseconds of the steps after
+    ``warmup``."""
+    timed = wall[warmup:]
+    deciles = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed
+    return {
+        "median_ms": 1000 * statistics.median(timed),
+        "p90_ms": 1000 * deciles[-1],
+        "cpu_ms": 1000 * statistics.median(cpu[warmup:]),
+    }
+
+
 def synthetic_triples(spec: dict[str, Any], tokenizer: Any) -> list[Triple]:
     """``pairs * (warmup + steps)`` preference pairs of random ordinary tokens; each completion
     ends with the end-of-sequence token (so TRL adds none, and both libraries see the same ids)."""
@@ -316,13 +328,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     triples = synthetic_triples(spec, tokenizer)
     result = RUNNERS[spec["library"]](spec, triples, Peak(torch.device(spec["device"])))
-    timed = result["seconds"][spec["warmup"] :]
-    deciles = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed
     return {
         **result,
-        "median_ms": 1000 * statistics.median(timed),
-        "p90_ms": 1000 * deciles[-1],
-        "cpu_ms": 1000 * statistics.median(result["cpu_seconds"][spec["warmup"] :]),
+        **step_stats(result["seconds"], result["cpu_seconds"], spec["warmup"]),
         "threads": torch.get_num_threads(),
     }
 

@@ -49,7 +49,7 @@ from lorakit.recipes.common import RunConfig, batches, make_trainable
 from lorakit.train import TrainConfig, Trainer
 from lorakit.train.objectives import CausalLMObjective
 from lorakit.train.ppo import PPOOptions, PPOTrainer
-from preference_worker import LORA_ALPHA, LORA_R, Peak, StepClock
+from preference_worker import LORA_ALPHA, LORA_R, Peak, StepClock, step_stats
 
 LR = 1e-5
 
@@ -238,14 +238,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         extra = _ppo({**spec, "four_models": variant == "ppo_four_models"}, peak, clock)
     else:
         extra = _generate({**spec, "library": variant.removeprefix("generate_")}, peak, clock)
-    timed = clock.wall[spec["warmup"] :]
-    deciles = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed
     return {
         **extra,
         "peak_mib": peak.growth(),
-        "median_ms": 1000 * statistics.median(timed),
-        "p90_ms": 1000 * deciles[-1],
-        "cpu_ms": 1000 * statistics.median(clock.cpu[spec["warmup"] :]),
+        **step_stats(clock.wall, clock.cpu, spec["warmup"]),
         "threads": torch.get_num_threads(),
     }
 

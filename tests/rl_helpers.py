@@ -3,13 +3,12 @@ contain the word "five" earn 1."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from lorakit.data.prompts import Prompt
 from sft_helpers import llama, tokenizer
+from test_trainer_ddp import records as records  # the metrics.jsonl rows of a run
 
 TARGET = "five"
 PROMPTS = [Prompt(f"question : {w} ?", f"question : {w} ?") for w in ("one", "two", "three", "a")]
@@ -38,10 +37,6 @@ def policy():
     with torch.no_grad():
         model.lm_head.weight.mul_(10)
     return model, tok
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def interrupting(after: int):

@@ -2,13 +2,11 @@
 twice the gradient accumulation (a pair is never split between ranks or batches)."""
 
 import pytest
-import torch
 
 from data_files import write_jsonl
-from lorakit.cli import main
 from preference_helpers import pair_rows
 from sft_helpers import saved_model
-from test_trainer_ddp import records, torchrun
+from test_trainer_ddp import assert_same_metrics, records, run_single_threaded, torchrun
 
 
 @pytest.mark.parametrize("recipe", ["reward", "dpo"])
@@ -25,17 +23,9 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, recipe
         ]  # fmt: skip
 
     torchrun(argv(tmp_path / "ddp", 1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(argv(tmp_path / "single", 2)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_single_threaded(argv(tmp_path / "single", 2))
     ours, theirs = records(tmp_path / "ddp"), records(tmp_path / "single")
     metric = "accuracy" if recipe == "reward" else "reward_margin"
-    for key in ("loss", "val_loss", "grad_norm", metric, f"val_{metric}"):
-        got = [r[key] for r in ours if key in r]
-        expected = [r[key] for r in theirs if key in r]
-        assert len(got) == len(expected) > 0, key
-        # The ranks' gradients summed in another order: float32 rounding carried by Adam.
-        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+    # The ranks' gradients summed in another order: float32 rounding carried by Adam.
+    keys = ["loss", "val_loss", "grad_norm", metric, f"val_{metric}"]
+    assert_same_metrics(ours, theirs, keys, rel=1e-4, abs=1e-6)

@@ -67,6 +67,31 @@ def records(out: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_single_threaded(args: list[str]) -> None:
+    """Runs ``lorakit`` in this process on one torch thread, as each torchrun worker runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_metrics(
+    ours: list[dict[str, float]],
+    theirs: list[dict[str, float]],
+    keys: list[str],
+    **tolerance: float,
+) -> None:
+    """Each metric in ``keys`` logged at the same steps by both runs, values within ``tolerance``
+    (``pytest.approx``'s ``rel`` / ``abs``)."""
+    for key in keys:
+        got = [r[key] for r in ours if key in r]
+        expected = [r[key] for r in theirs if key in r]
+        assert len(got) == len(expected) > 0, key
+        assert got == pytest.approx(expected, **tolerance), key
+
+
 def curve(history: list[dict[str, float]]) -> list[tuple[float, ...]]:
     return [(r["step"], r["loss"], r["lr"], r.get("val_loss", -1.0)) for r in history]
 
@@ -74,12 +99,7 @@ def curve(history: list[dict[str, float]]) -> list[tuple[float, ...]]:
 def test_two_processes_train_as_one_with_twice_the_accumulation(inputs, tmp_path, capsys) -> None:
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     printed = torchrun(argv(inputs, ddp, grad_accum=2))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(argv(inputs, single, grad_accum=4)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_single_threaded(argv(inputs, single, grad_accum=4))
 
     # The same rows per step, the same token-weighted mean; the ranks' gradients are summed in
     # another order than one process accumulates them (float32 rounding, ~1e-7 relative), which
@@ -87,11 +107,7 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(inputs, tmp_path
     # when every gradient is scaled alike, so the gradient norm checks the scale itself.
     ours, theirs = records(ddp), records(single)
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
-    for key in ("loss", "val_loss", "grad_norm"):
-        got = [r[key] for r in ours if key in r]
-        expected = [r[key] for r in theirs if key in r]
-        assert len(got) == len(expected) > 0
-        assert got == pytest.approx(expected, rel=1e-5), key
+    assert_same_metrics(ours, theirs, ["loss", "val_loss", "grad_norm"], rel=1e-5)
     adapters = [load_file(out / "adapter" / "adapter_model.safetensors") for out in (ddp, single)]
     assert adapters[0].keys() == adapters[1].keys()
     for key, value in adapters[0].items():

@@ -11,14 +11,20 @@ import torch
 from safetensors.torch import load_file
 
 from data_files import write_jsonl
-from lorakit.cli import main
 from lorakit.models import ModelConfig, load_model
 from lorakit.peft import LoraConfig
 from lorakit.peft.inject import apply_lora
 from lorakit.train import sharded_checkpoint
 from preference_helpers import pair_rows
 from sft_helpers import saved_model
-from test_trainer_ddp import curve, records, torchrun, varied_rows
+from test_trainer_ddp import (
+    assert_same_metrics,
+    curve,
+    records,
+    run_single_threaded,
+    torchrun,
+    varied_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +48,7 @@ def argv(inputs: tuple[Path, Path], out: Path, grad_accum: int, *extra: str) -> 
 def test_fsdp_trains_as_one_process_and_resumes(inputs, tmp_path) -> None:
     sharded, single = tmp_path / "fsdp", tmp_path / "single"
     torchrun(argv(inputs, sharded, 2, "--fsdp"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(argv(inputs, single, 4)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_single_threaded(argv(inputs, single, 4))
 
     # The same rows per step and the same token-weighted mean; FSDP all-gathers the same NF4
     # bytes and reduce-scatters the gradients in another order than one process accumulates
@@ -55,11 +56,7 @@ def test_fsdp_trains_as_one_process_and_resumes(inputs, tmp_path) -> None:
     # about that size.
     ours, theirs = records(sharded), records(single)
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
-    for key in ("loss", "val_loss", "grad_norm"):
-        got = [r[key] for r in ours if key in r]
-        expected = [r[key] for r in theirs if key in r]
-        assert len(got) == len(expected) > 0
-        assert got == pytest.approx(expected, rel=1e-5), key
+    assert_same_metrics(ours, theirs, ["loss", "val_loss", "grad_norm"], rel=1e-5)
     adapters = [
         load_file(out / "adapter" / "adapter_model.safetensors") for out in (sharded, single)
     ]
@@ -104,21 +101,13 @@ def test_preference_recipes_train_sharded_as_one_process(tmp_path, recipe) -> No
         ]  # fmt: skip
 
     torchrun(pair_argv(tmp_path / "fsdp", 1, "--fsdp"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(pair_argv(tmp_path / "single", 2)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_single_threaded(pair_argv(tmp_path / "single", 2))
     ours, theirs = records(tmp_path / "fsdp"), records(tmp_path / "single")
     metric = "accuracy" if recipe == "reward" else "reward_margin"
-    for key in ("loss", "val_loss", "grad_norm", metric, f"val_{metric}"):
-        got = [r[key] for r in ours if key in r]
-        expected = [r[key] for r in theirs if key in r]
-        assert len(got) == len(expected) > 0, key
-        # The ranks' gradients reduce-scattered in another order: float32 rounding carried by
-        # Adam (the same bound as the DDP test of these recipes).
-        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+    # The ranks' gradients reduce-scattered in another order: float32 rounding carried by Adam
+    # (the same bound as the DDP test of these recipes).
+    keys = ["loss", "val_loss", "grad_norm", metric, f"val_{metric}"]
+    assert_same_metrics(ours, theirs, keys, rel=1e-4, abs=1e-6)
 
 
 def load_model_with_adapter(path: Path) -> torch.nn.Module:
