@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lorakit
 from bench_preference import _commit, _cpu_model, _version, run_worker
 from e2e_worker import SHAPES
+from measure import cpu_paths
 
 WORKER = Path(__file__).with_name("e2e_worker.py")
 TRAIN_SPEEDUP_GOAL, TRAIN_MEMORY_GOAL = 2.0, 0.5  # lorakit / PEFT + bitsandbytes at 8B
@@ -146,8 +147,7 @@ def header(args: argparse.Namespace) -> list[str]:
     if args.device == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        isa = torch.backends.cpu.get_cpu_capability()
-        where = f"CPU {_cpu_model()} ({os.cpu_count()} cores), torch ISA path {isa}"
+        where = f"CPU {_cpu_model()} ({os.cpu_count()} cores), {cpu_paths()}"
     shapes = "; ".join(
         f"{s}: hidden {SHAPES[s]['hidden_size']}, {SHAPES[s]['num_hidden_layers']} layers, "
         f"vocabulary {SHAPES[s]['vocab_size']:,}, sequence {_sizes(s)['seq_len']}"

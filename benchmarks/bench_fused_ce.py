@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import ops
-from measure import peak_and_times
+from measure import cpu_paths, peak_and_times
 
 VARIANTS = ("unfused", "fused")
 PRESETS = {
@@ -92,7 +92,7 @@ def main() -> None:
         f"{args.tokens} tokens (every tenth ignored), hidden {args.hidden}, vocab {args.vocab}, "
         f"{args.dtype}, head {'trained' if args.train_head else 'frozen'}, device {args.device}, "
         f"chunk {args.chunk_tokens or 'auto'}, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{cpu_paths()}, "
         f"median / p90 of {args.repeats}"
     )
     logits = args.tokens * args.vocab * 4

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.nn import LoRALinear, NF4Linear
+from measure import cpu_paths
 
 # (name, tokens, in, out, dtype) per device; decode rows run forward only, without grad.
 TRAIN = {
@@ -183,7 +184,8 @@ def main() -> None:
     torch.manual_seed(0)
     report = [
         f"## LoRA linear, {device}: torch {torch.__version__}, peft {peft.__version__}, "
-        f"bitsandbytes {bnb.__version__}, {torch.get_num_threads()} threads, r={RANK}, "
+        f"bitsandbytes {bnb.__version__}, {torch.get_num_threads()} threads, {cpu_paths()}, "
+        f"r={RANK}, "
         f"load average at start {os.getloadavg()[0]:.2f} (other processes share the machine)\n"
     ]
     for tokens, n_in, n_out, dtype in TRAIN[device]:

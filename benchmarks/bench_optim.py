@@ -24,6 +24,7 @@ import torch
 
 import lorakit
 from lorakit.optim import AdamW
+from measure import cpu_paths
 
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 Clock = Callable[[], float]
@@ -169,7 +170,7 @@ def main() -> None:
     if device == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        where = f"CPU, {torch.get_num_threads()} threads"
+        where = f"CPU, {torch.get_num_threads()} threads, {cpu_paths()}"
     print(f"# AdamW step, {total / 1e6:.0f}M parameters in 10 tensors, {where}")
     print(f"torch {torch.__version__}, lorakit {lorakit.build_info().version}")
     print(f"median {args.clock} time of {args.repeats} steps after {args.warmup} warm-up steps\n")

@@ -33,6 +33,7 @@ import torch
 
 import lorakit
 from lorakit.models import tiny_llama, word_tokenizer
+from measure import cpu_paths
 
 WORKER = Path(__file__).with_name("preference_worker.py")
 LIBRARIES = ("lorakit", "trl")
@@ -152,8 +153,7 @@ def header(args: argparse.Namespace, parameters: int, threads: int, load: float)
     if args.device == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        isa = torch.backends.cpu.get_cpu_capability()
-        where = f"CPU {_cpu_model()} ({os.cpu_count()} cores), torch ISA path {isa}"
+        where = f"CPU {_cpu_model()} ({os.cpu_count()} cores), {cpu_paths()}"
     info = lorakit.build_info()
     kernels = "CUDA kernels compiled" if info.cuda_compiled else "no CUDA kernels"
     tokens = args.prompt_len + args.completion_len

@@ -32,6 +32,7 @@ from lorakit.models import ModelConfig
 from lorakit.peft import LoraConfig, save_adapter
 from lorakit.recipes import reward
 from lorakit.train import TrainConfig
+from measure import cpu_paths
 
 WORKER = Path(__file__).with_name("rl_worker.py")
 MEMORY_TARGET = 1.3  # a PPO step's peak over an SFT step's (issue 11)
@@ -61,8 +62,7 @@ def header(args: argparse.Namespace, parameters: int, load: float) -> str:
     if args.device == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        isa = torch.backends.cpu.get_cpu_capability()
-        where = f"CPU {_cpu_model()} ({os.cpu_count()} cores), torch ISA path {isa}"
+        where = f"CPU {_cpu_model()} ({os.cpu_count()} cores), {cpu_paths()}"
     info = lorakit.build_info()
     return "\n".join(
         [

@@ -15,6 +15,16 @@ from collections.abc import Callable
 
 import torch
 
+import lorakit
+
+
+def cpu_paths() -> str:
+    """Which vector code ran on the CPU: torch's dispatch level and lorakit's kernels' level."""
+    return (
+        f"torch ISA path {torch.backends.cpu.get_cpu_capability()}, "
+        f"lorakit kernels {lorakit.cpu_isa()}"
+    )
+
 
 def current_bytes(device: str) -> int:
     if device == "cuda":

@@ -1,8 +1,10 @@
 // Every lorakit op schema, in one place. Each device file registers its own kernels with
 // TORCH_LIBRARY_IMPL(lorakit, CPU|CUDA, m); fake (meta) kernels and autograd live in
-// python/lorakit/ops.py, the only Python caller of these ops.
+// python/lorakit/ops/, the only Python caller of these ops.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+#include "common/cpu_isa.h"
 
 TORCH_LIBRARY(lorakit, m) {
   // ---- NF4 (4-bit NormalFloat), byte-compatible with bitsandbytes ----------------------------
@@ -108,9 +110,9 @@ TORCH_LIBRARY(lorakit, m) {
 }
 
 // The pybind11 module only loads the library (running the registrations above) and says what was
-// compiled; ops are reached through torch.ops.lorakit, never bound here, so they keep going
-// through the dispatcher (autocast, torch.compile, fake tensors). pybind11 is torch's own copy,
-// so its internals match torch's.
+// compiled and which CPU kernels run; ops are reached through torch.ops.lorakit, never bound here,
+// so they keep going through the dispatcher (autocast, torch.compile, fake tensors). pybind11 is
+// torch's own copy, so its internals match torch's.
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lorakit native ops (registered under torch.ops.lorakit)";
 #ifdef LORAKIT_WITH_CUDA
@@ -118,4 +120,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.def(
+      "cpu_isa", [] { return lorakit::cpu_isa_name(lorakit::cpu_isa()); },
+      "The instruction-set level the CPU kernels use (LORAKIT_CPU_ISA or the detected one)");
+  m.def(
+      "detected_cpu_isa", [] { return lorakit::cpu_isa_name(lorakit::detected_cpu_isa()); },
+      "The highest instruction-set level this CPU supports");
+  m.attr("avx512_on_simde") = lorakit::avx512_on_simde();
 }

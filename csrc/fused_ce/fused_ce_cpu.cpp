@@ -1,13 +1,13 @@
-// Fused linear cross-entropy on the CPU: the row kernel of fused_ce_rows_impl.h (AVX2 or baseline,
-// picked at run time) over the rows of a chunk in parallel, inside the shared chunked pass.
+// Fused linear cross-entropy on the CPU: the row kernel of fused_ce_rows_impl.h (one copy per
+// instruction-set level, picked with cpu_isa()) over the rows of a chunk in parallel, inside the
+// shared chunked pass.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
+#include "common/cpu_isa.h"
 #include "fused_ce/fused_ce_common.h"
 #include "fused_ce/fused_ce_rows.h"
 
@@ -15,16 +15,6 @@ namespace lorakit::fused_ce {
 namespace {
 
 using Rows = decltype(&baseline::logprob_rows);
-
-// LORAKIT_FUSED_CE_ISA=baseline forces the portable copy, so that tests cover it on AVX2 machines.
-Rows row_kernel() {
-  static const Rows rows = [] {
-    const char* forced = std::getenv("LORAKIT_FUSED_CE_ISA");
-    const bool baseline = forced && std::strcmp(forced, "baseline") == 0;
-    return !baseline && cpu_has_avx2_fma_f16c() ? &avx2::logprob_rows : &baseline::logprob_rows;
-  }();
-  return rows;
-}
 
 LogitType logit_type(at::ScalarType t) {
   if (t == at::kHalf) return LogitType::kHalf;
@@ -42,7 +32,8 @@ void rows_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ro
                      static_cast<float>(softcap),
                      write_grad,
                      logprobs.mutable_data_ptr<float>()};
-  const Rows rows = row_kernel();
+  const Rows rows =
+      kernel_for_cpu_isa(&baseline::logprob_rows, &avx2::logprob_rows, &avx512::logprob_rows);
   const LogitType type = logit_type(logits.scalar_type());
   void* data = logits.data_ptr();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);  // ~64K logits a task

@@ -1,8 +1,8 @@
 // The row-wise part of fused linear cross-entropy on the CPU, on raw pointers: per row of logits,
 // the log-probability of its label and, in place, the gradient of the negative log-probability.
-// Compiled twice (fused_ce_rows_{baseline,avx2}.cpp, the caller picks by a runtime CPU check);
-// this header and the kernels include no torch headers, so no AVX2 copy of a shared inline
-// function can be picked by the linker for the baseline path.
+// Compiled once per instruction-set level (fused_ce_rows_{baseline,avx2,avx512}.cpp; the caller
+// picks with cpu_isa()); this header and the kernels include no torch headers, so no vectorised
+// copy of a shared inline function can be picked by the linker for the baseline path.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +25,6 @@ struct RowArgs {
   float* logprobs;         // out, per row: log softmax(z)[label], 0 for an ignored row
 };
 
-bool cpu_has_avx2_fma_f16c();
-
 #define LORAKIT_FUSED_CE_DECLARE_ROWS(ISA)                                     \
   namespace ISA {                                                              \
   void logprob_rows(LogitType type, void* logits, int64_t first, int64_t last, \
@@ -35,5 +33,6 @@ bool cpu_has_avx2_fma_f16c();
 
 LORAKIT_FUSED_CE_DECLARE_ROWS(baseline)
 LORAKIT_FUSED_CE_DECLARE_ROWS(avx2)
+LORAKIT_FUSED_CE_DECLARE_ROWS(avx512)
 
 }  // namespace lorakit::fused_ce

@@ -1,5 +1,5 @@
-// The body of the CPU row kernel. Included only by fused_ce_rows_{baseline,avx2}.cpp, each of
-// which defines LORAKIT_FUSED_CE_ISA to the namespace of its copy. The loops are written so that
+// The body of the CPU row kernel. Included only by fused_ce_rows_{baseline,avx2,avx512}.cpp, each
+// of which defines LORAKIT_FUSED_CE_ISA to the namespace of its copy. The loops are written so that
 // gcc vectorises them: no calls (exp is the polynomial below), no branches, reductions kept in
 // kLanes separate accumulators (float addition is not associative, so gcc would not reorder one
 // accumulator's sums itself).
@@ -23,7 +23,11 @@
 namespace lorakit::fused_ce::LORAKIT_FUSED_CE_ISA {
 namespace {
 
+#ifdef __AVX512F__
+constexpr int kLanes = 16;  // one AVX-512 register of float32
+#else
 constexpr int kLanes = 8;  // one AVX2 register of float32; two SSE ones
+#endif
 
 // bfloat16 as its bits; float16 as gcc's _Float16 (IEEE binary16, c10::Half's layout).
 struct BF16 {

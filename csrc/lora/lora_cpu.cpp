@@ -15,9 +15,10 @@
 #include <numeric>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/dispatch.h"
 #include "lora/lora_common.h"
-#include "lora/nf4_gemv_avx2.h"
+#include "lora/nf4_gemv.h"
 #include "nf4/nf4_dequantize_cpu.h"
 
 namespace lorakit::lora {
@@ -47,13 +48,13 @@ void dequantize_rows(const at::Tensor& packed, const at::Tensor& absmax, int64_t
   const int64_t n = out * in;
   const int64_t first = row0 * in / blocksize;
   const int64_t last = ceil_div((row0 + count) * in, blocksize);
-  const bool use_avx2 = nf4::cpu_has_avx2();
+  const nf4::ExpandNibbles expand = nf4::expand_kernel();
   LORAKIT_DISPATCH_FLOAT(tile.scalar_type(), "lora_dequantize_rows", [&] {
     const uint8_t* p = packed.const_data_ptr<uint8_t>();
     const float* a = absmax.const_data_ptr<float>();
     scalar_t* dst = tile.mutable_data_ptr<scalar_t>();
     at::parallel_for(first, last, nf4::grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
-      nf4::dequantize_blocks(p, a, n, blocksize, b0, b1, dst + (b0 - first) * blocksize, use_avx2);
+      nf4::dequantize_blocks(p, a, n, blocksize, b0, b1, dst + (b0 - first) * blocksize, expand);
     });
   });
 }
@@ -74,21 +75,35 @@ void for_each_tile(const at::Tensor& packed, const at::Tensor& absmax, int64_t b
 }
 
 bool use_direct_kernel(const Sizes& s) {
-  return s.tokens <= kDecodeRows && s.in % 32 == 0 && cpu_has_avx2_fma();
+  return s.tokens <= kDecodeRows && s.in % 32 == 0 && cpu_isa() >= CpuIsa::kAvx2;
 }
 
-// y = x W^T (+ bias) in float32 from the 4-bit codes, for a few rows of x.
+// y = x W^T in float32 from the 4-bit codes, for a few rows of x, by the kernel of the CPU's
+// level: bfloat16 x goes to bf16 dot products where the CPU has them.
 at::Tensor nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales& scales,
                     int64_t blocksize, const Sizes& s) {
-  const at::Tensor x32 = x2.to(at::kFloat).contiguous();
-  at::Tensor xs = at::empty_like(x32);
-  at::Tensor y = at::empty({s.tokens, s.out}, x32.options());
-  order_for_gemv(x32.const_data_ptr<float>(), x32.numel(), xs.mutable_data_ptr<float>());
+  const CpuIsa isa = cpu_isa();
+  at::Tensor y = at::empty({s.tokens, s.out}, x2.options().dtype(at::kFloat));
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
-  at::parallel_for(0, s.out, kDecodeGrain, [&](int64_t begin, int64_t end) {
-    nf4_gemv_avx2(p, scales, blocksize, s.in, xs.const_data_ptr<float>(), s.tokens, begin, end,
-                  y.mutable_data_ptr<float>(), s.out);
-  });
+  float* out = y.mutable_data_ptr<float>();
+  const auto run = [&](auto kernel, const auto* x) {
+    at::parallel_for(0, s.out, kDecodeGrain, [&](int64_t begin, int64_t end) {
+      kernel(p, scales, blocksize, s.in, x, s.tokens, begin, end, out, s.out);
+    });
+  };
+  if (isa >= CpuIsa::kAvx512Bf16 && x2.scalar_type() == at::kBFloat16) {
+    const at::Tensor xb = x2.contiguous();
+    run(&nf4_gemv_avx512_bf16, reinterpret_cast<const uint16_t*>(xb.const_data_ptr()));
+    return y;
+  }
+  const at::Tensor x32 = x2.to(at::kFloat).contiguous();
+  if (isa >= CpuIsa::kAvx512) {
+    run(&nf4_gemv_avx512, x32.const_data_ptr<float>());
+    return y;
+  }
+  at::Tensor xs = at::empty_like(x32);
+  order_for_gemv(x32.const_data_ptr<float>(), x32.numel(), xs.mutable_data_ptr<float>());
+  run(&nf4_gemv_avx2, xs.const_data_ptr<float>());
   return y;
 }
 

@@ -1,15 +1,13 @@
-#include "lora/nf4_gemv_avx2.h"
-
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
+#include "lora/gemv_row_passes.h"
+#include "lora/nf4_gemv.h"
 #include "nf4/nf4_code.h"
 
 namespace lorakit::lora {
-
-bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 namespace {
 
@@ -116,24 +114,10 @@ void nf4_gemv_avx2(const uint8_t* packed, const BlockScales& scales, int64_t blo
                    int64_t ldy) {
   const CodePlanes codes;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
-  for (int64_t i = 0; i < m;) {
-    const float* xi = x + i * in;
-    float* yi = y + i * ldy;
-    const int64_t left = m - i;
-    if (left >= 8) {
-      gemv_rows<8>(packed, scales, codes, shift, in, xi, row_begin, row_end, yi, ldy);
-      i += 8;
-    } else if (left >= 4) {
-      gemv_rows<4>(packed, scales, codes, shift, in, xi, row_begin, row_end, yi, ldy);
-      i += 4;
-    } else if (left >= 2) {
-      gemv_rows<2>(packed, scales, codes, shift, in, xi, row_begin, row_end, yi, ldy);
-      i += 2;
-    } else {
-      gemv_rows<1>(packed, scales, codes, shift, in, xi, row_begin, row_end, yi, ldy);
-      i += 1;
-    }
-  }
+  for_each_row_pass(m, [&](auto rows, int64_t i) {
+    gemv_rows<decltype(rows)::value>(packed, scales, codes, shift, in, x + i * in, row_begin,
+                                     row_end, y + i * ldy, ldy);
+  });
 }
 
 void order_for_gemv(const float* src, int64_t n, float* dst) {

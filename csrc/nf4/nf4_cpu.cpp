@@ -11,7 +11,6 @@
 #include "common/checks.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_code.h"
-#include "nf4/nf4_dequantize_avx2.h"
 #include "nf4/nf4_dequantize_cpu.h"
 #include "nf4/nf4_quantize_cpu.h"
 
@@ -57,13 +56,13 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   at::Tensor out = empty_cpu_output(shape, packed.options().dtype(dtype));
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
-  const bool use_avx2 = cpu_has_avx2();
+  const ExpandNibbles expand = expand_kernel();
   LORAKIT_DISPATCH_FLOAT(dtype, "nf4_dequantize_cpu", [&] {
     const uint8_t* src = p.const_data_ptr<uint8_t>();
     const float* scales = a.const_data_ptr<float>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, a.numel(), grain_blocks(blocksize), [&](int64_t first, int64_t last) {
-      dequantize_blocks(src, scales, n, blocksize, first, last, dst + first * blocksize, use_avx2);
+      dequantize_blocks(src, scales, n, blocksize, first, last, dst + first * blocksize, expand);
     });
   });
   return out;

@@ -5,8 +5,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cpu_isa.h"
 #include "nf4/nf4_code.h"
-#include "nf4/nf4_dequantize_avx2.h"
+#include "nf4/nf4_expand.h"
 
 namespace lorakit::nf4 {
 
@@ -26,21 +27,26 @@ void dequantize_block_scalar(const uint8_t* packed, const float* absmax, int64_t
   if (len % 2) out[len - 1] = table[in[len / 2] >> 4];
 }
 
+// The vector expansion for the CPU's instruction-set level; null: the scalar loop.
+inline ExpandNibbles expand_kernel() {
+  return kernel_for_cpu_isa<ExpandNibbles>(nullptr, &expand_nibbles_avx2, &expand_nibbles_avx512);
+}
+
 // Dequantizes blocks [first, last) into out, which receives block `first` at out[0]. Full blocks
-// go through the AVX2 shuffle path, in chunks whose tables fit on the stack.
+// go through `expand` (unless null), in chunks whose tables fit on the stack.
 template <typename scalar_t>
 void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
-                       int64_t first, int64_t last, scalar_t* out, bool use_avx2) {
+                       int64_t first, int64_t last, scalar_t* out, ExpandNibbles expand) {
   const int64_t origin = first;
-  if (use_avx2) {
+  if (expand) {
     constexpr int64_t kChunk = 64;
     scalar_t tables[kChunk * 16];
     const int64_t vector_end = std::min(last, n / blocksize);
     for (int64_t b = first; b < vector_end; b += kChunk) {
       const int64_t count = std::min(kChunk, vector_end - b);
       for (int64_t k = 0; k < count; ++k) block_table(absmax[b + k], tables + 16 * k);
-      expand_nibbles_avx2(packed + b * blocksize / 2, blocksize / 2, count, tables,
-                          sizeof(scalar_t), out + (b - origin) * blocksize);
+      expand(packed + b * blocksize / 2, blocksize / 2, count, tables, sizeof(scalar_t),
+             out + (b - origin) * blocksize);
     }
     first = std::max(first, vector_end);
   }

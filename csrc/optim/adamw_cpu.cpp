@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "optim/adamw_args.h"
 #include "optim/adamw_kernels.h"
 
@@ -20,11 +21,6 @@ constexpr int64_t kGrainElements = 1 << 16;
 
 using Step32 = decltype(&baseline::adamw_step);
 using Step8 = decltype(&baseline::adamw8bit_step);
-
-bool use_avx2() {
-  static const bool yes = cpu_has_avx2_fma_f16c();
-  return yes;
-}
 
 // Tables for a code, built once per distinct code (an optimizer uses two), so a model with many
 // small tensors does not rebuild them on every step.
@@ -53,7 +49,8 @@ void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
                     double weight_decay, int64_t step, double grad_scale) {
   check_adamw_args(param, grad, exp_avg, exp_avg_sq);
   const AdamWScalars s = make_scalars(hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
-  const Step32 kernel = use_avx2() ? &avx2::adamw_step : &baseline::adamw_step;
+  const Step32 kernel =
+      kernel_for_cpu_isa(&baseline::adamw_step, &avx2::adamw_step, &avx512::adamw_step);
   const ParamType type = param_type(param);
   const int64_t width = param.element_size();
   auto* p = static_cast<char*>(param.mutable_data_ptr());
@@ -75,7 +72,8 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& e
   const AdamWScalars s = make_scalars(hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
   const CodeTables& m_codes = code_tables(exp_avg_code);
   const CodeTables& v_codes = code_tables(exp_avg_sq_code);
-  const Step8 kernel = use_avx2() ? &avx2::adamw8bit_step : &baseline::adamw8bit_step;
+  const Step8 kernel =
+      kernel_for_cpu_isa(&baseline::adamw8bit_step, &avx2::adamw8bit_step, &avx512::adamw8bit_step);
   const ParamType type = param_type(param);
   const int64_t n = param.numel();
   void* p = param.mutable_data_ptr();

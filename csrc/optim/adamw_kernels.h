@@ -1,7 +1,7 @@
-// Raw-pointer AdamW kernels for the CPU, compiled twice: once for baseline x86-64 and once with
-// AVX2 + FMA + F16C (the caller picks by a runtime CPU check). Each copy lives in its own namespace
-// and this header includes no torch or std template code, so no AVX2 instance of a shared inline
-// function can be chosen by the linker for the baseline path.
+// Raw-pointer AdamW kernels for the CPU, compiled once per instruction-set level: baseline x86-64,
+// AVX2 + FMA + F16C and AVX-512 (the caller picks with cpu_isa()). Each copy lives in its own
+// namespace and this header includes no torch or std template code, so no AVX2 instance of a shared
+// inline function can be chosen by the linker for the baseline path.
 #pragma once
 
 #include <cstdint>
@@ -56,8 +56,6 @@ void build_code_tables(const float* code, CodeTables& tables);
 // baseline path.
 uint8_t nearest_code_slow(float y, const CodeTables& tables);
 
-bool cpu_has_avx2_fma_f16c();
-
 #define LORAKIT_OPTIM_DECLARE_KERNELS(ISA)                                                  \
   namespace ISA {                                                                           \
   void adamw_step(ParamType type, void* param, const void* grad, float* exp_avg,            \
@@ -71,5 +69,6 @@ bool cpu_has_avx2_fma_f16c();
 
 LORAKIT_OPTIM_DECLARE_KERNELS(baseline)
 LORAKIT_OPTIM_DECLARE_KERNELS(avx2)
+LORAKIT_OPTIM_DECLARE_KERNELS(avx512)
 
 }  // namespace lorakit::optim

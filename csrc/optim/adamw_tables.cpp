@@ -70,9 +70,4 @@ uint8_t nearest_code_slow(float y, const CodeTables& t) {
   return blockwise8::nearest_code(y, t.midpoints);
 }
 
-bool cpu_has_avx2_fma_f16c() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-
 }  // namespace lorakit::optim

@@ -1,7 +1,7 @@
 """lorakit: fast, memory-lean LoRA / QLoRA (and IA3, prefix tuning) fine-tuning for PyTorch."""
 
 from lorakit import nn, ops, optim, peft, quant
-from lorakit._native import BuildInfo, build_info
+from lorakit._native import BuildInfo, build_info, cpu_isa
 from lorakit.peft import (
     BottleneckConfig,
     IA3Config,
@@ -35,6 +35,7 @@ __all__ = [
     "apply_lora",
     "apply_prefix_tuning",
     "build_info",
+    "cpu_isa",
     "disable_adapters",
     "load_adapter",
     "merge_adapter",

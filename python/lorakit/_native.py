@@ -1,4 +1,4 @@
-"""Loads the compiled extension and says how it was built.
+"""Loads the compiled extension and says how it was built and which CPU kernels it runs.
 
 Importing ``lorakit._C`` registers every ``torch.ops.lorakit`` op. A module compiled against one
 torch release does not load (or worse, misbehaves) under another, so the torch version recorded at
@@ -41,6 +41,27 @@ def _load() -> tuple[ModuleType, ModuleType]:
 
 _config, _C = _load()
 
+# The CPU kernels' instruction-set levels, lowest first (csrc/common/cpu_isa.h).
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the CPU kernels run at: the highest this CPU supports, or the one
+    the environment variable ``LORAKIT_CPU_ISA`` forces (one of :data:`CPU_ISA_LEVELS`, at most the
+    detected one; ValueError otherwise), so that every kernel variant can be tested on one machine.
+    """
+    return str(_C.cpu_isa())
+
+
+def detected_cpu_isa() -> str:
+    """The highest instruction-set level of :data:`CPU_ISA_LEVELS` this CPU supports."""
+    return str(_C.detected_cpu_isa())
+
+
+def available_cpu_isas() -> tuple[str, ...]:
+    """Every level this CPU can run, lowest first: the values ``LORAKIT_CPU_ISA`` accepts."""
+    return CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(detected_cpu_isa()) + 1]
+
 
 @dataclass(frozen=True)
 class BuildInfo:
@@ -52,6 +73,7 @@ class BuildInfo:
         torch_cuda_version: CUDA version of that torch ("" for a CPU-only torch).
         cuda_compiled: whether the CUDA kernels were compiled in.
         cuda_archs: the SM architectures they were compiled for, e.g. ("80", "90").
+        cpu_isa: the instruction-set level the CPU kernels run at (:func:`cpu_isa`).
     """
 
     version: str
@@ -59,6 +81,7 @@ class BuildInfo:
     torch_cuda_version: str
     cuda_compiled: bool
     cuda_archs: tuple[str, ...]
+    cpu_isa: str
 
 
 def build_info() -> BuildInfo:
@@ -73,4 +96,5 @@ def build_info() -> BuildInfo:
         torch_cuda_version=_config.TORCH_CUDA_VERSION,
         cuda_compiled=bool(_C.with_cuda),
         cuda_archs=tuple(_config.CUDA_ARCHS),
+        cpu_isa=cpu_isa(),
     )

@@ -1,11 +1,8 @@
-#include "nf4/nf4_dequantize_avx2.h"
-
 #include <immintrin.h>
 
+#include "nf4/nf4_expand.h"
+
 namespace lorakit::nf4 {
-
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
-
 namespace {
 
 // Splits 16 nibble indices into the bytes of the looked-up values. A value of W bytes is the
