@@ -1,7 +1,8 @@
-// The AdamW kernels' bodies. Included only by adamw_kernels_{baseline,avx2}.cpp, each of which
-// defines LORAKIT_OPTIM_ISA to the namespace its copy lives in. Loops are written so that gcc
-// vectorises them (no reductions across lanes, no calls, no branches in the hot loops), except
-// the 8-bit step's, which the avx2 copy spells out (adamw8bit_avx2.h).
+// The AdamW kernels' bodies. Included only by adamw_kernels_{baseline,avx2,avx512}.cpp, each of
+// which defines LORAKIT_OPTIM_ISA to the namespace its copy lives in. Loops are written so that
+// gcc vectorises them (no reductions across lanes, no calls, no branches in the hot loops), except
+// the 8-bit step's, which the avx2 and avx512 copies spell out with AVX2 intrinsics
+// (adamw8bit_avx2.h; its table gathers are 8 lanes wide in both).
 //
 // Per element, in torch.optim.AdamW's order (single-tensor path), all in float32:
 //   g = grad * grad_scale
