@@ -4,7 +4,8 @@
 # and runs the CPU op tests at the avx512 and avx512_bf16 levels. It checks what the kernels
 # compute, not their speed, nor the compiler's AVX-512 code (a CPU with AVX-512 runs that: the
 # main test run and scripts/cpu_isa_tests.sh pick it up there).
-# Usage: scripts/check_avx512.sh [work-dir]. Environment: PYTHON (default python).
+# Usage: scripts/check_avx512.sh [work-dir]. Environment: PYTHON (default python);
+# SIMDE_UNREACHABLE_STATUS, the exit status when SIMDe cannot be fetched (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
@@ -14,7 +15,10 @@ deb_sha256=277dcde3fb84223b7026174042646e236da42adce2fcb77031807ede8166a51e
 simde=$work/simde
 mkdir -p "$work"
 if [ ! -f "$simde/usr/include/simde/x86/avx512.h" ]; then
-  curl -fsSL -o "$work/simde.deb" "$deb_url"
+  if ! curl -fsSL -o "$work/simde.deb" "$deb_url"; then
+    echo "check_avx512: could not fetch $deb_url: the AVX-512 kernels were NOT checked" >&2
+    exit "${SIMDE_UNREACHABLE_STATUS:-1}"
+  fi
   echo "$deb_sha256  $work/simde.deb" | sha256sum --check --quiet
   dpkg-deb -x "$work/simde.deb" "$simde"
 fi
