@@ -182,7 +182,7 @@ def header(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list
         f"lorakit kernels {kernels}, native bf16: {cpu_features.native_bf16_flag() or 'no'}; "
         f"transformers {_version('transformers')}, trl {_version('trl')}, peft "
         f"{_version('peft')}, bitsandbytes {_version('bitsandbytes')}; lorakit "
-        f"{lorakit.build_info().version}, commit {_commit()}; load average at start "
+        f"{lorakit.build_info().version}, commit {args.commit}; load average at start "
         f"{args.load:.2f}, at the end {os.getloadavg()[0]:.2f}; torch threads in each trainer "
         f"{threads}",
         "",
@@ -220,7 +220,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    args.load = os.getloadavg()[0]
+    args.load, args.commit = os.getloadavg()[0], _commit()  # what the trainers run
     with tempfile.TemporaryDirectory() as tmp:
         args.rows = write_data(Path(tmp) / "count.jsonl", args.batch)
     model_dir = gguf.converted_dir(args.gguf)  # once, before either trainer is timed
