@@ -133,9 +133,21 @@ at::Tensor low_rank_input(const at::Tensor& x, const std::optional<at::Tensor>& 
   return rows(x_lora ? *x_lora : x);
 }
 
+// The rank-r products below are skinny: one side of the result is r (8 to 64) wide. BLAS runs a
+// product far faster when r is its row count than when r is its column count (on the AVX2 CPU
+// with MKL, tokens 256, r 8, a 1536-wide layer: (B^T g^T)^T 0.17 ms against g B 0.57 ms, and
+// (xa^T g)^T 0.17 ms against g^T xa 1.2 ms), so each is computed as the transpose of the product
+// with r rows, then made contiguous again (a copy of r values per row: small beside the product),
+// which the fake kernels' strides and the optimizer expect.
+namespace {
+at::Tensor mm_r_rows(const at::Tensor& a, const at::Tensor& b) {
+  return at::mm(b.t(), a.t()).t().contiguous();
+}
+}  // namespace
+
 at::Tensor add_low_rank_(at::Tensor& y, const at::Tensor& x_lora, const at::Tensor& lora_a,
                          const at::Tensor& lora_b, double scale) {
-  at::Tensor xa = at::mm(x_lora, lora_a.t());
+  at::Tensor xa = mm_r_rows(x_lora, lora_a.t());
   if (lora_a.size(0) > 0) y.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
   return xa;
 }
@@ -143,9 +155,9 @@ at::Tensor add_low_rank_(at::Tensor& y, const at::Tensor& x_lora, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_backward(
     const at::Tensor& grad_y, const at::Tensor& x_lora, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& xa, double scale, at::Tensor* fold_into) {
-  at::Tensor grad_xa = at::mm(grad_y, lora_b).mul_(scale);
+  at::Tensor grad_xa = mm_r_rows(grad_y, lora_b).mul_(scale);
   at::Tensor grad_a = at::mm(grad_xa.t(), x_lora);
-  at::Tensor grad_b = at::mm(grad_y.t(), xa).mul_(scale);
+  at::Tensor grad_b = mm_r_rows(grad_y.t(), xa).mul_(scale);
   if (fold_into && lora_a.size(0) > 0) fold_into->addmm_(grad_xa, lora_a);
   return {grad_xa, grad_a, grad_b};
 }
