@@ -47,6 +47,7 @@ import lorakit
 from bench_preference import _commit, _cpu_model, _version, run_worker
 from lorakit import cpu_features
 from lorakit.models import gguf
+from measure import cpu_paths
 
 WORKER = Path(__file__).with_name("sft_trl_worker.py")
 CORPUS = Path(lorakit.__file__).parent / "demo_data" / "corpus.txt"
@@ -170,16 +171,13 @@ def verdict(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def header(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
-    # lorakit._C.cpu_isa names the kernels' run-time ISA level where the build has dispatch.
-    native = lorakit._native._C
-    kernels = native.cpu_isa() if hasattr(native, "cpu_isa") else "AVX2 (compiled)"
     threads = {name: r.get("threads") for name, r in results.items()}
     return [
         f"## SFT QLoRA on SmolLM2-135M-Instruct, lorakit vs TRL: CPU {_cpu_model()} "
         f"({os.cpu_count()} cores)",
         "",
-        f"torch {torch.__version__} (ISA path {torch.backends.cpu.get_cpu_capability()}), "
-        f"lorakit kernels {kernels}, native bf16: {cpu_features.native_bf16_flag() or 'no'}; "
+        f"torch {torch.__version__}, {cpu_paths()}, "
+        f"native bf16: {cpu_features.native_bf16_flag() or 'no'}; "
         f"transformers {_version('transformers')}, trl {_version('trl')}, peft "
         f"{_version('peft')}, bitsandbytes {_version('bitsandbytes')}; lorakit "
         f"{lorakit.build_info().version}, commit {args.commit}; load average at start "
