@@ -335,13 +335,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
+def serve(measure_spec: Callable[[dict[str, Any]], dict[str, Any]], argv: list[str]) -> int:
+    """A worker process's entry (``worker SPEC.json RESULT.json``, see bench_preference.run_worker):
+    measures the spec at its thread count and writes the result."""
     spec_path, result_path = (Path(a) for a in argv)
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
-    result_path.write_text(json.dumps(measure(spec), indent=2) + "\n")
+    result_path.write_text(json.dumps(measure_spec(spec), indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(measure, sys.argv[1:]))

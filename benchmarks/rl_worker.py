@@ -28,10 +28,8 @@ the rows the batches touch, quantized layers their NF4 copy.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +47,7 @@ from lorakit.recipes.common import RunConfig, batches, make_trainable
 from lorakit.train import TrainConfig, Trainer
 from lorakit.train.objectives import CausalLMObjective
 from lorakit.train.ppo import PPOOptions, PPOTrainer
-from preference_worker import LORA_ALPHA, LORA_R, Peak, StepClock, step_stats
+from preference_worker import LORA_ALPHA, LORA_R, Peak, StepClock, serve, step_stats
 
 LR = 1e-5
 
@@ -246,13 +244,5 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
-    spec_path, result_path = (Path(a) for a in argv)
-    spec = json.loads(spec_path.read_text())
-    torch.set_num_threads(spec["threads"])
-    result_path.write_text(json.dumps(measure(spec), indent=2) + "\n")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(measure, sys.argv[1:]))

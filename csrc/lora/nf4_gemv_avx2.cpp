@@ -1,10 +1,9 @@
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstring>
 
-#include "lora/gemv_row_passes.h"
 #include "lora/nf4_gemv.h"
+#include "lora/nf4_gemv_rows.h"
 #include "nf4/nf4_code.h"
 
 namespace lorakit::lora {
@@ -50,74 +49,34 @@ inline void decode32(const uint8_t* bytes, const CodePlanes& codes, __m256 w[4])
   w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
 }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// M input rows at once, so each group of 32 weights is decoded once for all of them. Below 8
-// rows, two accumulator sets keep two FMA chains in flight per row. The scale goes either on each
-// block's sums (kScaleSums) or on the decoded weights. One or two rows are bound by the shuffles,
-// where the former saves the multiplies; more rows by the FMAs, where it costs a second set of
-// accumulators. 2048 x 2048 on one Zen 3 core, sums against weights: 1 row 430 / 490 us, 2 rows
-// 525 / 565, 4 rows 775 / 750, 8 rows 1630 / 1485.
-template <int M>
-void gemv_rows(const uint8_t* packed, const BlockScales& scales, const CodePlanes& codes, int shift,
-               int64_t in, const float* x, int64_t row_begin, int64_t row_end, float* y,
-               int64_t ldy) {
-  constexpr int kSets = M >= 8 ? 1 : 2;
-  constexpr bool kScaleSums = M <= 2;
-  for (int64_t o = row_begin; o < row_end; ++o) {
-    __m256 acc[kSets][M], total[M];
-    for (int j = 0; j < M; ++j) {
-      total[j] = _mm256_setzero_ps();
-      for (int s = 0; s < kSets; ++s) acc[s][j] = _mm256_setzero_ps();
-    }
-    const auto sets_sum = [&](int j) {
-      return kSets == 2 ? _mm256_add_ps(acc[0][j], acc[kSets - 1][j]) : acc[0][j];
-    };
-    const int64_t row = o * in;
-    for (int64_t k = 0; k < in;) {
-      const int64_t block = (row + k) >> shift;
-      const int64_t block_end = std::min(in, ((block + 1) << shift) - row);
-      const __m256 scale = _mm256_set1_ps(block_scale(scales, block));
-      for (; k < block_end; k += 32) {
-        __m256 w[4];
-        decode32(packed + (row + k) / 2, codes, w);
-        if constexpr (!kScaleSums)
-          for (int v = 0; v < 4; ++v) w[v] = _mm256_mul_ps(w[v], scale);
-        for (int j = 0; j < M; ++j) {
-          const float* xj = x + j * in + k;
-          for (int v = 0; v < 4; ++v)
-            acc[v % kSets][j] =
-                _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xj + 8 * v), acc[v % kSets][j]);
-        }
-      }
-      if constexpr (kScaleSums) {
-        for (int j = 0; j < M; ++j) {
-          total[j] = _mm256_fmadd_ps(sets_sum(j), scale, total[j]);
-          for (int s = 0; s < kSets; ++s) acc[s][j] = _mm256_setzero_ps();
-        }
-      }
-    }
-    for (int j = 0; j < M; ++j)
-      y[j * ldy + o] = horizontal_sum(kScaleSums ? total[j] : sets_sum(j));
+// The vector type of nf4_gemv_rows.h.
+struct Avx2 {
+  using Reg = __m256;
+  using Codes = CodePlanes;
+  static constexpr int kVectors = 4;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg set1(float f) { return _mm256_set1_ps(f); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void decode32(const uint8_t* bytes, const Codes& codes, Reg w[4]) {
+    lora::decode32(bytes, codes, w);
   }
-}
+  static float sum(Reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
 
 }  // namespace
 
 void nf4_gemv_avx2(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t in,
                    const float* x, int64_t m, int64_t row_begin, int64_t row_end, float* y,
                    int64_t ldy) {
-  const CodePlanes codes;
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
-  for_each_row_pass(m, [&](auto rows, int64_t i) {
-    gemv_rows<decltype(rows)::value>(packed, scales, codes, shift, in, x + i * in, row_begin,
-                                     row_end, y + i * ldy, ldy);
-  });
+  gemv<Avx2>(packed, scales, CodePlanes(), blocksize, in, x, m, row_begin, row_end, y, ldy);
 }
 
 void order_for_gemv(const float* src, int64_t n, float* dst) {
