@@ -3,6 +3,10 @@ contain the word "five" earn 1."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -50,3 +54,35 @@ def interrupting(after: int):
         return contains_target(prompts, completions)
 
     return reward
+
+
+def nan_after(calls: int, at: int) -> Callable[..., list[float]]:
+    """The reward, whose calls after the first ``calls`` put NaN at position ``at``."""
+    count = {"n": 0}
+
+    def reward(prompts, completions, **_):
+        count["n"] += 1
+        values = contains_target(prompts, completions)
+        if count["n"] > calls:
+            values[at] = float("nan")
+        return values
+
+    return reward
+
+
+def assert_resume_repeats(
+    run: Callable[[Path, Callable[..., list[float]]], None], out: Path, metrics: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Runs ``run(directory, reward)`` for 4 steps straight, then killed in step 4 (its last
+    checkpoint at step 2) and resumed; asserts that the resumed run logs every step with the
+    straight run's ``metrics``. Returns the straight run's records."""
+    run(out / "straight", contains_target)
+    with pytest.raises(KeyboardInterrupt):
+        run(out / "resumed", interrupting(after=3))
+    run(out / "resumed", contains_target)
+    straight, resumed = records(out / "straight"), records(out / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        for name in metrics:
+            assert a[name] == b[name], (a["step"], name)
+    return straight

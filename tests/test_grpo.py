@@ -22,8 +22,9 @@ from lorakit.train.grpo import GRPOOptions
 from lorakit.train.policy import completion_logprobs, reference_logprobs
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
+    assert_resume_repeats,
     contains_target,
-    interrupting,
+    nan_after,
     one_thread,
     policy,
     records,
@@ -85,32 +86,18 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path) -> None:
         model, tok = policy()
         grpo.train(model, tok, config(out, 4, updates=2, minibatches=2), PROMPTS, reward)
 
-    run(tmp_path / "straight", contains_target)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", interrupting(after=3))  # dies in step 4, checkpoint at 2
-    run(tmp_path / "resumed", contains_target)
-    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(straight, resumed, strict=True):
-        for name in ("reward_mean", "loss", "kl", "entropy", "clip_fraction", "completion_length"):
-            assert a[name] == b[name], (a["step"], name)
+    metrics = ("reward_mean", "loss", "kl", "entropy", "clip_fraction", "completion_length")
+    assert_resume_repeats(run, tmp_path, metrics)
 
 
 def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
-    calls = {"n": 0}
-
-    def reward(prompts, completions, **_):
-        calls["n"] += 1
-        values = contains_target(prompts, completions)
-        return values if calls["n"] <= 2 else [float("nan"), *values[1:]]
-
     model, tok = policy()
     with pytest.raises(
         ValueError,
         match=r"step 3: the reward function returned nan .*"
         r"last checkpoint: .*checkpoint-2",
     ):
-        grpo.train(model, tok, config(tmp_path, 4), PROMPTS, reward)
+        grpo.train(model, tok, config(tmp_path, 4), PROMPTS, nan_after(2, at=0))
 
 
 def _plain_logprobs(model, ids: torch.Tensor, prompt_len: int, temperature: float):

@@ -31,8 +31,9 @@ from lorakit.train.ppo import PPOOptions, PPOTrainer
 from lorakit.train.rollout_loop import StepSums
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
+    assert_resume_repeats,
     contains_target,
-    interrupting,
+    nan_after,
     one_thread,
     policy,
     records,
@@ -100,31 +101,17 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path) -> None:
         cfg = config(out, 4, batch=8, minibatches=2, kl_target=0.5, kl_horizon=20)
         ppo.train(model, tok, cfg, PROMPTS * 2, reward_function)
 
-    run(tmp_path / "straight", contains_target)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", interrupting(after=3))  # dies in step 4, checkpoint at 2
-    run(tmp_path / "resumed", contains_target)
-    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    metrics = ("reward_mean", "loss", "value_loss", "kl", "kl_coef", "entropy")
+    straight = assert_resume_repeats(run, tmp_path, metrics)
     assert len({r["kl_coef"] for r in straight}) > 1  # the coefficient did move
-    for a, b in zip(straight, resumed, strict=True):
-        for name in ("reward_mean", "loss", "value_loss", "kl", "kl_coef", "entropy"):
-            assert a[name] == b[name], (a["step"], name)
 
 
 def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
-    calls = {"n": 0}
-
-    def nan_at_step_3(prompts, completions, **_):
-        calls["n"] += 1
-        values = contains_target(prompts, completions)
-        return values if calls["n"] <= 2 else [*values[:-1], float("nan")]
-
     model, tok = policy()
     with pytest.raises(
         ValueError, match=r"step 3: the reward function returned nan .*checkpoint-2"
     ):
-        ppo.train(model, tok, config(tmp_path, 4, batch=4), PROMPTS, nan_at_step_3)
+        ppo.train(model, tok, config(tmp_path, 4, batch=4), PROMPTS, nan_after(2, at=-1))
 
 
 def _storage_bytes(tensors) -> int:
