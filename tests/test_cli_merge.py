@@ -74,6 +74,7 @@ def test_dtype_and_overwrite(tmp_path, base_dir) -> None:
     save_lora(base_dir, adapter)
     out = tmp_path / "merged"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an older model directory: replaced whole
     (out / "old.txt").write_text("x")
     assert merge(base_dir, adapter, out, "--dtype", "bfloat16", "--overwrite") == 0
     assert not (out / "old.txt").exists()
@@ -139,11 +140,29 @@ def test_non_empty_out_without_overwrite_writes_nothing(tmp_path, base_dir, caps
     save_lora(base_dir, tmp_path / "adapter")
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "config.json").write_text("{}")
     assert merge(base_dir, tmp_path / "adapter", out) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+@pytest.mark.parametrize("kind", ["directory of other files", "file"])
+def test_overwrite_never_replaces_what_is_not_a_model_directory(
+    tmp_path, base_dir, capsys, kind
+) -> None:
+    save_lora(base_dir, tmp_path / "adapter")
+    out = tmp_path / "mine"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert merge(base_dir, tmp_path / "adapter", out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "choose another --out" in err
+    kept = out.read_text() if kind == "file" else (out / "notes.txt").read_text()
+    assert kept == "mine"
 
 
 def test_out_may_not_replace_the_base(tmp_path, base_dir, capsys) -> None:

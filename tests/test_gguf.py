@@ -77,12 +77,14 @@ def test_gguf_mistakes_get_one_line(tiny, tmp_path, capsys, monkeypatch) -> None
         (["convert", "--gguf", str(garbage), "--out", out], "cannot read"),
         (["convert", "--gguf", str(tmp_path / "none.gguf"), "--out", out], "does not exist"),
         (["convert", "--gguf", str(tmp_path / "model.bin"), "--out", out], "not a .gguf"),
-        (["convert", "--gguf", str(path), "--out", str(path)], "exists"),
+        (["convert", "--gguf", str(path), "--out", str(path)], "is a file"),
+        (["convert", "--gguf", str(path), "--out", str(path), "--overwrite"], "is a file"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
+    assert path.stat().st_size > 0  # --overwrite did not take the source for an old output
     with pytest.raises(ValueError, match="cannot read"):
         load_model(ModelConfig(model=str(garbage), device="cpu"))
 

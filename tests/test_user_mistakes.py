@@ -161,6 +161,19 @@ def test_meaningless_numbers_are_refused(tmp_path, model_dir, capsys, option, va
     one_line_error(capsys, argv, expected)
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu", "CPU"])
+def test_unknown_devices_are_refused_before_loading(model_dir, capsys, device) -> None:
+    argv = ["sft", "--model", str(model_dir), "--data", "x.jsonl", "--device", device]
+    one_line_error(capsys, argv, f"device must be auto, cpu, cuda or cuda:N, got '{device}'")
+
+
+def test_a_cuda_device_the_machine_lacks_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = f"cuda:{count}"  # one past the last device, or any on a machine without CUDA
+    expected = "this machine has" if count else "no CUDA GPU is usable here"
+    one_line_error(capsys, sft(model_dir, data, tmp_path / "out", "--device", device), expected)
+
+
 def test_configs_refuse_nan_in_python_too() -> None:
     with pytest.raises(ValueError, match="alpha must be > 0, got nan"):
         LoraConfig(alpha=math.nan)

@@ -7,6 +7,10 @@ Each check is written so that NaN fails it (every comparison with NaN is false) 
 from __future__ import annotations
 
 import math
+import re
+
+# The devices lorakit's --device documents.
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def check_number(
@@ -50,3 +54,10 @@ def _describe(low: float | None, high: float | None, low_open: bool, high_open: 
     if high is not None:
         return f"{'<' if high_open else '<='} {high:g}"
     return "finite"
+
+
+def check_device(value: object) -> None:
+    """Raises ValueError unless ``value`` is a device lorakit's ``--device`` takes: ``auto``,
+    ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")

@@ -3,24 +3,24 @@
 from lorakit.models.loading import (
     DTYPES,
     ModelConfig,
-    device_of,
     load_model,
     load_sequence_classifier,
     load_tokenizer,
     model_dir,
     pad_id,
+    resolve_device,
 )
 from lorakit.models.tiny import tiny_llama, word_tokenizer
 
 __all__ = [
     "DTYPES",
     "ModelConfig",
-    "device_of",
     "load_model",
     "load_sequence_classifier",
     "load_tokenizer",
     "model_dir",
     "pad_id",
+    "resolve_device",
     "tiny_llama",
     "word_tokenizer",
 ]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from lorakit.model_dirs import replaced_atomically
 
 SUFFIX = ".gguf"
 
@@ -93,16 +93,9 @@ def write_model_dir(path: Path, out: Path, dtype: torch.dtype = torch.float32) -
         ValueError: see :func:`load_gguf`.
     """
     model, tokenizer = load_gguf(path, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(staging / "model")
-        tokenizer.save_pretrained(staging / "model")
-        if out.exists() or out.is_symlink():
-            out.rename(staging / "old")
-        (staging / "model").rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with replaced_atomically(out) as new:
+        model.save_pretrained(new)
+        tokenizer.save_pretrained(new)
     return out
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from lorakit.models import gguf
 from lorakit.peft.methods import MethodName, methods_help
+from lorakit.validate import check_device
 
 METHODS = get_args(MethodName)
 # The --dtype choices that name a torch dtype ("auto" keeps the checkpoint's).
@@ -41,6 +42,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device this machine lacks fails now, before any data
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
 
@@ -84,11 +86,26 @@ def model_dir(config: ModelConfig) -> Path:
     return snapshot
 
 
-def device_of(config: ModelConfig) -> torch.device:
-    """The device ``config.device`` names (``auto``: CUDA when available, else the CPU)."""
-    if config.device == "auto":
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names (``auto``: CUDA when available, else the CPU).
+
+    Raises:
+        ValueError: it is no device lorakit takes, or a CUDA device this machine lacks.
+    """
+    check_device(name)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                "use cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
@@ -126,7 +143,7 @@ def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.
     # What adapters record as their base (base_model_name_or_path): the hub id, for a model
     # taken from the cache, as transformers records it.
     model.config._name_or_path = config.model
-    return model.to(device_of(config))
+    return model.to(resolve_device(config.device))
 
 
 def load_model(config: ModelConfig) -> nn.Module:

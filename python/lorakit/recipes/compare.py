@@ -31,6 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lorakit.models import resolve_device
 from lorakit.peft.methods import METHODS
 from lorakit.recipes.compare_worker import measure
 from lorakit.recipes.demo import (
@@ -100,6 +101,7 @@ class CompareConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")

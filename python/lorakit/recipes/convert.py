@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorakit.model_dirs import check_replaceable
 from lorakit.models import DTYPES
 from lorakit.models.gguf import is_gguf, write_model_dir
 
@@ -25,7 +26,11 @@ class ConvertConfig:
         default="float32", metadata={"help": "Dtype of the written weights."}
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace --out if it exists and is not empty."}
+        default=False,
+        metadata={
+            "help": "Replace --out if it is a model directory (has a config.json); a directory "
+            "of other files is never replaced."
+        },
     )
 
 
@@ -38,8 +43,7 @@ def run(config: ConvertConfig) -> Path:
     source, out = Path(config.gguf), Path(config.out)
     if not is_gguf(config.gguf):
         raise ValueError(f"--gguf {source} is not a .gguf file")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    check_replaceable(out, config.overwrite)
     return write_model_dir(source, out, DTYPES[config.dtype])
 
 

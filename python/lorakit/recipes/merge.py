@@ -3,12 +3,11 @@ model directory (what one serves after ``lorakit sft``)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lorakit.model_dirs import check_replaceable, replaced_atomically
 from lorakit.models import (
     DTYPES,
     ModelConfig,
@@ -61,7 +60,11 @@ class MergeConfig:
         metadata={"help": "Where to merge: cpu, cuda, cuda:N, or auto (cuda when available)."},
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace --out if it exists and is not empty."}
+        default=False,
+        metadata={
+            "help": "Replace --out if it is a model directory (has a config.json); a directory "
+            "of other files is never replaced."
+        },
     )
 
 
@@ -93,8 +96,7 @@ def _check_out(out: Path, config: MergeConfig) -> None:
     target = out.resolve()
     if any(p == target or target in p.parents for p in inputs):
         raise ValueError(f"--out {out} must not be or contain --model or --adapter")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    check_replaceable(out, config.overwrite)
 
 
 def run(config: MergeConfig) -> Path:
@@ -121,14 +123,6 @@ def run(config: MergeConfig) -> Path:
     except ValueError as e:  # corrupt files, or modules / shapes that do not fit this base
         raise ValueError(f"adapter {config.adapter} does not load into {config.model}: {e}") from e
     dtype = None if config.dtype == "auto" else DTYPES[config.dtype]
-    # Export beside --out, then swap it in, so a failed run leaves an old --out untouched.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        merged = merge_and_export(model, staging / "model", dtype=dtype, tokenizer=tokenizer)
-        if out.exists() or out.is_symlink():
-            out.rename(staging / "old")
-        merged.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with replaced_atomically(out) as new:
+        merge_and_export(model, new, dtype=dtype, tokenizer=tokenizer)
     return out
