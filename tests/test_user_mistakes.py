@@ -70,6 +70,26 @@ def test_an_empty_data_file_is_one_line(tmp_path, model_dir, capsys, name, conte
     one_line_error(capsys, argv, expected)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("latin1.jsonl", b'{"prompt": "caf\xe9", "completion": "x"}\n', "line 1 is not UTF-8 text"),
+        ("latin1.csv", b"prompt,completion\ncaf\xe9,x\n", "cannot be read as csv"),
+        ("broken.parquet", b"not parquet at all", "cannot be read as parquet"),
+    ],
+)
+def test_an_unreadable_data_file_is_one_line(tmp_path, model_dir, capsys, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    err = one_line_error(capsys, sft(model_dir, str(path), tmp_path / "out", *FAST), expected)
+    assert str(path) in err
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    one_line_error(capsys, sft(model_dir, data, data, *FAST), "is a file, not a directory")
+    assert (tmp_path / "data.jsonl").read_text().count("\n") == 12  # untouched
+
+
 # ---- YAML values are typed as the command line types them -------------------------------------
 
 

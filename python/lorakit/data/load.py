@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -21,8 +24,15 @@ def _check_jsonl(path: Path) -> None:
     # datasets reports a bad line as an Arrow parse error without its number, and a file of
     # blank lines as "no data" for split "train"; find both first.
     rows = 0
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start} of "
+                    "the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -67,7 +77,21 @@ def load_rows(path: str | Path) -> datasets.Dataset:
     if path.suffix.lower() == ".jsonl":
         _check_jsonl(path)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _datasets_logs_quiet():
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as e:
         cause = e.__cause__ or e
         raise ValueError(f"{path}: cannot be read as {builder}: {cause}") from None
+
+
+@contextmanager
+def _datasets_logs_quiet() -> Iterator[None]:
+    # A file datasets cannot parse is also logged as an error before the exception, which would
+    # print the problem twice; the exception is reported instead (one line, naming the file).
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -74,6 +74,8 @@ def claim(out: Path) -> Iterator[None]:
 def _lock(out: Path) -> tuple[TextIO | None, str | None]:
     """The open, locked lock file, or the error to raise on every rank (none raised here:
     the other ranks wait for the broadcast)."""
+    if out.exists() and not out.is_dir():
+        return None, f"--out {out} is a file, not a directory: choose another --out"
     try:
         out.mkdir(parents=True, exist_ok=True)
         # "a+" neither truncates the holder's note before the lock is ours nor fails if absent.
