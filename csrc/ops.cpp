@@ -125,6 +125,7 @@ PYBIND11_MODULE(_C, m) {
       "The instruction-set level the CPU kernels use (LORAKIT_CPU_ISA or the detected one)");
   m.def(
       "detected_cpu_isa", [] { return lorakit::cpu_isa_name(lorakit::detected_cpu_isa()); },
-      "The highest instruction-set level this CPU supports");
+      "The highest instruction-set level this CPU supports and this build has");
+  m.attr("x86_kernels") = lorakit::have_x86_kernels();
   m.attr("avx512_on_simde") = lorakit::avx512_on_simde();
 }

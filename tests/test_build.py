@@ -40,4 +40,7 @@ def test_torch_version_mismatch_is_refused_with_a_rebuild_hint(monkeypatch) -> N
 
 def test_info_prints_how_lorakit_was_built(capsys) -> None:
     assert main(["info"]) == 0
-    assert f"version: {lorakit.build_info().version}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    info = lorakit.build_info()
+    assert f"version: {info.version}" in out
+    assert f"cpu_isas: {info.cpu_isas}" in out

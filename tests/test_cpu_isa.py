@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorakit import build_info, cpu_isa
-from lorakit._native import _C, CPU_ISA_LEVELS, available_cpu_isas, detected_cpu_isa
+from lorakit._native import _C, CPU_ISA_LEVELS, available_cpu_isas, detected_cpu_isa, x86_kernels
 from lorakit.cpu_features import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def _run(code: str, level: str | None, *args: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.skipif(bool(_C.avx512_on_simde), reason="a SIMDe build reports every level")
+@pytest.mark.skipif(not x86_kernels(), reason="a portable build has the scalar level only")
 def test_detected_level_matches_the_cpu_flags():
     flags = cpu_flags()
     if not flags:
@@ -91,10 +92,23 @@ def test_an_unknown_level_is_refused_in_one_line():
 
 
 @pytest.mark.skipif(LEVELS == CPU_ISA_LEVELS, reason="this CPU has every level")
+@pytest.mark.skipif(not x86_kernels(), reason="a portable build refuses every x86 level")
 def test_a_level_above_the_cpu_is_refused_in_one_line():
     above = CPU_ISA_LEVELS[len(LEVELS)]
     assert _refusal(above) == (
         f"LORAKIT_CPU_ISA={above} asks for more than this CPU has (it supports up to {LEVELS[-1]})"
+    )
+
+
+@pytest.mark.skipif(x86_kernels(), reason="this build has the x86 kernels")
+@pytest.mark.parametrize("level", CPU_ISA_LEVELS[1:])
+def test_a_portable_build_runs_the_scalar_kernels_only(level):
+    # Whatever the CPU has: the x86 copies are not in the module.
+    assert detected_cpu_isa() == "scalar"
+    assert build_info().cpu_isas == ("scalar",)
+    assert _refusal(level) == (
+        f"LORAKIT_CPU_ISA={level} asks for more than this build has "
+        "(it has only the portable scalar kernels)"
     )
 
 

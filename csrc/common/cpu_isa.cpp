@@ -16,6 +16,10 @@ CpuIsa detect() {
   // A verification build: the AVX-512 kernels are compiled against SIMDe's portable
   // implementation of the intrinsics, so every level runs on any CPU.
   return CpuIsa::kAvx512Bf16;
+#elif !defined(LORAKIT_HAVE_X86_KERNELS)
+  // The portable copies are all this build has (and, off x86, there is no __builtin_cpu_supports
+  // for the x86 features).
+  return CpuIsa::kScalar;
 #else
   __builtin_cpu_init();
   // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0).
@@ -36,6 +40,9 @@ CpuIsa choose() {
   if (forced == nullptr || *forced == '\0') return detected;
   for (int level = 0; level < kCpuIsaLevels; ++level) {
     if (std::strcmp(forced, kNames[level]) != 0) continue;
+    TORCH_CHECK_VALUE(have_x86_kernels() || level == 0, "LORAKIT_CPU_ISA=", forced,
+                      " asks for more than this build has (it has only the portable scalar "
+                      "kernels)");
     TORCH_CHECK_VALUE(level <= static_cast<int>(detected), "LORAKIT_CPU_ISA=", forced,
                       " asks for more than this CPU has (it supports up to ",
                       kNames[static_cast<int>(detected)], ")");

@@ -2,12 +2,14 @@
 // CPU capability dispatch does: the highest level this CPU (and its OS) supports, or a lower one
 // forced with LORAKIT_CPU_ISA so that every kernel variant can be tested on one machine.
 // Torch-free, compiled for baseline x86-64: it must run on CPUs that have none of the levels.
+// Other CPUs (aarch64 ...) and builds with LORAKIT_X86_KERNELS=OFF have the scalar level only:
+// LORAKIT_HAVE_X86_KERNELS is then unset and the x86 copies are not compiled.
 #pragma once
 
 namespace lorakit {
 
 // Ordered: each level includes the ones below it.
-//   kScalar:     portable C++ (baseline x86-64, SSE2)
+//   kScalar:     portable C++ (baseline x86-64, SSE2; any other CPU)
 //   kAvx2:       AVX2 + FMA + F16C
 //   kAvx512:     AVX-512 F, BW, VL and DQ
 //   kAvx512Bf16: kAvx512 + AVX512_BF16 (bf16 dot products)
@@ -28,7 +30,26 @@ const char* cpu_isa_name(CpuIsa isa);
 // detected_cpu_isa() then reports every level, whatever the CPU.
 bool avx512_on_simde();
 
-// Of a kernel's copies for the scalar, AVX2 and AVX-512 levels, the one for cpu_isa().
+// Whether this build has the x86 copies of the kernels (the levels above kScalar).
+constexpr bool have_x86_kernels() {
+#ifdef LORAKIT_HAVE_X86_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+
+// An x86 copy of a kernel (a function name) where the build has them, else a null pointer of its
+// type: the name is then never odr-used, so nothing links against the copy that was not compiled,
+// and cpu_isa() is kScalar, so no caller reaches the null.
+#ifdef LORAKIT_HAVE_X86_KERNELS
+#define LORAKIT_X86_KERNEL(name) (&(name))
+#else
+#define LORAKIT_X86_KERNEL(name) static_cast<decltype(&(name))>(nullptr)
+#endif
+
+// Of a kernel's copies for the scalar, AVX2 and AVX-512 levels, the one for cpu_isa(); the x86
+// ones passed through LORAKIT_X86_KERNEL.
 template <typename Kernel>
 Kernel kernel_for_cpu_isa(Kernel scalar, Kernel avx2, Kernel avx512) {
   const CpuIsa isa = cpu_isa();

@@ -33,7 +33,8 @@ void rows_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ro
                      write_grad,
                      logprobs.mutable_data_ptr<float>()};
   const Rows rows =
-      kernel_for_cpu_isa(&baseline::logprob_rows, &avx2::logprob_rows, &avx512::logprob_rows);
+      kernel_for_cpu_isa(&baseline::logprob_rows, LORAKIT_X86_KERNEL(avx2::logprob_rows),
+                         LORAKIT_X86_KERNEL(avx512::logprob_rows));
   const LogitType type = logit_type(logits.scalar_type());
   void* data = logits.data_ptr();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / vocab);  // ~64K logits a task

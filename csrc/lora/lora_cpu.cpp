@@ -93,17 +93,19 @@ at::Tensor nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockS
   };
   if (isa >= CpuIsa::kAvx512Bf16 && x2.scalar_type() == at::kBFloat16) {
     const at::Tensor xb = x2.contiguous();
-    run(&nf4_gemv_avx512_bf16, reinterpret_cast<const uint16_t*>(xb.const_data_ptr()));
+    run(LORAKIT_X86_KERNEL(nf4_gemv_avx512_bf16),
+        reinterpret_cast<const uint16_t*>(xb.const_data_ptr()));
     return y;
   }
   const at::Tensor x32 = x2.to(at::kFloat).contiguous();
   if (isa >= CpuIsa::kAvx512) {
-    run(&nf4_gemv_avx512, x32.const_data_ptr<float>());
+    run(LORAKIT_X86_KERNEL(nf4_gemv_avx512), x32.const_data_ptr<float>());
     return y;
   }
   at::Tensor xs = at::empty_like(x32);
-  order_for_gemv(x32.const_data_ptr<float>(), x32.numel(), xs.mutable_data_ptr<float>());
-  run(&nf4_gemv_avx2, xs.const_data_ptr<float>());
+  LORAKIT_X86_KERNEL(order_for_gemv)(x32.const_data_ptr<float>(), x32.numel(),
+                                     xs.mutable_data_ptr<float>());
+  run(LORAKIT_X86_KERNEL(nf4_gemv_avx2), xs.const_data_ptr<float>());
   return y;
 }
 

@@ -29,7 +29,8 @@ void dequantize_block_scalar(const uint8_t* packed, const float* absmax, int64_t
 
 // The vector expansion for the CPU's instruction-set level; null: the scalar loop.
 inline ExpandNibbles expand_kernel() {
-  return kernel_for_cpu_isa<ExpandNibbles>(nullptr, &expand_nibbles_avx2, &expand_nibbles_avx512);
+  return kernel_for_cpu_isa<ExpandNibbles>(nullptr, LORAKIT_X86_KERNEL(expand_nibbles_avx2),
+                                           LORAKIT_X86_KERNEL(expand_nibbles_avx512));
 }
 
 // Dequantizes blocks [first, last) into out, which receives block `first` at out[0]. Full blocks

@@ -50,7 +50,8 @@ void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
   check_adamw_args(param, grad, exp_avg, exp_avg_sq);
   const AdamWScalars s = make_scalars(hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
   const Step32 kernel =
-      kernel_for_cpu_isa(&baseline::adamw_step, &avx2::adamw_step, &avx512::adamw_step);
+      kernel_for_cpu_isa(&baseline::adamw_step, LORAKIT_X86_KERNEL(avx2::adamw_step),
+                         LORAKIT_X86_KERNEL(avx512::adamw_step));
   const ParamType type = param_type(param);
   const int64_t width = param.element_size();
   auto* p = static_cast<char*>(param.mutable_data_ptr());
@@ -73,7 +74,8 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& e
   const CodeTables& m_codes = code_tables(exp_avg_code);
   const CodeTables& v_codes = code_tables(exp_avg_sq_code);
   const Step8 kernel =
-      kernel_for_cpu_isa(&baseline::adamw8bit_step, &avx2::adamw8bit_step, &avx512::adamw8bit_step);
+      kernel_for_cpu_isa(&baseline::adamw8bit_step, LORAKIT_X86_KERNEL(avx2::adamw8bit_step),
+                         LORAKIT_X86_KERNEL(avx512::adamw8bit_step));
   const ParamType type = param_type(param);
   const int64_t n = param.numel();
   void* p = param.mutable_data_ptr();

@@ -54,12 +54,21 @@ def cpu_isa() -> str:
 
 
 def detected_cpu_isa() -> str:
-    """The highest instruction-set level of :data:`CPU_ISA_LEVELS` this CPU supports."""
+    """The highest instruction-set level of :data:`CPU_ISA_LEVELS` this CPU supports and this
+    build has: ``scalar`` in a build without the x86 kernels (:func:`x86_kernels`)."""
     return str(_C.detected_cpu_isa())
 
 
+def x86_kernels() -> bool:
+    """Whether this build has the x86 (AVX2, AVX-512) copies of the CPU kernels: False on other
+    CPUs (aarch64 ...) and in a build made with ``-DLORAKIT_X86_KERNELS=OFF``, which run the
+    portable ``scalar`` copies only."""
+    return bool(_C.x86_kernels)
+
+
 def available_cpu_isas() -> tuple[str, ...]:
-    """Every level this CPU can run, lowest first: the values ``LORAKIT_CPU_ISA`` accepts."""
+    """Every level this CPU and build can run, lowest first: the values ``LORAKIT_CPU_ISA``
+    accepts."""
     return CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(detected_cpu_isa()) + 1]
 
 
@@ -74,6 +83,9 @@ class BuildInfo:
         cuda_compiled: whether the CUDA kernels were compiled in.
         cuda_archs: the SM architectures they were compiled for, e.g. ("80", "90").
         cpu_isa: the instruction-set level the CPU kernels run at (:func:`cpu_isa`).
+        cpu_isas: every level this CPU and build can run (:func:`available_cpu_isas`).
+        x86_kernels: whether the x86 copies of the CPU kernels were compiled in
+            (:func:`x86_kernels`).
     """
 
     version: str
@@ -82,6 +94,8 @@ class BuildInfo:
     cuda_compiled: bool
     cuda_archs: tuple[str, ...]
     cpu_isa: str
+    cpu_isas: tuple[str, ...]
+    x86_kernels: bool
 
 
 def build_info() -> BuildInfo:
@@ -97,4 +111,6 @@ def build_info() -> BuildInfo:
         cuda_compiled=bool(_C.with_cuda),
         cuda_archs=tuple(_config.CUDA_ARCHS),
         cpu_isa=cpu_isa(),
+        cpu_isas=available_cpu_isas(),
+        x86_kernels=x86_kernels(),
     )
