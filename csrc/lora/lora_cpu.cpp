@@ -13,11 +13,13 @@
 
 #include <algorithm>
 #include <numeric>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/dispatch.h"
 #include "lora/lora_common.h"
+#include "lora/low_rank_rows.h"
 #include "lora/nf4_gemv.h"
 #include "nf4/nf4_dequantize_cpu.h"
 
@@ -79,9 +81,11 @@ bool use_direct_kernel(const Sizes& s) {
 }
 
 // y = x W^T in float32 from the 4-bit codes, for a few rows of x, by the kernel of the CPU's
-// level: bfloat16 x goes to bf16 dot products where the CPU has them.
-at::Tensor nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales& scales,
-                    int64_t blocksize, const Sizes& s) {
+// level (bfloat16 x goes to bf16 dot products where the CPU has them); finish(begin, end, y)
+// runs on each range of output rows as soon as the kernel has written it, on the same thread.
+template <typename Finish>
+void nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales& scales,
+              int64_t blocksize, const Sizes& s, Finish&& finish) {
   const CpuIsa isa = cpu_isa();
   at::Tensor y = at::empty({s.tokens, s.out}, x2.options().dtype(at::kFloat));
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
@@ -89,24 +93,52 @@ at::Tensor nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockS
   const auto run = [&](auto kernel, const auto* x) {
     at::parallel_for(0, s.out, kDecodeGrain, [&](int64_t begin, int64_t end) {
       kernel(p, scales, blocksize, s.in, x, s.tokens, begin, end, out, s.out);
+      finish(begin, end, static_cast<const float*>(out));
     });
   };
   if (isa >= CpuIsa::kAvx512Bf16 && x2.scalar_type() == at::kBFloat16) {
     const at::Tensor xb = x2.contiguous();
     run(LORAKIT_X86_KERNEL(nf4_gemv_avx512_bf16),
         reinterpret_cast<const uint16_t*>(xb.const_data_ptr()));
-    return y;
+    return;
   }
   const at::Tensor x32 = x2.to(at::kFloat).contiguous();
   if (isa >= CpuIsa::kAvx512) {
     run(LORAKIT_X86_KERNEL(nf4_gemv_avx512), x32.const_data_ptr<float>());
-    return y;
+    return;
   }
   at::Tensor xs = at::empty_like(x32);
   LORAKIT_X86_KERNEL(order_for_gemv)(x32.const_data_ptr<float>(), x32.numel(),
                                      xs.mutable_data_ptr<float>());
   run(LORAKIT_X86_KERNEL(nf4_gemv_avx2), xs.const_data_ptr<float>());
-  return y;
+}
+
+// The forward of a few rows (decode): the base product from the codes, then bias and low-rank
+// term added in float32 and rounded once (low_rank_rows.h), row range by row range.
+Forward nf4_decode_forward(const at::Tensor& x, const at::Tensor& x2, const at::Tensor& x_lora,
+                           const at::Tensor& packed, const BlockScales& scales, int64_t blocksize,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                           const at::Tensor& lora_b, double scale, const Sizes& s) {
+  at::Tensor y = at::empty({s.tokens, s.out}, x.options());
+  at::Tensor xa = at::empty({s.tokens, s.rank}, x.options());
+  LORAKIT_DISPATCH_FLOAT(x.scalar_type(), "lora_linear_nf4_decode", [&] {
+    const at::Tensor xl = x_lora.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
+    const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+    std::vector<float> xa32(static_cast<size_t>(s.tokens * s.rank));
+    compute_xa(xl.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), s.tokens, s.in, s.rank,
+               xa32.data());
+    const scalar_t* b_ptr = b.const_data_ptr<scalar_t>();
+    const scalar_t* bias_ptr = bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
+    const auto s_scale = static_cast<float>(scale);
+    nf4_gemv(x2, packed, scales, blocksize, s, [&](int64_t begin, int64_t end, const float* base) {
+      finish_rows(base, bias_ptr, xa32.data(), b_ptr, s_scale, s.tokens, s.out, s.rank, begin, end,
+                  y_ptr);
+    });
+    scalar_t* xa_ptr = xa.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < xa32.size(); ++i) xa_ptr[i] = static_cast<scalar_t>(xa32[i]);
+  });
+  return unflatten(x, y, xa);
 }
 
 Forward lora_linear_nf4_cpu(const at::Tensor& x, const at::Tensor& packed_in,
@@ -124,14 +156,9 @@ Forward lora_linear_nf4_cpu(const at::Tensor& x, const at::Tensor& packed_in,
   const at::Tensor x2 = rows(x);
   const at::Tensor xl = low_rank_input(x, x_lora);
 
-  if (use_direct_kernel(s)) {
-    // Accumulate bias and low-rank term in float32 too, then round once.
-    at::Tensor y = nf4_gemv(x2, packed, scales.view(), blocksize, s);
-    if (bias) y.add_(*bias);
-    at::Tensor xa =
-        add_low_rank_(y, xl.to(at::kFloat), lora_a.to(at::kFloat), lora_b.to(at::kFloat), scale);
-    return unflatten(x, y.to(x.scalar_type()), xa.to(x.scalar_type()));
-  }
+  if (use_direct_kernel(s))
+    return nf4_decode_forward(x, x2, xl, packed, scales.view(), blocksize, bias, lora_a, lora_b,
+                              scale, s);
 
   at::Tensor y = at::empty({s.tokens, s.out}, x.options());
   for_each_tile(packed, scales.expanded(), blocksize, s.out, s.in, x.options(),
