@@ -27,7 +27,12 @@ def _deps(build: Path, obj: str) -> list[str]:
     out = subprocess.run(
         ["ninja", "-C", str(build), "-t", "deps", obj], capture_output=True, text=True, check=True
     ).stdout
-    return [line.strip() for line in out.splitlines()[1:] if line.strip()]
+    lines = out.splitlines()
+    # "obj: #deps N, deps mtime M (VALID)"; anything else (STALE, no record) says nothing about
+    # what the file includes, and an unknown file must not pass for a torch-free one.
+    if not lines or "(VALID)" not in lines[0]:
+        raise SystemExit(f"ninja has no valid dependency record of {obj}: rebuild {build} first")
+    return [line.strip() for line in lines[1:] if line.strip()]
 
 
 def _flags(command: str) -> list[str]:

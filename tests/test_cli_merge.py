@@ -75,9 +75,9 @@ def test_dtype_and_overwrite(tmp_path, base_dir) -> None:
     out = tmp_path / "merged"
     out.mkdir()
     (out / "config.json").write_text("{}")  # an older model directory: replaced whole
-    (out / "old.txt").write_text("x")
+    (out / "model-00002-of-00002.safetensors").write_text("x")
     assert merge(base_dir, adapter, out, "--dtype", "bfloat16", "--overwrite") == 0
-    assert not (out / "old.txt").exists()
+    assert not (out / "model-00002-of-00002.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
@@ -147,7 +147,7 @@ def test_non_empty_out_without_overwrite_writes_nothing(tmp_path, base_dir, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
 
 
-@pytest.mark.parametrize("kind", ["directory of other files", "file"])
+@pytest.mark.parametrize("kind", ["directory of other files", "file", "model plus notes"])
 def test_overwrite_never_replaces_what_is_not_a_model_directory(
     tmp_path, base_dir, capsys, kind
 ) -> None:
@@ -158,6 +158,8 @@ def test_overwrite_never_replaces_what_is_not_a_model_directory(
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+        if kind == "model plus notes":
+            (out / "config.json").write_text("{}")
     assert merge(base_dir, tmp_path / "adapter", out, "--overwrite") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "choose another --out" in err

@@ -77,8 +77,8 @@ def test_gguf_mistakes_get_one_line(tiny, tmp_path, capsys, monkeypatch) -> None
         (["convert", "--gguf", str(garbage), "--out", out], "cannot read"),
         (["convert", "--gguf", str(tmp_path / "none.gguf"), "--out", out], "does not exist"),
         (["convert", "--gguf", str(tmp_path / "model.bin"), "--out", out], "not a .gguf"),
-        (["convert", "--gguf", str(path), "--out", str(path)], "is a file"),
-        (["convert", "--gguf", str(path), "--out", str(path), "--overwrite"], "is a file"),
+        (["convert", "--gguf", str(path), "--out", str(path)], "must not be or contain"),
+        (["convert", "--gguf", str(path), "--out", str(path.parent), "--overwrite"], "must not be"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

@@ -121,6 +121,8 @@ def test_completion_logprobs_equal_a_plain_forward_pass() -> None:
     sampling = SamplingOptions(max_new_tokens=5, temperature=0.7)
     rollout = sample(model, prompts, 2, sampling, tok.pad_token_id, tok.eos_token_id)
     args = (rollout.input_ids, rollout.attention_mask, rollout.completion_mask)
+    # Sampled under inference mode, but the policy's training forward saves these ids.
+    assert not any(t.is_inference() for t in (*args, rollout.ended))
     ours, entropy = completion_logprobs(model, *args, temperature=0.7, with_entropy=True)
     ref = reference_logprobs(model, *args, temperature=0.7)
     assert not torch.allclose(ours, ref)

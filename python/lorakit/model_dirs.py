@@ -1,57 +1,104 @@
 """Writing a model directory to a path the user named (``--out`` of ``merge`` and ``convert``, the
 GGUF cache) without losing anything: the new directory is written beside the path and renamed into
-place whole, and what was there is replaced only on request and only if it is a model directory.
+place, and what was there is replaced only on request and only if it is a model directory.
 
 A mistyped ``--out`` with ``--overwrite`` (a home or project directory) must not be deleted, so
-"a model directory" means one with a ``config.json``, as every Hugging Face model directory has.
+"a model directory" means one holding nothing but the files a saved Hugging Face model has, with
+its ``config.json``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 MARKER = "config.json"
+# What save_pretrained writes for a model and its tokenizer.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+)
 
 
-def check_replaceable(out: Path, overwrite: bool) -> None:
+def check_replaceable(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     """Refuses an ``out`` that writing a model directory there would destroy.
 
     Nothing there, or an empty directory, is fine; a model directory only with ``overwrite``.
+    ``out`` may never be, or contain, one of ``inputs`` or the current directory.
 
     Raises:
-        FileExistsError: naming ``out`` and what to do.
+        FileExistsError, ValueError: naming ``out`` and what to do.
     """
+    # Resolved, so that a symlinked alias of an input is caught too.
+    target = out.resolve()
+    kept = [(str(p), p.resolve()) for p in inputs]
+    for what, source in [*kept, ("the current directory", Path.cwd().resolve())]:
+        if source == target or target in source.parents:
+            raise ValueError(f"--out {out} must not be or contain {what}")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a directory: choose another --out")
-    if not any(out.iterdir()):
+        raise FileExistsError(f"--out {out} is not a directory: choose another --out")
+    entries = list(out.iterdir())
+    if not entries:
         return
     if not (out / MARKER).is_file():
         raise FileExistsError(
             f"--out {out} holds files but no {MARKER}, so it is not a model directory: "
             "lorakit replaces only model directories; choose another --out"
         )
+    strangers = sorted(
+        e.name for e in entries if e.is_dir() or not any(fnmatch(e.name, p) for p in MODEL_FILES)
+    )
+    if strangers:
+        raise FileExistsError(
+            f"--out {out} holds {', '.join(strangers[:3])}, which no saved model has: lorakit "
+            "replaces only model directories; choose another --out"
+        )
     if not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
 
 
 @contextmanager
-def replaced_atomically(out: Path) -> Iterator[Path]:
+def replaced_atomically(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yields a path (not yet created) to write the new directory to; when the block ends without
-    an exception, that directory takes the place of ``out`` (the old one, if any, is deleted),
-    otherwise it is deleted and ``out`` is left as it was.
+    an exception, that directory takes the place of ``out``, otherwise it is deleted and ``out``
+    is left as it was.
+
+    ``check_replaceable`` runs on entry and again just before the swap (the block may take
+    minutes, in which ``out`` can change). The old directory is moved aside, the new one renamed
+    into place, then the old one deleted; if the second rename fails, the old one is put back.
     """
+    check_replaceable(out, overwrite, inputs)
+    out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging / "new"
-        if out.exists() or out.is_symlink():
-            out.rename(staging / "old")
-        (staging / "new").rename(out)
+        check_replaceable(out, overwrite, inputs)
+        old = staging / "old"
+        moved = out.exists() or out.is_symlink()
+        if moved:
+            out.rename(old)
+        try:
+            (staging / "new").rename(out)
+        except BaseException:
+            if moved:
+                old.rename(out)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

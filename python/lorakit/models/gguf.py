@@ -84,16 +84,19 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     return model.eval(), tokenizer
 
 
-def write_model_dir(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+def write_model_dir(
+    path: Path, out: Path, dtype: torch.dtype = torch.float32, overwrite: bool = False
+) -> Path:
     """Writes the model and tokenizer of GGUF file ``path`` to directory ``out`` (safetensors,
-    config, tokenizer), atomically: ``out`` is complete or not there (an old one is replaced
-    only once the new one is written).
+    config, tokenizer), atomically: ``out`` is complete or not there (an old model directory is
+    replaced, with ``overwrite``, only once the new one is written; see
+    :func:`lorakit.model_dirs.replaced_atomically`).
 
     Raises:
         ValueError: see :func:`load_gguf`.
     """
     model, tokenizer = load_gguf(path, dtype)
-    with replaced_atomically(out) as new:
+    with replaced_atomically(out, overwrite, (path,)) as new:
         model.save_pretrained(new)
         tokenizer.save_pretrained(new)
     return out
@@ -111,5 +114,5 @@ def converted_dir(path: Path) -> Path:
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     target = cache_root() / "gguf" / f"{path.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
     if not (target / "config.json").is_file():
-        write_model_dir(path, target)
+        write_model_dir(path, target, overwrite=True)
     return target

@@ -43,8 +43,8 @@ def run(config: ConvertConfig) -> Path:
     source, out = Path(config.gguf), Path(config.out)
     if not is_gguf(config.gguf):
         raise ValueError(f"--gguf {source} is not a .gguf file")
-    check_replaceable(out, config.overwrite)
-    return write_model_dir(source, out, DTYPES[config.dtype])
+    check_replaceable(out, config.overwrite, (source,))
+    return write_model_dir(source, out, DTYPES[config.dtype], config.overwrite)
 
 
 def main(config: ConvertConfig) -> str:

@@ -91,14 +91,6 @@ def check_mergeable(adapter_dir: Path) -> str:
     return peft_type
 
 
-def _check_out(out: Path, config: MergeConfig) -> None:
-    inputs = [Path(config.model).resolve(), Path(config.adapter).resolve()]
-    target = out.resolve()
-    if any(p == target or target in p.parents for p in inputs):
-        raise ValueError(f"--out {out} must not be or contain --model or --adapter")
-    check_replaceable(out, config.overwrite)
-
-
 def run(config: MergeConfig) -> Path:
     """Loads ``config.model`` and its tokenizer, loads and merges ``config.adapter``, and writes
     the merged model to ``config.out`` (atomically: complete or not at all).
@@ -107,7 +99,8 @@ def run(config: MergeConfig) -> Path:
         FileNotFoundError, FileExistsError, ValueError: a user mistake (see the messages).
     """
     out = Path(config.out)
-    _check_out(out, config)
+    inputs = (Path(config.model), Path(config.adapter))
+    check_replaceable(out, config.overwrite, inputs)
     check_mergeable(Path(config.adapter))
     # Merge from the checkpoint's own dtype (float32 math) and round once, on export.
     base = ModelConfig(model=config.model, dtype="auto", device=config.device)
@@ -123,6 +116,6 @@ def run(config: MergeConfig) -> Path:
     except ValueError as e:  # corrupt files, or modules / shapes that do not fit this base
         raise ValueError(f"adapter {config.adapter} does not load into {config.model}: {e}") from e
     dtype = None if config.dtype == "auto" else DTYPES[config.dtype]
-    with replaced_atomically(out) as new:
+    with replaced_atomically(out, config.overwrite, inputs) as new:
         merge_and_export(model, new, dtype=dtype, tokenizer=tokenizer)
     return out
