@@ -121,7 +121,26 @@ def test_an_unknown_method_is_refused_by_the_parser(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["sft", "--model", "m", "--data", "d", "--method", "dora"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'dora'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'dora'" in err
+    assert err.count("\n") == 1 and err.startswith("lorakit sft: error:")  # no usage wall
+    assert err.rstrip().endswith("(see lorakit sft --help)")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["sft", "--lr", "abc"], "lorakit sft: error: argument --lr: invalid float value: 'abc'"),
+        (["reward", "--score", "x.jsonl"], "lorakit: error: unrecognized arguments: x.jsonl"),
+        (["nosuch"], "lorakit: error: argument command: invalid choice: 'nosuch'"),
+    ],
+)
+def test_command_line_syntax_errors_are_one_line(capsys, argv, expected) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
 
 
 def test_peft_loads_the_sft_adapter_with_the_trained_models_logits(tmp_path, model_dir) -> None:

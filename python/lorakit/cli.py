@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from lorakit.config_args import add_arguments, build
 
@@ -24,10 +24,19 @@ def _shows_progress(config: Any) -> bool:
     return bool(getattr(getattr(config, "train", config), "progress", False))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a mistake on the command line is one line that says where the
+    usage is, instead of the usage itself (forty lines for a command with many options) above
+    the message. Subcommands' parsers are of this class too (add_subparsers uses the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lorakit.recipes.registry import COMMANDS
 
-    parser = argparse.ArgumentParser(prog="lorakit", description=__doc__)
+    parser = _Parser(prog="lorakit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         sub = commands.add_parser(
