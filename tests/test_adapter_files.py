@@ -193,6 +193,12 @@ def test_writes_are_atomic(saved, monkeypatch):
     ]
 
 
+def test_a_model_without_adapters_has_nothing_to_save(tmp_path):
+    with pytest.raises(ValueError, match="the model has no adapter to save"):
+        save_adapter(llama(), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_save_names_a_missing_adapter():
     model = llama()
     apply_lora(model, LoraConfig(target_modules=["q_proj"]))

@@ -227,6 +227,15 @@ def test_all_linear_on_the_command_line_is_the_python_string() -> None:
         LoraConfig(target_modules=["all-linear", "q_proj"])
 
 
+@pytest.mark.parametrize("config", [LoraConfig, IA3Config])
+def test_target_modules_of_another_type_are_one_line(config) -> None:
+    assert config(target_modules=("v_proj", "q_proj")).target_modules == ["v_proj", "q_proj"]
+    assert config(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
+    for bad in (5, ["q_proj", 3]):
+        with pytest.raises(ValueError, match="target_modules must be a module name pattern"):
+            config(target_modules=bad)
+
+
 def test_all_linear_trains_from_the_command_line(tmp_path, model_dir, data) -> None:
     out = tmp_path / "out"
     argv = sft(model_dir, data, out, "--method", "lora", "--lora-target-modules", "all-linear")

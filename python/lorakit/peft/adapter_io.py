@@ -82,6 +82,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None)
     owners = [
         f for f in holders if any(isinstance(x, f.layer) and name in x.settings for x in layers)
     ]
+    if not layers:
+        raise ValueError(
+            "the model has no adapter to save: add one first (apply_lora, apply_ia3, ...)"
+        )
     if not owners:
         kinds = " or ".join(f.layer.method for f in holders) or "adapter"
         raise ValueError(

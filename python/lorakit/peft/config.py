@@ -60,12 +60,23 @@ class LoraConfig:
 
 
 def normalize_targets(targets: list[str] | str | None) -> list[str] | str | None:
-    """``["all-linear"]`` (what ``--lora-target-modules all-linear`` gives) as ``"all-linear"``.
+    """Module names as a list (a tuple or set taken as one), a single pattern string kept as it
+    is, and ``["all-linear"]`` (what ``--lora-target-modules all-linear`` gives) as
+    ``"all-linear"``.
 
     Raises:
-        ValueError: ``all-linear`` is listed beside module names.
+        ValueError: not a string or a collection of strings, or ``all-linear`` is listed beside
+            module names.
     """
-    if not isinstance(targets, list) or ALL_LINEAR not in targets:
+    if targets is None or isinstance(targets, str):
+        return targets
+    if not isinstance(targets, list | tuple | set) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(
+            f"target_modules must be a module name pattern or a list of module names, got "
+            f"{targets!r}"
+        )
+    targets = sorted(targets) if isinstance(targets, set) else list(targets)
+    if ALL_LINEAR not in targets:
         return targets
     if len(targets) > 1:
         raise ValueError(f"target_modules {targets}: {ALL_LINEAR!r} takes no other names")
