@@ -78,14 +78,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None)
     out = Path(out_dir)
     name = name or active_adapter(model)
     layers = [layer for _, layer in adapter_layers(model)]
-    holders = [f for f in FORMATS.values() if any(isinstance(x, f.layer) for x in layers)]
-    owners = [
-        f for f in holders if any(isinstance(x, f.layer) and name in x.settings for x in layers)
-    ]
     if not layers:
         raise ValueError(
             "the model has no adapter to save: add one first (apply_lora, apply_ia3, ...)"
         )
+    holders = [f for f in FORMATS.values() if any(isinstance(x, f.layer) for x in layers)]
+    owners = [
+        f for f in holders if any(isinstance(x, f.layer) and name in x.settings for x in layers)
+    ]
     if not owners:
         kinds = " or ".join(f.layer.method for f in holders) or "adapter"
         raise ValueError(
