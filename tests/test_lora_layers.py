@@ -205,3 +205,44 @@ def test_torch_compile_fullgraph_training_step(quantized):
     got = torch.autograd.grad(compiled(x), (layer.lora_A["default"], layer.lora_B["default"]))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("rows", [1, 40])  # the decode kernel and the tiled path
+def test_forward_that_records_no_grad_equals_the_recorded_one(quantized, rows):
+    # Calls that autograd would not record skip the op's autograd kernel: the values must not
+    # change, and a call that does need grad must still get one.
+    base = nn.Linear(64, 48)
+    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(rows, 64)
+    recorded = layer(x)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        under_no_grad = layer(x)
+    with torch.inference_mode():
+        under_inference = layer(x)
+    layer.requires_grad_(False)
+    frozen = layer(x)
+    x_with_grad = x.clone().requires_grad_()
+    through_x = layer(x_with_grad)
+    for got in (under_no_grad, under_inference, frozen):
+        assert got.grad_fn is None
+        torch.testing.assert_close(got, recorded, rtol=0, atol=0)
+    (grad_x,) = torch.autograd.grad(through_x.sum(), x_with_grad)
+    weight = layer.base.weight.dequantize(torch.float32) if quantized else layer.base.weight
+    delta = layer.lora_B["default"] @ layer.lora_A["default"] * layer.settings["default"].scaling
+    torch.testing.assert_close(grad_x, (weight + delta).sum(0).expand(rows, -1))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_torch_compile_fullgraph_decode_without_grad(quantized):
+    base = nn.Linear(64, 48)
+    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+        x = torch.randn(1, 64)
+        expected = layer(x)
+        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected)

@@ -353,7 +353,11 @@ def lora_linear(
     """
     _check_frozen(weight, "weight")
     check.finite_scale("lora_linear", scale)
-    return torch.ops.lorakit.lora_linear(x, weight, bias, lora_a, lora_b, scale, x_lora)[0]
+    args = (x, weight, bias, lora_a, lora_b, scale, x_lora)
+    if _records_no_grad(x, bias, lora_a, lora_b, x_lora):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.lorakit.lora_linear.default(*args)[0]
+    return torch.ops.lorakit.lora_linear.default(*args)[0]
 
 
 def lora_linear_nf4(
@@ -391,20 +395,27 @@ def lora_linear_nf4(
         ``(..., out)`` in x's dtype.
     """
     check.finite_scale("lora_linear_nf4", scale)
-    return torch.ops.lorakit.lora_linear_nf4.default(
-        x,
-        packed,
-        absmax,
-        blocksize,
-        bias,
-        lora_a,
-        lora_b,
-        scale,
-        x_lora,
-        nested_absmax,
-        nested_code,
-        nested_offset,
-    )[0]
+    args = (x, packed, absmax, blocksize, bias, lora_a, lora_b, scale, x_lora)
+    nested = (nested_absmax, nested_code, nested_offset)
+    if _records_no_grad(x, bias, lora_a, lora_b, x_lora):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.lorakit.lora_linear_nf4.default(*args, *nested)[0]
+    return torch.ops.lorakit.lora_linear_nf4.default(*args, *nested)[0]
+
+
+def _records_no_grad(*differentiable: torch.Tensor | None) -> bool:
+    """Whether autograd would record nothing for a LoRA op with these differentiable inputs.
+
+    Such calls go straight to the kernel, below autograd: the Python autograd kernel registered
+    below would box all the op's arguments from C++ to Python and back only to find the same
+    thing, about 12 us a call on this project's CPU, 3% of a 1-row decode step of a 2048 x 2048
+    layer. A graph being compiled takes the registered path, which it traces.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in differentiable)
 
 
 def _check_frozen(t: torch.Tensor, name: str) -> None:
