@@ -81,7 +81,8 @@ bool use_direct_kernel(const Sizes& s) {
 }
 
 // y = x W^T in float32 from the 4-bit codes, for a few rows of x, by the kernel of the CPU's
-// level (bfloat16 x goes to bf16 dot products where the CPU has them); finish(begin, end, y)
+// level (bfloat16 x meets codes rounded to bfloat16: in bf16 dot products where the CPU has them,
+// widened to float32 on AVX2; float32 and float16 x meet exact codes); finish(begin, end, y)
 // runs on each range of output rows as soon as the kernel has written it, on the same thread.
 template <typename Finish>
 void nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales& scales,
@@ -108,6 +109,12 @@ void nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales&
     return;
   }
   at::Tensor xs = at::empty_like(x32);
+  if (x2.scalar_type() == at::kBFloat16) {
+    LORAKIT_X86_KERNEL(order_for_gemv_bf16)(x32.const_data_ptr<float>(), x32.numel(),
+                                            xs.mutable_data_ptr<float>());
+    run(LORAKIT_X86_KERNEL(nf4_gemv_avx2_bf16), xs.const_data_ptr<float>());
+    return;
+  }
   LORAKIT_X86_KERNEL(order_for_gemv)(x32.const_data_ptr<float>(), x32.numel(),
                                      xs.mutable_data_ptr<float>());
   run(LORAKIT_X86_KERNEL(nf4_gemv_avx2), xs.const_data_ptr<float>());

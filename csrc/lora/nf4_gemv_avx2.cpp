@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "lora/nf4_code_bf16.h"
 #include "lora/nf4_gemv.h"
 #include "lora/nf4_gemv_rows.h"
 #include "nf4/nf4_code.h"
@@ -10,12 +11,23 @@ namespace lorakit::lora {
 
 namespace {
 
-// The NF4 table cut into byte planes: plane j holds byte j of each of the 16 float32 codes, in
-// both 128-bit lanes, so that one byte shuffle looks up that byte for 32 codes at once.
-struct CodePlanes {
+// The 32 4-bit indices of 16 packed bytes, one per byte: the high nibbles (even elements) in the
+// low lane, the low nibbles (odd elements) in the high one. The bytes are broadcast to both lanes
+// by the load itself; shifting the low lane's dwords right by 4 brings each byte's high nibble
+// down, and the mask drops the bits shifted in from the byte above. No byte shuffle.
+inline __m256i nibble_indices(const uint8_t* bytes) {
+  const __m256i b =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i shifted = _mm256_srlv_epi32(b, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+  return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
+}
+
+// The NF4 table as float32, cut into byte planes: plane j holds byte j of each of the 16 codes,
+// in both 128-bit lanes, so that one byte shuffle looks up that byte for 32 codes at once.
+struct ExactCodes {
   __m256i plane[4];
 
-  CodePlanes() {
+  ExactCodes() {
     alignas(32) uint8_t bytes[4][32];
     for (int i = 0; i < 16; ++i) {
       uint32_t bits;
@@ -25,34 +37,63 @@ struct CodePlanes {
     for (int j = 0; j < 4; ++j)
       plane[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[j]));
   }
+
+  // Four shuffles and eight in-lane unpacks per 32 weights, against four lane-crossing permutes
+  // and two blends per 16 with an 8-entry float table: a 2048 x 2048 product took about 420
+  // instead of 610 us on one Zen 3 core. The unpacks leave vector v holding elements
+  // 8v + (0, 2, 4, 6, 1, 3, 5, 7): the order order_for_gemv gives x.
+  static void decode32(const uint8_t* bytes, const ExactCodes& codes, __m256 w[4]) {
+    const __m256i idx = nibble_indices(bytes);
+    __m256i p[4];
+    for (int j = 0; j < 4; ++j) p[j] = _mm256_shuffle_epi8(codes.plane[j], idx);
+    const __m256i lo01 = _mm256_unpacklo_epi8(p[0], p[1]);
+    const __m256i hi01 = _mm256_unpackhi_epi8(p[0], p[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi8(p[2], p[3]);
+    const __m256i hi23 = _mm256_unpackhi_epi8(p[2], p[3]);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+  }
 };
 
-// The unscaled codes of the 32 weights in 16 packed bytes, as four vectors of 8 floats. The
-// high nibbles (even elements) go to the low lane and the low nibbles (odd elements) to the high
-// one; the byte then 16-bit unpacks, which work within lanes, leave vector v holding elements
-// 8v + (0, 2, 4, 6, 1, 3, 5, 7): the order order_for_gemv gives x. Four shuffles and eight
-// in-lane unpacks per 32 weights, against four lane-crossing permutes and two blends per 16 with
-// an 8-entry float table: a 2048 x 2048 product took about 420 instead of 610 us on one Zen 3
-// core.
-inline void decode32(const uint8_t* bytes, const CodePlanes& codes, __m256 w[4]) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  const __m256i idx =
-      _mm256_set_m128i(_mm_and_si128(b, nibble), _mm_and_si128(_mm_srli_epi16(b, 4), nibble));
-  __m256i p[4];
-  for (int j = 0; j < 4; ++j) p[j] = _mm256_shuffle_epi8(codes.plane[j], idx);
-  const __m256i lo01 = _mm256_unpacklo_epi8(p[0], p[1]), hi01 = _mm256_unpackhi_epi8(p[0], p[1]);
-  const __m256i lo23 = _mm256_unpacklo_epi8(p[2], p[3]), hi23 = _mm256_unpackhi_epi8(p[2], p[3]);
-  w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
-  w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
-  w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
-  w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
-}
+// The NF4 table rounded to bfloat16, as its low and high bytes in both lanes.
+struct Bf16Codes {
+  __m256i low, high;
 
-// The vector type of nf4_gemv_rows.h.
+  Bf16Codes() {
+    alignas(32) uint8_t bytes[2][32];
+    for (int i = 0; i < 16; ++i) {
+      const uint16_t bits = nf4_code_bf16_bits(i);
+      bytes[0][i] = bytes[0][16 + i] = bits & 0xFF;
+      bytes[1][i] = bytes[1][16 + i] = bits >> 8;
+    }
+    low = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[0]));
+    high = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[1]));
+  }
+
+  // Two shuffles and two unpacks give the 32 codes as 16-bit pairs; a bfloat16 is the top half
+  // of its float32, so a shift and a mask widen each pair's two halves: 4 shuffle-port operations
+  // per 32 weights instead of 12. Vector v holds elements 16 (v / 2) + 4 (l % 4) + 2 (v % 2) +
+  // l / 4 in lane l: the order order_for_gemv_bf16 gives x.
+  static void decode32(const uint8_t* bytes, const Bf16Codes& codes, __m256 w[4]) {
+    const __m256i idx = nibble_indices(bytes);
+    const __m256i lo = _mm256_shuffle_epi8(codes.low, idx);
+    const __m256i hi = _mm256_shuffle_epi8(codes.high, idx);
+    const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m256i pairs[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+    for (int h = 0; h < 2; ++h) {
+      w[2 * h] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs[h], 16));
+      w[2 * h + 1] = _mm256_castsi256_ps(_mm256_and_si256(pairs[h], top));
+    }
+  }
+};
+
+// The vector type of nf4_gemv_rows.h, with the codes of Codes.
+template <typename CodeTable>
 struct Avx2 {
   using Reg = __m256;
-  using Codes = CodePlanes;
+  using Codes = CodeTable;
   static constexpr int kVectors = 4;
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg set1(float f) { return _mm256_set1_ps(f); }
@@ -61,7 +102,7 @@ struct Avx2 {
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void decode32(const uint8_t* bytes, const Codes& codes, Reg w[4]) {
-    lora::decode32(bytes, codes, w);
+    Codes::decode32(bytes, codes, w);
   }
   static float sum(Reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -76,7 +117,15 @@ struct Avx2 {
 void nf4_gemv_avx2(const uint8_t* packed, const BlockScales& scales, int64_t blocksize, int64_t in,
                    const float* x, int64_t m, int64_t row_begin, int64_t row_end, float* y,
                    int64_t ldy) {
-  gemv<Avx2>(packed, scales, CodePlanes(), blocksize, in, x, m, row_begin, row_end, y, ldy);
+  gemv<Avx2<ExactCodes>>(packed, scales, ExactCodes(), blocksize, in, x, m, row_begin, row_end, y,
+                         ldy);
+}
+
+void nf4_gemv_avx2_bf16(const uint8_t* packed, const BlockScales& scales, int64_t blocksize,
+                        int64_t in, const float* x, int64_t m, int64_t row_begin, int64_t row_end,
+                        float* y, int64_t ldy) {
+  gemv<Avx2<Bf16Codes>>(packed, scales, Bf16Codes(), blocksize, in, x, m, row_begin, row_end, y,
+                        ldy);
 }
 
 void order_for_gemv(const float* src, int64_t n, float* dst) {
@@ -85,6 +134,13 @@ void order_for_gemv(const float* src, int64_t n, float* dst) {
       dst[g + p] = src[g + 2 * p];
       dst[g + 4 + p] = src[g + 2 * p + 1];
     }
+}
+
+void order_for_gemv_bf16(const float* src, int64_t n, float* dst) {
+  for (int64_t g = 0; g < n; g += 32)
+    for (int v = 0; v < 4; ++v)
+      for (int l = 0; l < 8; ++l)
+        dst[g + 8 * v + l] = src[g + 16 * (v / 2) + 4 * (l % 4) + 2 * (v % 2) + l / 4];
 }
 
 }  // namespace lorakit::lora

@@ -2,19 +2,12 @@
 #include <cstring>
 
 #include "lora/gemv_row_passes.h"
+#include "lora/nf4_code_bf16.h"
 #include "lora/nf4_gemv.h"
 #include "nf4/nf4_avx512.h"
-#include "nf4/nf4_code.h"
 
 namespace lorakit::lora {
 namespace {
-
-// float32 -> bfloat16 bits, rounded to nearest even (the codes are finite).
-uint16_t to_bf16_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 inline __m512bh as_bf16(__m512i v) {
   __m512bh r;
@@ -66,7 +59,7 @@ void nf4_gemv_avx512_bf16(const uint8_t* packed, const BlockScales& scales, int6
                           int64_t in, const uint16_t* x, int64_t m, int64_t row_begin,
                           int64_t row_end, float* y, int64_t ldy) {
   uint16_t table[32] = {};  // the permute indexes 32 entries; codes fill the first 16
-  for (int i = 0; i < 16; ++i) table[i] = to_bf16_bits(nf4::kCode[i]);
+  for (int i = 0; i < 16; ++i) table[i] = nf4_code_bf16_bits(i);
   const __m512i codes = _mm512_loadu_si512(table);
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   for_each_row_pass(m, [&](auto rows, int64_t i) {
