@@ -1,5 +1,8 @@
 """lorakit.model_dirs: what an --out with or without --overwrite may replace, and the swap."""
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,55 @@ def test_the_old_directory_comes_back_if_the_new_one_cannot_move_in(tmp_path, mo
     with pytest.raises(OSError, match="no room"), replaced_atomically(out, overwrite=True) as new:
         model_dir(new)
     assert (out / "config.json").read_text() == "config.json"
+
+
+# A child that starts writing `out` and then waits (holding its staging folder) or dies by SIGKILL
+# with the write unfinished, as a killed `lorakit merge` does.
+WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from lorakit.model_dirs import replaced_atomically
+with replaced_atomically(Path(sys.argv[1]), overwrite=True) as new:
+    new.mkdir()
+    (new / "model.safetensors").write_bytes(b"x" * 4096)
+    print("writing", flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def start_writer(out: Path, how: str) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(out), how], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline() == "writing\n"
+    return child
+
+
+def test_a_killed_writes_staging_is_removed_by_the_next_write_and_a_running_ones_kept(tmp_path):
+    out = model_dir(tmp_path / "out")
+    killed = start_writer(out, "die")
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    (abandoned,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+    running = start_writer(out, "wait")
+    try:
+        # The second writer removed the first one's folder; this third write keeps the second's.
+        (live,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+        assert live != abandoned
+        with replaced_atomically(out, overwrite=True) as new:
+            model_dir(new)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
+    finally:
+        running.kill()
+        running.wait(timeout=60)
+
+
+def test_folders_that_look_like_staging_without_lorakits_lock_are_left_alone(tmp_path):
+    out = model_dir(tmp_path / "out")
+    theirs = tmp_path / ".out.staging-mine"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with replaced_atomically(out, overwrite=True) as new:
+        model_dir(new)
+    assert (theirs / "notes.txt").read_text() == "keep"
