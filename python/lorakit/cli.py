@@ -11,6 +11,13 @@ from typing import Any, NoReturn
 from lorakit.config_args import add_arguments, build
 
 
+DESCRIPTION = "Fine-tune language models: LoRA, QLoRA, IA3, adapters and prefixes, SFT to RLHF."
+EPILOG = (
+    "Each command has its own options: lorakit <command> --help. Options also come from a YAML "
+    "file (--config), and the command line overrides it. Start with: lorakit demo"
+)
+
+
 def _quiet() -> None:
     """No progress bars from the libraries underneath either (loading weights, reading data)."""
     import datasets
@@ -36,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lorakit.recipes.registry import COMMANDS
 
-    parser = _Parser(prog="lorakit", description=__doc__)
+    parser = _Parser(prog="lorakit", description=DESCRIPTION, epilog=EPILOG)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         sub = commands.add_parser(
