@@ -93,6 +93,16 @@ def test_help_explains_every_option(capsys) -> None:
     assert "qlora: the same with the frozen base in 4-bit NF4" in text
 
 
+def test_top_level_help_says_what_lorakit_does_and_lists_every_command(capsys) -> None:
+    from lorakit.recipes.registry import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Fine-tune language models" in text and "Start with: lorakit demo" in text
+    assert all(name in text for name in COMMANDS)
+
+
 def one_line_error(capsys, argv, expected: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -131,7 +141,10 @@ def test_an_unknown_method_is_refused_by_the_parser(capsys) -> None:
     ("argv", "expected"),
     [
         (["sft", "--lr", "abc"], "lorakit sft: error: argument --lr: invalid float value: 'abc'"),
-        (["reward", "--score", "x.jsonl"], "lorakit: error: unrecognized arguments: x.jsonl"),
+        (
+            ["reward", "--score", "x.jsonl"],
+            "lorakit reward: error: unrecognized arguments: x.jsonl (see lorakit reward --help)",
+        ),
         (["nosuch"], "lorakit: error: argument command: invalid choice: 'nosuch'"),
     ],
 )

@@ -126,8 +126,8 @@ def results_by_level(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
 # Each level's kernels against the portable ones. Exact where every level computes the same
 # float32 operations in the same order (lookups of the same table; AdamW without FMA contraction,
 # as torch rounds). Close where the sums run in another order (the decode kernels, the row
-# kernel's lane count) or round through bfloat16 (the bf16 dot-product decode kernel): a few
-# float32 ulps, or one or two ulps of a half / bfloat16 result.
+# kernel's lane count) or round the NF4 codes to bfloat16 (the avx2 and avx512_bf16 decode kernels
+# for bfloat16 input): a few float32 ulps, or one or two ulps of a half / bfloat16 result.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorakit import ops
 from lorakit.nn import LoRALinear, NF4Linear
 
 
@@ -234,6 +235,47 @@ def test_forward_that_records_no_grad_equals_the_recorded_one(quantized, rows):
     weight = layer.base.weight.dequantize(torch.float32) if quantized else layer.base.weight
     delta = layer.lora_B["default"] @ layer.lora_A["default"] * layer.settings["default"].scaling
     torch.testing.assert_close(grad_x, (weight + delta).sum(0).expand(rows, -1))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_trainable_bias_or_dropout_input_alone_still_gets_its_gradient(quantized):
+    # Each of the op's differentiable inputs on its own sends the call through autograd.
+    base = nn.Linear(64, 48)
+    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
+    layer.requires_grad_(False)
+    layer.base.bias.requires_grad_(True)
+    x = torch.randn(5, 64)
+    (grad_bias,) = torch.autograd.grad(layer(x).square().sum(), layer.base.bias)
+    torch.testing.assert_close(grad_bias, 2 * layer(x).sum(0))
+    # x_lora (the low-rank path's input after dropout) is the op's last differentiable input.
+    x_lora = torch.randn(5, 64, requires_grad=True)
+    a, b = layer.lora_A["default"], torch.randn(48, 4)
+    bias = layer.base.bias.detach()
+    if quantized:
+        w = layer.base.weight
+        y = ops.lora_linear_nf4(x, w.packed, w.scales(), w.blocksize, bias, a, b, 2.0, x_lora)
+    else:
+        y = ops.lora_linear(x, layer.base.weight, bias, a, b, 2.0, x_lora)
+    (grad_x_lora,) = torch.autograd.grad(y.sum(), x_lora)
+    torch.testing.assert_close(grad_x_lora, (2.0 * b @ a).sum(0).expand(5, -1))
+
+
+def test_a_parametrized_base_weight_is_used_as_computed():
+    base = nn.Linear(16, 8)
+
+    class Doubled(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(base, "weight", Doubled())
+    layer = LoRALinear(base, r=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 16)
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    doubled = 2 * base.parametrizations.weight.original
+    expected = x @ doubled.t() + base.bias + 2.0 * (x @ a.t()) @ b.t()
+    torch.testing.assert_close(layer(x), expected)
 
 
 @pytest.mark.parametrize("quantized", [False, True])

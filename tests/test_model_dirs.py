@@ -1,12 +1,15 @@
 """lorakit.model_dirs: what an --out with or without --overwrite may replace, and the swap."""
 
+import errno
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lorakit import staging_dirs
 from lorakit.model_dirs import check_replaceable, replaced_atomically
 
 
@@ -99,53 +102,86 @@ def test_the_old_directory_comes_back_if_the_new_one_cannot_move_in(tmp_path, mo
     assert (out / "config.json").read_text() == "config.json"
 
 
-# A child that starts writing `out` and then waits (holding its staging folder) or dies by SIGKILL
-# with the write unfinished, as a killed `lorakit merge` does.
-WRITER = """
-import os, signal, sys, time
+# A child that starts writing `out` and dies by SIGKILL with the write unfinished, as a killed
+# `lorakit merge` does.
+KILLED_WRITER = """
+import os, signal, sys
 from pathlib import Path
 from lorakit.model_dirs import replaced_atomically
 with replaced_atomically(Path(sys.argv[1]), overwrite=True) as new:
     new.mkdir()
     (new / "model.safetensors").write_bytes(b"x" * 4096)
-    print("writing", flush=True)
-    if sys.argv[2] == "die":
-        os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(60)
+    os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def start_writer(out: Path, how: str) -> subprocess.Popen:
-    child = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(out), how], stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None and child.stdout.readline() == "writing\n"
-    return child
+def abandoned(parent: Path, name: str, host: str | None = None) -> Path:
+    """A staging folder as a killed write leaves it: its lock file, free, naming its host."""
+    folder = parent / name
+    folder.mkdir()
+    (folder / staging_dirs.LOCK).write_text(f"{host or socket.gethostname()} 4242\n")
+    (folder / "new").mkdir()
+    return folder
 
 
-def test_a_killed_writes_staging_is_removed_by_the_next_write_and_a_running_ones_kept(tmp_path):
+def test_a_killed_writes_staging_folder_is_removed_by_the_next_write(tmp_path) -> None:
     out = model_dir(tmp_path / "out")
-    killed = start_writer(out, "die")
-    assert killed.wait(timeout=60) == -signal.SIGKILL
-    (abandoned,) = [p for p in tmp_path.iterdir() if p.name != "out"]
-    running = start_writer(out, "wait")
-    try:
-        # The second writer removed the first one's folder; this third write keeps the second's.
-        (live,) = [p for p in tmp_path.iterdir() if p.name != "out"]
-        assert live != abandoned
-        with replaced_atomically(out, overwrite=True) as new:
-            model_dir(new)
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
-    finally:
-        running.kill()
-        running.wait(timeout=60)
-
-
-def test_folders_that_look_like_staging_without_lorakits_lock_are_left_alone(tmp_path):
-    out = model_dir(tmp_path / "out")
-    theirs = tmp_path / ".out.staging-mine"
-    theirs.mkdir()
-    (theirs / "notes.txt").write_text("keep")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert len(list(tmp_path.iterdir())) == 2  # out and the staging folder
     with replaced_atomically(out, overwrite=True) as new:
         model_dir(new)
-    assert (theirs / "notes.txt").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_the_staging_folder_of_a_write_still_running_is_kept(tmp_path) -> None:
+    out = model_dir(tmp_path / "out")
+    with staging_dirs.staging_dir(out) as running:
+        with replaced_atomically(out, overwrite=True) as new:
+            model_dir(new)
+        assert running.is_dir()
+
+
+def test_a_directory_moved_aside_by_a_killed_swap_is_moved_back(tmp_path) -> None:
+    # Killed between moving the old directory aside and moving the new one in: the staging
+    # folder holds the only copy of the old model, and out is missing.
+    folder = abandoned(tmp_path, ".out.staging-abcd1234")
+    model_dir(folder / staging_dirs.OLD)
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        with replaced_atomically(out, overwrite=False):
+            pass
+    assert (out / "config.json").read_text() == "config.json"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_only_this_outs_abandoned_folders_of_this_host_are_removed(tmp_path) -> None:
+    out = model_dir(tmp_path / "out")
+    ours = abandoned(tmp_path, ".out.staging-abcd1234")
+    kept = [
+        abandoned(tmp_path, ".out.staging-b.staging-abcd1234"),  # --out out.staging-b's
+        abandoned(tmp_path, ".out.staging-efgh5678", host="another-host"),
+        abandoned(tmp_path, ".out.staging-ijkl9012"),  # holds an input (below)
+        tmp_path / ".out.staging-mnop3456",  # no lock file: not lorakit's
+    ]
+    kept[-1].mkdir()
+    model_dir(kept[2] / staging_dirs.OLD)
+    with replaced_atomically(out, overwrite=True, inputs=[kept[2] / "old"]) as new:
+        model_dir(new)
+    assert not ours.exists()
+    assert all(folder.is_dir() for folder in kept)
+
+
+def test_without_flock_a_write_still_works_and_its_folder_is_never_taken_for_abandoned(
+    tmp_path, monkeypatch
+) -> None:
+    def no_flock(*_args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(staging_dirs.fcntl, "flock", no_flock)
+    out = model_dir(tmp_path / "out")
+    with replaced_atomically(out, overwrite=True) as new:
+        model_dir(new)
+        (new / "config.json").write_text("new")
+        assert not (new.parent / staging_dirs.LOCK).exists()
+    assert (out / "config.json").read_text() == "new"

@@ -81,9 +81,10 @@ bool use_direct_kernel(const Sizes& s) {
 }
 
 // y = x W^T in float32 from the 4-bit codes, for a few rows of x, by the kernel of the CPU's
-// level (bfloat16 x meets codes rounded to bfloat16: in bf16 dot products where the CPU has them,
-// widened to float32 on AVX2; float32 and float16 x meet exact codes); finish(begin, end, y)
-// runs on each range of output rows as soon as the kernel has written it, on the same thread.
+// level. bfloat16 x meets the codes rounded to bfloat16 at the avx2 level (widened to float32) and
+// the avx512_bf16 one (in bf16 dot products); every other case, the avx512 level included, meets
+// the exact float32 codes. finish(begin, end, y) runs on each range of output rows as soon as the
+// kernel has written it, on the same thread.
 template <typename Finish>
 void nf4_gemv(const at::Tensor& x2, const at::Tensor& packed, const BlockScales& scales,
               int64_t blocksize, const Sizes& s, Finish&& finish) {

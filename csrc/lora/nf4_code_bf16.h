@@ -3,18 +3,23 @@
 // which widens such codes to float32 with integer shifts instead of byte shuffles.
 #pragma once
 
+#include <array>
+#include <bit>
 #include <cstdint>
-#include <cstring>
 
 #include "nf4/nf4_code.h"
 
 namespace lorakit::lora {
 
-// The bits of code i in bfloat16, rounded to nearest, ties to even (the codes are finite).
-inline uint16_t nf4_code_bf16_bits(int i) {
-  uint32_t bits;
-  std::memcpy(&bits, &nf4::kCode[i], sizeof bits);
-  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
+// Bits of each code in bfloat16, rounded to nearest, ties to even (the codes are finite). Computed
+// at compile time, so no function of this header is shared by the per-level kernel files.
+inline constexpr std::array<uint16_t, 16> kCodeBf16Bits = [] {
+  std::array<uint16_t, 16> bits{};
+  for (int i = 0; i < 16; ++i) {
+    const auto u = std::bit_cast<uint32_t>(nf4::kCode[i]);
+    bits[i] = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+  return bits;
+}();
 
 }  // namespace lorakit::lora

@@ -31,6 +31,9 @@ void order_for_gemv(const float* src, int64_t n, float* dst);
 void nf4_gemv_avx2_bf16(const uint8_t* packed, const BlockScales& scales, int64_t blocksize,
                         int64_t in, const float* x, int64_t m, int64_t row_begin, int64_t row_end,
                         float* y, int64_t ldy);
+
+// Writes src (n values, n % 32 == 0) in the order in which nf4_gemv_avx2_bf16 decodes weights:
+// position 8v + l of each run of 32 takes element 16 (v / 2) + 4 (l % 4) + 2 (v % 2) + l / 4.
 void order_for_gemv_bf16(const float* src, int64_t n, float* dst);
 
 // AVX-512, x in its own order.

@@ -42,10 +42,10 @@ struct ExactCodes {
   // and two blends per 16 with an 8-entry float table: a 2048 x 2048 product took about 420
   // instead of 610 us on one Zen 3 core. The unpacks leave vector v holding elements
   // 8v + (0, 2, 4, 6, 1, 3, 5, 7): the order order_for_gemv gives x.
-  static void decode32(const uint8_t* bytes, const ExactCodes& codes, __m256 w[4]) {
+  void decode32(const uint8_t* bytes, __m256 w[4]) const {
     const __m256i idx = nibble_indices(bytes);
     __m256i p[4];
-    for (int j = 0; j < 4; ++j) p[j] = _mm256_shuffle_epi8(codes.plane[j], idx);
+    for (int j = 0; j < 4; ++j) p[j] = _mm256_shuffle_epi8(plane[j], idx);
     const __m256i lo01 = _mm256_unpacklo_epi8(p[0], p[1]);
     const __m256i hi01 = _mm256_unpackhi_epi8(p[0], p[1]);
     const __m256i lo23 = _mm256_unpacklo_epi8(p[2], p[3]);
@@ -64,7 +64,7 @@ struct Bf16Codes {
   Bf16Codes() {
     alignas(32) uint8_t bytes[2][32];
     for (int i = 0; i < 16; ++i) {
-      const uint16_t bits = nf4_code_bf16_bits(i);
+      const uint16_t bits = kCodeBf16Bits[i];
       bytes[0][i] = bytes[0][16 + i] = bits & 0xFF;
       bytes[1][i] = bytes[1][16 + i] = bits >> 8;
     }
@@ -76,10 +76,10 @@ struct Bf16Codes {
   // of its float32, so a shift and a mask widen each pair's two halves: 4 shuffle-port operations
   // per 32 weights instead of 12. Vector v holds elements 16 (v / 2) + 4 (l % 4) + 2 (v % 2) +
   // l / 4 in lane l: the order order_for_gemv_bf16 gives x.
-  static void decode32(const uint8_t* bytes, const Bf16Codes& codes, __m256 w[4]) {
+  void decode32(const uint8_t* bytes, __m256 w[4]) const {
     const __m256i idx = nibble_indices(bytes);
-    const __m256i lo = _mm256_shuffle_epi8(codes.low, idx);
-    const __m256i hi = _mm256_shuffle_epi8(codes.high, idx);
+    const __m256i lo = _mm256_shuffle_epi8(low, idx);
+    const __m256i hi = _mm256_shuffle_epi8(high, idx);
     const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     const __m256i pairs[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
     for (int h = 0; h < 2; ++h) {
@@ -89,7 +89,7 @@ struct Bf16Codes {
   }
 };
 
-// The vector type of nf4_gemv_rows.h, with the codes of Codes.
+// The vector type of nf4_gemv_rows.h, decoding with CodeTable (ExactCodes or Bf16Codes).
 template <typename CodeTable>
 struct Avx2 {
   using Reg = __m256;
@@ -102,7 +102,7 @@ struct Avx2 {
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg load(const float* p) { return _mm256_loadu_ps(p); }
   static void decode32(const uint8_t* bytes, const Codes& codes, Reg w[4]) {
-    Codes::decode32(bytes, codes, w);
+    codes.decode32(bytes, w);
   }
   static float sum(Reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

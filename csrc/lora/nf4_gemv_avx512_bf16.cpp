@@ -59,7 +59,7 @@ void nf4_gemv_avx512_bf16(const uint8_t* packed, const BlockScales& scales, int6
                           int64_t in, const uint16_t* x, int64_t m, int64_t row_begin,
                           int64_t row_end, float* y, int64_t ldy) {
   uint16_t table[32] = {};  // the permute indexes 32 entries; codes fill the first 16
-  for (int i = 0; i < 16; ++i) table[i] = nf4_code_bf16_bits(i);
+  for (int i = 0; i < 16; ++i) table[i] = kCodeBf16Bits[i];
   const __m512i codes = _mm512_loadu_si512(table);
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   for_each_row_pass(m, [&](auto rows, int64_t i) {

@@ -10,7 +10,6 @@ from typing import Any, NoReturn
 
 from lorakit.config_args import add_arguments, build
 
-
 DESCRIPTION = "Fine-tune language models: LoRA, QLoRA, IA3, adapters and prefixes, SFT to RLHF."
 EPILOG = (
     "Each command has its own options: lorakit <command> --help. Options also come from a YAML "
@@ -38,6 +37,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse reports them from the top parser; they are the command's options.
+            command = getattr(parsed, "command", None)
+            where = self if command is None else _Parser(prog=f"{self.prog} {command}")
+            where.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,29 +4,21 @@ place, and what was there is replaced only on request and only if it is a model 
 
 A mistyped ``--out`` with ``--overwrite`` (a home or project directory) must not be deleted, so
 "a model directory" means one holding nothing but the files a saved Hugging Face model has, with
-its ``config.json``.
-
-A write killed before it could clean up (SIGKILL, a power cut) leaves its staging folder beside
-the path, and that can hold a whole model. So each staging folder holds a lock file that its
-writer keeps ``flock``-ed (the kernel drops the lock however the process ends); the next write to
-the same path deletes the staging folders whose lock no process holds and leaves those of a write
-still running.
+its ``config.json``. What killed writes leave beside the path is cleaned up by the next write
+(:mod:`lorakit.staging_dirs`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatch
-from glob import escape as glob_escape
 from pathlib import Path
 
+from lorakit import staging_dirs
+
 MARKER = "config.json"
-STAGING_LOCK = ".lorakit-staging.lock"
 # What save_pretrained writes for a model and its tokenizer.
 MODEL_FILES = (
     "config.json",
@@ -92,50 +84,20 @@ def replaced_atomically(out: Path, overwrite: bool, inputs: Sequence[Path] = ())
     minutes, in which ``out`` can change). The old directory is moved aside, the new one renamed
     into place, then the old one deleted; if the second rename fails, the old one is put back.
     """
+    path = Path(os.path.abspath(out))
+    staging_dirs.remove_abandoned(path, inputs)
     check_replaceable(out, overwrite, inputs)
-    out = Path(os.path.abspath(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=out.parent))
-    try:
-        # Locked before it takes its name, so no other write ever sees it free.
-        with (staging / f"{STAGING_LOCK}.new").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            (staging / f"{STAGING_LOCK}.new").rename(staging / STAGING_LOCK)
-            yield staging / "new"
-            check_replaceable(out, overwrite, inputs)
-            old = staging / "old"
-            moved = out.exists() or out.is_symlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staging_dirs.staging_dir(path) as staging:
+        yield staging / "new"
+        check_replaceable(out, overwrite, inputs)
+        old = staging / staging_dirs.OLD
+        moved = path.exists() or path.is_symlink()
+        if moved:
+            path.rename(old)
+        try:
+            (staging / "new").rename(path)
+        except BaseException:
             if moved:
-                out.rename(old)
-            try:
-                (staging / "new").rename(out)
-            except BaseException:
-                if moved:
-                    old.rename(out)
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.staging-"
-
-
-def remove_abandoned_staging(out: Path) -> list[Path]:
-    """Deletes the staging folders of earlier writes to ``out`` that ended without cleaning up
-    (no process holds their lock); returns them. The folders of a write still running are left
-    alone, and so is anything without lorakit's lock file in it."""
-    removed = []
-    for folder in sorted(out.parent.glob(f"{glob_escape(_staging_prefix(out))}*")):
-        lock_path = folder / STAGING_LOCK
-        if folder.is_symlink() or not lock_path.is_file():
-            continue
-        with lock_path.open("a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its writer is still running
-            shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
+                old.rename(path)
+            raise

@@ -79,7 +79,7 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # the setter below registers the storage
         frozen = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.bias = frozen
+        self.register_parameter("bias", frozen)  # None included, as nn.Linear keeps it
 
     @property
     def weight(self) -> NF4Weight:

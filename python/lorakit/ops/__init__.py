@@ -354,10 +354,7 @@ def lora_linear(
     _check_frozen(weight, "weight")
     check.finite_scale("lora_linear", scale)
     args = (x, weight, bias, lora_a, lora_b, scale, x_lora)
-    if _records_no_grad(x, bias, lora_a, lora_b, x_lora):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.lorakit.lora_linear.default(*args)[0]
-    return torch.ops.lorakit.lora_linear.default(*args)[0]
+    return _first_output(torch.ops.lorakit.lora_linear.default, args)
 
 
 def lora_linear_nf4(
@@ -397,25 +394,23 @@ def lora_linear_nf4(
     check.finite_scale("lora_linear_nf4", scale)
     args = (x, packed, absmax, blocksize, bias, lora_a, lora_b, scale, x_lora)
     nested = (nested_absmax, nested_code, nested_offset)
-    if _records_no_grad(x, bias, lora_a, lora_b, x_lora):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.lorakit.lora_linear_nf4.default(*args, *nested)[0]
-    return torch.ops.lorakit.lora_linear_nf4.default(*args, *nested)[0]
+    return _first_output(torch.ops.lorakit.lora_linear_nf4.default, (*args, *nested))
 
 
-def _records_no_grad(*differentiable: torch.Tensor | None) -> bool:
-    """Whether autograd would record nothing for a LoRA op with these differentiable inputs.
+def _first_output(op: torch._ops.OpOverload, args: tuple[object, ...]) -> torch.Tensor:
+    """``op(*args)[0]``, called straight below autograd when autograd would record nothing.
 
-    Such calls go straight to the kernel, below autograd: the Python autograd kernel registered
-    below would box all the op's arguments from C++ to Python and back only to find the same
-    thing, about 12 us a call on this project's CPU, 3% of a 1-row decode step of a 2048 x 2048
-    layer. A graph being compiled takes the registered path, which it traces.
+    The Python autograd kernel registered at the end of this module would otherwise box every
+    argument from C++ to Python and back only to find that (the test is torch's own), about 12 us
+    a call on this project's CPU, 3% of a 1-row decode step of a 2048 x 2048 layer. A graph being
+    compiled takes the registered path, which it traces.
     """
-    if torch.compiler.is_compiling():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not any(t is not None and t.requires_grad for t in differentiable)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+    ):
+        return op(*args)[0]
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)[0]
 
 
 def _check_frozen(t: torch.Tensor, name: str) -> None:
