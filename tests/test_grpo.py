@@ -100,6 +100,15 @@ def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
         grpo.train(model, tok, config(tmp_path, 4), PROMPTS, nan_after(2, at=0))
 
 
+def test_a_reward_function_that_cannot_take_the_call_is_one_line(tmp_path) -> None:
+    def only_prompts(prompts):
+        return [0.0] * len(prompts)
+
+    model, tok = policy()
+    with pytest.raises(ValueError, match=r"only_prompts\(prompts\) cannot be called as "):
+        grpo.train(model, tok, config(tmp_path, 1), PROMPTS, only_prompts)
+
+
 def _plain_logprobs(model, ids: torch.Tensor, prompt_len: int, temperature: float):
     """Log-probs of ``ids[prompt_len:]`` from one forward pass of the unpadded row, the softmax
     in float64."""

@@ -9,6 +9,7 @@ schedule and the RNG, :meth:`RolloutLoop.extra_state` / :meth:`RolloutLoop.load_
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -174,6 +175,7 @@ class RolloutLoop:
             k: [p.columns[k] for p in prompts for _ in range(per_prompt)]
             for k in prompts[0].columns
         }
+        _check_reward_call(self.reward, list(columns))
         values = self.reward(raw, completions, **columns)
         rewards = torch.as_tensor(list(values), dtype=torch.float32)
         if rewards.shape != (len(completions),):
@@ -348,3 +350,22 @@ class RolloutLoop:
             metrics=log_path,
             plot=plot,
         )
+
+
+def _check_reward_call(reward: RewardFunction, columns: list[str]) -> None:
+    """Raises ValueError, naming the call, if ``reward`` cannot take it: a one-line answer to a
+    common mistake instead of a TypeError from deep inside the loop."""
+    try:
+        signature = inspect.signature(reward)
+    except (TypeError, ValueError):
+        return  # nothing to read it from (some builtins): the call itself will tell
+    try:
+        signature.bind([], [], **dict.fromkeys(columns))
+    except TypeError as e:
+        keywords = "".join(f", {c}=..." for c in columns)
+        name = getattr(reward, "__name__", type(reward).__name__)
+        raise ValueError(
+            f"the reward function {name}{signature} cannot be called as "
+            f"{name}(prompts, completions{keywords}) ({e}); the data's other columns come as "
+            "keywords, which **columns accepts"
+        ) from None
