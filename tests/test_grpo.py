@@ -6,6 +6,7 @@ per-token completion log-probs equal a plain forward pass."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,6 +108,14 @@ def test_a_reward_function_that_cannot_take_the_call_is_one_line(tmp_path) -> No
     model, tok = policy()
     with pytest.raises(ValueError, match=r"only_prompts\(prompts\) cannot be called as "):
         grpo.train(model, tok, config(tmp_path, 1), PROMPTS, only_prompts)
+
+
+def test_completions_that_could_outrun_the_models_positions_are_refused_first(tmp_path) -> None:
+    model, tok = policy()  # 128 positions
+    long = replace(config(tmp_path, 1), sampling=SamplingOptions(max_new_tokens=200))
+    with pytest.raises(ValueError, match=r"plus --max-new-tokens 200 is longer than the 128 "):
+        grpo.train(model, tok, long, PROMPTS, contains_target)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def _plain_logprobs(model, ids: torch.Tensor, prompt_len: int, temperature: float):

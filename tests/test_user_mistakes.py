@@ -4,15 +4,18 @@ file, option or row; never a traceback, never a silently wrong result."""
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
 
 from lorakit.cli import build_parser, main
 from lorakit.config_args import build
 from lorakit.data import DataConfig
 from lorakit.peft import IA3Config, LoraConfig
+from lorakit.recipes.common import check_positions
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
 from sft_helpers import qa_rows, saved_model
@@ -338,3 +341,26 @@ def test_merging_a_nan_adapter_in_memory_is_refused(model_dir, adapter_dir) -> N
     for key, value in before.items():
         if "lora_" not in key:
             torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+
+
+# ---- sequences longer than the model ---------------------------------------------------------
+
+
+def test_rows_longer_than_the_models_positions_are_one_line(tmp_path, model_dir, capsys) -> None:
+    # The tiny Llama has 128 positions; plain text is cut into pieces of --seq-len tokens.
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(["question : what is one ? two"] * 60) + "\n")
+    argv = ["pretrain", "--model", str(model_dir), "--data", str(text), "--out", str(tmp_path)]
+    expected = "an example of 256 tokens, longer than the 128 positions this model has"
+    one_line_error(capsys, [*argv, "--seq-len", "256", *FAST], expected)
+    assert main([*argv, "--seq-len", "128", *FAST]) == 0
+
+
+def test_a_rope_scaling_factor_extends_the_models_positions() -> None:
+    scaled = LlamaConfig(
+        max_position_embeddings=64, rope_scaling={"rope_type": "linear", "factor": 2}
+    )
+    model = SimpleNamespace(config=scaled)
+    check_positions(model, [128, 5])
+    with pytest.raises(ValueError, match="example of 129 tokens, longer than the 128 positions"):
+        check_positions(model, [129])

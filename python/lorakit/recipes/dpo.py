@@ -27,7 +27,14 @@ from lorakit.losses.dpo import check_options
 from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
-from lorakit.recipes.common import RunConfig, RunResult, batches, make_trainable, train_and_save
+from lorakit.recipes.common import (
+    RunConfig,
+    RunResult,
+    batches,
+    check_positions,
+    make_trainable,
+    train_and_save,
+)
 from lorakit.train import RowBatches, distributed, out_dir
 from lorakit.train.batches import Batch
 from lorakit.train.objectives.dpo import ADAPTERS_OFF, PRECOMPUTED, DPOObjective
@@ -145,6 +152,7 @@ def train(
 ) -> RunResult:
     """Trains a ``model`` that :func:`make_trainable` prepared (``report``) with DPO on
     ``data`` (prepared from ``config.data``) and saves it."""
+    check_positions(model, map(len, (*data.train, *data.val)))
     pad = pad_id(tokenizer)
     options = config.dpo
     loss: dict[str, Any] = {

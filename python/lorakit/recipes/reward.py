@@ -36,6 +36,7 @@ from lorakit.recipes.common import (
     RunConfig,
     RunResult,
     batches,
+    check_positions,
     make_trainable,
     summary,
     train_and_save,
@@ -122,6 +123,7 @@ def train(
 ) -> RunResult:
     """Trains a reward model from :func:`untrained` on ``data`` (prepared from ``config.data``)
     and saves it."""
+    check_positions(model, map(len, (*data.train, *data.val)))
     pairs = partial(collate_pairs, pad_id=pad_id(tokenizer))
     objective = RewardObjective(config.reward.center_coefficient, config.reward.use_margin)
     return train_and_save(

@@ -12,7 +12,14 @@ from torch import nn
 from lorakit.data import PreparedData, collate, prepare
 from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.peft import AdapterReport
-from lorakit.recipes.common import RunConfig, RunResult, batches, make_trainable, train_and_save
+from lorakit.recipes.common import (
+    RunConfig,
+    RunResult,
+    batches,
+    check_positions,
+    make_trainable,
+    train_and_save,
+)
 from lorakit.train.objectives import CausalLMObjective
 
 
@@ -26,6 +33,8 @@ def train_causal_lm(
 ) -> RunResult:
     """Trains a ``model`` that :func:`make_trainable` prepared (``report``) on next-token
     prediction over ``data`` (prepared from ``config.data``); saves the result."""
+    packed = (*data.train, *data.val)
+    check_positions(model, (row.position_ids[-1] + 1 for row in packed if row.position_ids))
     pad = pad_id(tokenizer)
     rows = partial(collate, pad_id=pad)
     return train_and_save(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from lorakit.data.prompts import Prompt
 from lorakit.generation import Rollout, SamplingOptions, sample
 from lorakit.models.modes import evaluating
+from lorakit.models.positions import position_limit
 from lorakit.optim import AdamW
 from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
@@ -130,10 +131,27 @@ class RolloutLoop:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("the tokenizer needs an EOS and a pad token to sample completions")
+        self._check_positions(prompts)
         self.optimizer = optimizer
         self.total_steps = max(1, config.max_steps or math.ceil(config.epochs * len(self.prompts)))
         updates = self.total_steps * updates_per_step
         self.scheduler = scheduler(self.optimizer, config.schedule, updates, config.warmup)
+
+    def _check_positions(self, prompts: Sequence[Prompt]) -> None:
+        """Refuses, before any step, a prompt whose completion could run past the model's
+        positions (see :mod:`lorakit.models.positions`)."""
+        limit = position_limit(self.model)
+        if limit is None or not prompts:
+            return
+        encoded = self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+        longest = max(map(len, encoded))
+        if longest + self.sampling.max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus --max-new-tokens "
+                f"{self.sampling.max_new_tokens} is longer than the {limit} positions this model "
+                "has (max_position_embeddings in its config.json): lower --max-new-tokens or "
+                "shorten the prompts"
+            )
 
     # ---- sampling and scoring
 

@@ -1,0 +1,20 @@
+"""How many positions a model has: past them a learned position table (GPT-2, OPT) fails with an
+IndexError deep in the forward, and rotary embeddings run at positions the model never saw."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """``max_position_embeddings`` of the model's config, times its RoPE scaling factor where it
+    has one (context extension); None where the config states no limit."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    rope = getattr(config, "rope_parameters", None)
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if isinstance(factor, int | float) and factor > 1:
+        return int(limit * factor)
+    return limit
