@@ -116,6 +116,9 @@ def test_completions_that_could_outrun_the_models_positions_are_refused_first(tm
     with pytest.raises(ValueError, match=r"plus --max-new-tokens 200 is longer than the 128 "):
         grpo.train(model, tok, long, PROMPTS, contains_target)
     assert not (tmp_path / "metrics.jsonl").exists()
+    encoded = [tok("one two three", add_special_tokens=False)["input_ids"]]
+    with pytest.raises(ValueError, match=r"a prompt of 3 tokens plus --max-new-tokens 126 is "):
+        sample(model, encoded, 1, SamplingOptions(max_new_tokens=126), tok.pad_token_id, 0)
 
 
 def _plain_logprobs(model, ids: torch.Tensor, prompt_len: int, temperature: float):

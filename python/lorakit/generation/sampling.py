@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lorakit.models.modes import evaluating
+from lorakit.models.positions import check_generation
 
 
 @dataclass
@@ -97,13 +98,14 @@ def sample(
 ) -> Rollout:
     """``group_size`` completions of each prompt (token ids, without padding), sampled with the
     torch random generator of the model's device (seed it for reproducible rollouts)."""
+    check_generation(model, max(map(len, prompt_ids), default=0), options.max_new_tokens)
     device = next(model.parameters()).device
     repeated = [ids for ids in prompt_ids for _ in range(group_size)]
     ids, mask = left_pad(repeated, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    # Inference mode rather than no_grad: every op then skips autograd's dispatch entirely, which
-    # for a 1-row QLoRA layer is about a tenth of its call (lorakit's ops have Python autograd
-    # kernels). Its tensors cannot be saved for backward, so the result is copied out of it.
+    # Inference mode rather than no_grad: every op then skips autograd's dispatch entirely (under
+    # no_grad only lorakit's own ops do). Its tensors cannot be saved for backward, so the result
+    # is copied out of it.
     with evaluating(model), torch.inference_mode():
         generate: Any = model.generate
         out = generate(

@@ -18,3 +18,18 @@ def position_limit(model: nn.Module) -> int | None:
     if isinstance(factor, int | float) and factor > 1:
         return int(limit * factor)
     return limit
+
+
+def check_generation(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuses to generate past the model's positions (:func:`position_limit`).
+
+    Raises:
+        ValueError: naming the prompt's length, ``--max-new-tokens`` and the limit.
+    """
+    limit = position_limit(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {prompt_tokens} tokens plus --max-new-tokens {max_new_tokens} is longer "
+            f"than the {limit} positions this model has (max_position_embeddings in its "
+            "config.json): lower --max-new-tokens or shorten the prompts"
+        )

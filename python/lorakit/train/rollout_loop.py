@@ -26,7 +26,7 @@ from tqdm import tqdm
 from lorakit.data.prompts import Prompt
 from lorakit.generation import Rollout, SamplingOptions, sample
 from lorakit.models.modes import evaluating
-from lorakit.models.positions import position_limit
+from lorakit.models.positions import check_generation, position_limit
 from lorakit.optim import AdamW
 from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
@@ -139,19 +139,11 @@ class RolloutLoop:
 
     def _check_positions(self, prompts: Sequence[Prompt]) -> None:
         """Refuses, before any step, a prompt whose completion could run past the model's
-        positions (see :mod:`lorakit.models.positions`)."""
-        limit = position_limit(self.model)
-        if limit is None or not prompts:
+        positions (``sample`` would refuse it only when its batch comes)."""
+        if not prompts or position_limit(self.model) is None:
             return
         encoded = self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
-        longest = max(map(len, encoded))
-        if longest + self.sampling.max_new_tokens > limit:
-            raise ValueError(
-                f"a prompt of {longest} tokens plus --max-new-tokens "
-                f"{self.sampling.max_new_tokens} is longer than the {limit} positions this model "
-                "has (max_position_embeddings in its config.json): lower --max-new-tokens or "
-                "shorten the prompts"
-            )
+        check_generation(self.model, max(map(len, encoded)), self.sampling.max_new_tokens)
 
     # ---- sampling and scoring
 
