@@ -190,12 +190,18 @@ def test_nf4_linear_follows_dtype_casts():
     assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_torch_compile_fullgraph_training_step(quantized):
+def random_lora(quantized: bool) -> LoRALinear:
+    """A 64 -> 48 LoRA layer (r = 4) over a dense or NF4 base, B random so the adapter counts."""
     base = nn.Linear(64, 48)
     layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
     with torch.no_grad():
         layer.lora_B["default"].normal_()
+    return layer
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_torch_compile_fullgraph_training_step(quantized):
+    layer = random_lora(quantized)
     x = torch.randn(6, 64)
 
     def step(x):
@@ -213,10 +219,7 @@ def test_torch_compile_fullgraph_training_step(quantized):
 def test_forward_that_records_no_grad_equals_the_recorded_one(quantized, rows):
     # Calls that autograd would not record skip the op's autograd kernel: the values must not
     # change, and a call that does need grad must still get one.
-    base = nn.Linear(64, 48)
-    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
-    with torch.no_grad():
-        layer.lora_B["default"].normal_()
+    layer = random_lora(quantized)
     x = torch.randn(rows, 64)
     recorded = layer(x)
     assert recorded.grad_fn is not None
@@ -240,8 +243,7 @@ def test_forward_that_records_no_grad_equals_the_recorded_one(quantized, rows):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_a_trainable_bias_or_dropout_input_alone_still_gets_its_gradient(quantized):
     # Each of the op's differentiable inputs on its own sends the call through autograd.
-    base = nn.Linear(64, 48)
-    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
+    layer = random_lora(quantized)
     layer.requires_grad_(False)
     layer.base.bias.requires_grad_(True)
     x = torch.randn(5, 64)
@@ -280,10 +282,8 @@ def test_a_parametrized_base_weight_is_used_as_computed():
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_torch_compile_fullgraph_decode_without_grad(quantized):
-    base = nn.Linear(64, 48)
-    layer = LoRALinear(NF4Linear.from_linear(base) if quantized else base, r=4, alpha=8)
+    layer = random_lora(quantized)
     with torch.no_grad():
-        layer.lora_B["default"].normal_()
         x = torch.randn(1, 64)
         expected = layer(x)
         got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)

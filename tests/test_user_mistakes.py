@@ -14,8 +14,8 @@ from transformers import LlamaConfig
 from lorakit.cli import build_parser, main
 from lorakit.config_args import build
 from lorakit.data import DataConfig
+from lorakit.models.positions import check_positions
 from lorakit.peft import IA3Config, LoraConfig
-from lorakit.recipes.common import check_positions
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
 from sft_helpers import qa_rows, saved_model

@@ -92,7 +92,7 @@ def replaced_atomically(out: Path, overwrite: bool, inputs: Sequence[Path] = ())
         yield staging / "new"
         check_replaceable(out, overwrite, inputs)
         old = staging / staging_dirs.OLD
-        moved = path.exists() or path.is_symlink()
+        moved = staging_dirs.present(path)
         if moved:
             path.rename(old)
         try:

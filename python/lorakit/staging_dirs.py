@@ -93,10 +93,11 @@ def _remove_if_abandoned(folder: Path, out: Path) -> None:
         except BlockingIOError:
             return  # its writer is still running
         old = folder / OLD
-        if _present(old) and not _present(out):
+        if present(old) and not present(out):
             old.rename(out)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _present(path: Path) -> bool:
+def present(path: Path) -> bool:
+    """Whether anything is at ``path``, a dangling symlink included."""
     return path.exists() or path.is_symlink()

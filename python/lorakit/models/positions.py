@@ -3,6 +3,8 @@ IndexError deep in the forward, and rotary embeddings run at positions the model
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 
@@ -32,4 +34,21 @@ def check_generation(model: nn.Module, prompt_tokens: int, max_new_tokens: int) 
             f"a prompt of {prompt_tokens} tokens plus --max-new-tokens {max_new_tokens} is longer "
             f"than the {limit} positions this model has (max_position_embeddings in its "
             "config.json): lower --max-new-tokens or shorten the prompts"
+        )
+
+
+def check_positions(model: nn.Module, lengths: Iterable[int]) -> None:
+    """Refuses data whose longest example (``lengths``: each example's tokens, counted from its
+    first position) runs past the positions the model has (:func:`position_limit`).
+
+    Raises:
+        ValueError: naming both lengths.
+    """
+    limit = position_limit(model)
+    longest = max(lengths, default=0)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"the data holds an example of {longest} tokens, longer than the {limit} positions "
+            f"this model has (max_position_embeddings in its config.json): lower --seq-len to "
+            f"{limit} or less"
         )

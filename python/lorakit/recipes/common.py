@@ -4,7 +4,7 @@ objective, and saving the result."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,7 +14,6 @@ from torch import nn
 
 from lorakit.data import DataConfig
 from lorakit.models import ModelConfig
-from lorakit.models.positions import position_limit
 from lorakit.peft import (
     AdapterReport,
     BottleneckConfig,
@@ -70,23 +69,6 @@ def make_trainable(model: nn.Module, config: RunConfig) -> AdapterReport:
     ``config.model.method`` in place with its options from ``config`` (e.g. ``config.lora``)."""
     torch.manual_seed(config.train.seed)
     return apply_method(model, config.model.method, config)
-
-
-def check_positions(model: nn.Module, lengths: Iterable[int]) -> None:
-    """Refuses data whose longest example (``lengths``: each example's tokens, counted from its
-    first position) runs past the positions the model has (:func:`position_limit`).
-
-    Raises:
-        ValueError: naming both lengths.
-    """
-    limit = position_limit(model)
-    longest = max(lengths, default=0)
-    if limit is not None and longest > limit:
-        raise ValueError(
-            f"the data holds an example of {longest} tokens, longer than the {limit} positions "
-            f"this model has (max_position_embeddings in its config.json): lower --seq-len to "
-            f"{limit} or less"
-        )
 
 
 def result_path(config: RunConfig) -> Path:

@@ -25,13 +25,13 @@ from lorakit.data import Pair, PreparedPairs, collate_pairs, prepare_preferences
 from lorakit.losses import DPOLossType
 from lorakit.losses.dpo import check_options
 from lorakit.models import load_model, load_tokenizer, pad_id
+from lorakit.models.positions import check_positions
 from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
 from lorakit.recipes.common import (
     RunConfig,
     RunResult,
     batches,
-    check_positions,
     make_trainable,
     train_and_save,
 )

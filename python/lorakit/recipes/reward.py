@@ -29,6 +29,7 @@ from lorakit.data import (
     prepare_preferences,
 )
 from lorakit.models import load_sequence_classifier, load_tokenizer, pad_id
+from lorakit.models.positions import check_positions
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
 from lorakit.peft.whole_modules import train_whole
@@ -36,7 +37,6 @@ from lorakit.recipes.common import (
     RunConfig,
     RunResult,
     batches,
-    check_positions,
     make_trainable,
     summary,
     train_and_save,

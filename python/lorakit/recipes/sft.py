@@ -11,12 +11,12 @@ from torch import nn
 
 from lorakit.data import PreparedData, collate, prepare
 from lorakit.models import load_model, load_tokenizer, pad_id
+from lorakit.models.positions import check_positions
 from lorakit.peft import AdapterReport
 from lorakit.recipes.common import (
     RunConfig,
     RunResult,
     batches,
-    check_positions,
     make_trainable,
     train_and_save,
 )

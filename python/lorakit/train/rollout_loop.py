@@ -132,6 +132,7 @@ class RolloutLoop:
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("the tokenizer needs an EOS and a pad token to sample completions")
         self._check_positions(prompts)
+        _check_reward_call(reward, list(prompts[0].columns) if prompts else [])
         self.optimizer = optimizer
         self.total_steps = max(1, config.max_steps or math.ceil(config.epochs * len(self.prompts)))
         updates = self.total_steps * updates_per_step
@@ -185,7 +186,6 @@ class RolloutLoop:
             k: [p.columns[k] for p in prompts for _ in range(per_prompt)]
             for k in prompts[0].columns
         }
-        _check_reward_call(self.reward, list(columns))
         values = self.reward(raw, completions, **columns)
         rewards = torch.as_tensor(list(values), dtype=torch.float32)
         if rewards.shape != (len(completions),):
