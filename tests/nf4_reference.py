@@ -54,9 +54,10 @@ def blockwise8_quantize(
     flat = x.reshape(-1).float()
     blocks = [b for b in flat.split(blocksize) if b.numel()]
     absmax = torch.stack([b.abs().max() for b in blocks]) if blocks else torch.zeros(0)
-    scale = absmax.clamp(min=1e-38).repeat_interleave(blocksize)[: flat.numel()]
+    # bitsandbytes' rule: multiply by 1 / absmax rounded once to float32 (not a division).
+    inverse = absmax.clamp(min=1e-38).reciprocal().repeat_interleave(blocksize)[: flat.numel()]
     midpoints = (code[:-1] + code[1:]) / 2
-    q = torch.bucketize(flat / scale, midpoints).to(torch.uint8)
+    q = torch.bucketize(flat * inverse, midpoints).to(torch.uint8)
     return q.reshape(x.shape), absmax
 
 

@@ -38,7 +38,8 @@ def test_agrees_with_bitsandbytes_up_to_near_ties() -> None:
     # bitsandbytes' C++ CPU kernel finds codes with an approximate binary search that picks the
     # farther of two neighbouring codes for about 0.15% of values; ours is the exact nearest code
     # (as bitsandbytes' own PyTorch reference computes it). So: the same scales, few differing
-    # codes, and wherever they differ ours is the closer one.
+    # codes, and wherever they differ ours is the closer one, up to the float32 rounding of the
+    # midpoint that decides (a value within an ulp of a midpoint may go either way).
     x = torch.randn(64, 4096) * torch.rand(64, 1) * 10
     code = dynamic_map()
     q, absmax = ops.blockwise8_quantize(x, code, 256)
@@ -46,10 +47,12 @@ def test_agrees_with_bitsandbytes_up_to_near_ties() -> None:
     assert torch.equal(absmax, state.absmax)
     differ = q != bnb_q
     assert differ.float().mean() < 0.005
-    scaled = (x.reshape(-1, 256) / absmax[:, None]).reshape(x.shape)
+    scaled = (x.reshape(-1, 256) * absmax.reciprocal()[:, None]).reshape(x.shape)
     ours = (scaled - code[q.long()]).abs()
     theirs = (scaled - code[bnb_q.long()]).abs()
-    assert torch.all(ours[differ] <= theirs[differ])
+    ulp = torch.finfo(torch.float32).eps * scaled.abs()
+    assert torch.all(ours[differ] <= theirs[differ] + ulp[differ])
+    assert (ours[differ] < theirs[differ]).float().mean() > 0.99
     # The layout is shared: each side dequantizes the other's bytes identically.
     assert torch.equal(
         ops.blockwise8_dequantize(bnb_q, state.absmax, code, 256),

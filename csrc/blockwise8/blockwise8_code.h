@@ -12,6 +12,13 @@ constexpr int64_t kCodeSize = 256;
 // Zero blocks are scaled by this instead of 0, so they map to the code nearest 0, not to NaN.
 constexpr float kMinAbsmax = 1e-38f;
 
+// A block's values are multiplied by this before nearest_code: 1 / absmax rounded once to float32
+// (bitsandbytes' rule: its CUDA kernels and PyTorch reference multiply by the reciprocal rather
+// than divide). A NaN absmax gives NaN, which sends the whole block to code 255.
+LORAKIT_HOST_DEVICE float inverse_absmax(float absmax) {
+  return 1.0f / (absmax < kMinAbsmax ? kMinAbsmax : absmax);
+}
+
 // midpoints[i] = (code[i] + code[i+1]) / 2 in float32. Returns the first i with x <= midpoints[i]
 // (255 if none): the nearest code, ties to the lower one, NaN to 255 — the same rule as
 // torch.bucketize against the midpoints, which bitsandbytes' reference implementation uses.

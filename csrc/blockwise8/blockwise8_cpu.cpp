@@ -30,9 +30,9 @@ void quantize_blocks(const scalar_t* x, int64_t n, int64_t blocksize, int64_t fi
     for (int64_t i = 0; i < len; ++i)
       amax = nf4::nan_max(amax, std::abs(static_cast<float>(x[start + i])));
     absmax[b] = amax;
-    const float scale = std::max(amax, kMinAbsmax);  // std::max keeps a NaN amax
+    const float inverse = inverse_absmax(amax);
     for (int64_t i = 0; i < len; ++i)
-      q[start + i] = nearest_code(static_cast<float>(x[start + i]) / scale, midpoints);
+      q[start + i] = nearest_code(static_cast<float>(x[start + i]) * inverse, midpoints);
   }
 }
 

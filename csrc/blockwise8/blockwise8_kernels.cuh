@@ -3,8 +3,8 @@
 //
 // quantize: a CTA owns whole quant blocks (grid-stride over them), builds the 255 code midpoints
 // in shared memory once, reduces each block's absmax with a NaN-propagating max, then maps
-// x / max(absmax, 1e-38) to the nearest code by binary search (nearest_code, shared with the CPU).
-// dequantize: a CTA keeps the 256 codes in shared memory; each thread expands 16 bytes with
+// x * inverse_absmax(absmax) to the nearest code by binary search (nearest_code, shared with the
+// CPU). dequantize: a CTA keeps the 256 codes in shared memory; each thread expands 16 bytes with
 // code[q] * absmax in float32 and one conversion, like the CPU, through loads and 16-byte stores
 // that are contiguous across a warp.
 #pragma once
@@ -64,10 +64,9 @@ __global__ void __launch_bounds__(kThreads)
       amax = nf4::nan_max(amax, fabsf(static_cast<float>(xb[i])));
     amax = block_nan_max<kThreads>(amax, warp_max);
     if (threadIdx.x == 0) absmax[b] = amax;
-    // std::max(amax, kMinAbsmax) as the CPU writes it: (a < b) ? b : a keeps a NaN amax.
-    const float scale = amax < kMinAbsmax ? kMinAbsmax : amax;
+    const float inverse = inverse_absmax(amax);
     for (int64_t i = threadIdx.x; i < len; i += kThreads)
-      q[start + i] = nearest_code(static_cast<float>(xb[i]) / scale, midpoints);
+      q[start + i] = nearest_code(static_cast<float>(xb[i]) * inverse, midpoints);
   }
 }
 

@@ -55,10 +55,10 @@ inline float max_lane_bits(__m256i x) {
   return _mm_cvtss_f32(_mm_castsi128_ps(m));
 }
 
-// q[i] = quantize(x[i] / scale, t) for a full block; t.exact must hold.
-inline void quantize_block8(const float* __restrict x, float scale, const CodeTables& t,
+// q[i] = quantize(x[i] * inverse, t) for a full block; t.exact must hold.
+inline void quantize_block8(const float* __restrict x, float inverse, const CodeTables& t,
                             uint8_t* __restrict q) {
-  const __m256 vscale = _mm256_set1_ps(scale);
+  const __m256 vinverse = _mm256_set1_ps(inverse);
   const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
   const __m256i low16 = _mm256_set1_epi32(0xFFFF);
   const __m256i first =
@@ -68,7 +68,7 @@ inline void quantize_block8(const float* __restrict x, float scale, const CodeTa
   const __m256i byte_mask = _mm256_set1_epi32(0xFF);
   const auto* lut = reinterpret_cast<const int*>(t.lut);
   for (int64_t i = 0; i < kBlocksize; i += 8) {
-    const __m256 y = _mm256_div_ps(_mm256_loadu_ps(x + i), vscale);
+    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinverse);
     const __m256i u = _mm256_castps_si256(y);
     const __m256i negative = _mm256_srai_epi32(u, 31);  // all ones where the sign bit is set
     // bucket_of(u)
@@ -134,8 +134,8 @@ void step_8bit_full_block(T* __restrict param, const T* __restrict grad, uint8_t
   const float new_v_max = max_lane_bits(v_max);
   *absmax_m = new_m_max;
   *absmax_v = new_v_max;
-  quantize_block8(m, new_m_max < kMinScale ? kMinScale : new_m_max, mc, qm);
-  quantize_block8(v, new_v_max < kMinScale ? kMinScale : new_v_max, vc, qv);
+  quantize_block8(m, inverse_scale(new_m_max), mc, qm);
+  quantize_block8(v, inverse_scale(new_v_max), vc, qv);
 }
 
 }  // namespace

@@ -95,11 +95,8 @@ __global__ void adamw8bit_kernel(T* __restrict__ param, const T* __restrict__ gr
   const float m_max = block_max(fabsf(r.m), warp_max);  // dead lanes add 0, which changes nothing
   const float v_max = block_max(r.v, warp_max);
   if (live) {
-    // Zero blocks are scaled by kMinScale; a NaN max stays NaN and sends the block to code 255.
-    const float m_scale = m_max < kMinScale ? kMinScale : m_max;
-    const float v_scale = v_max < kMinScale ? kMinScale : v_max;
-    qm[i] = blockwise8::nearest_code(r.m / m_scale, midpoints[0]);
-    qv[i] = blockwise8::nearest_code(r.v / v_scale, midpoints[1]);
+    qm[i] = blockwise8::nearest_code(r.m * blockwise8::inverse_absmax(m_max), midpoints[0]);
+    qv[i] = blockwise8::nearest_code(r.v * blockwise8::inverse_absmax(v_max), midpoints[1]);
   }
   if (t == 0) {
     absmax_m[b] = m_max;

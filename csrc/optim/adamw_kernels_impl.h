@@ -67,13 +67,11 @@ void step_8bit_block(T* __restrict param, const T* __restrict grad, uint8_t* __r
   std::memcpy(&new_v_max, &v_max, sizeof v_max);
   *absmax_m = new_m_max;
   *absmax_v = new_v_max;
-  // A zero block is divided by the smallest normal-ish scale instead of 0 (blockwise8's rule);
-  // a NaN maximum stays NaN and sends the whole block to code 255.
-  const float m_scale = new_m_max < kMinScale ? kMinScale : new_m_max;
-  const float v_scale = new_v_max < kMinScale ? kMinScale : new_v_max;
+  const float m_inverse = inverse_scale(new_m_max);
+  const float v_inverse = inverse_scale(new_v_max);
   for (int64_t i = 0; i < len; ++i) {
-    qm[i] = quantize(m[i] / m_scale, mc);
-    qv[i] = quantize(v[i] / v_scale, vc);
+    qm[i] = quantize(m[i] * m_inverse, mc);
+    qv[i] = quantize(v[i] * v_inverse, vc);
   }
 }
 

@@ -74,6 +74,14 @@ inline int64_t bucket_of(uint32_t u) {
 }
 inline uint32_t key_of(uint32_t u) { return (u & 0xFFFFu) ^ (u >> 31 ? 0xFFFFu : 0u); }
 
+// blockwise8::inverse_absmax, compiled into this instruction set's copy (the shared inline function
+// must not be reached from the baseline path): what a block's values are multiplied by before the
+// nearest-code lookup. A zero block takes 1 / kMinScale; a NaN maximum stays NaN and sends the
+// whole block to code 255.
+inline float inverse_scale(float absmax) {
+  return 1.0f / (absmax < kMinScale ? kMinScale : absmax);
+}
+
 // Index of the code nearest y (ties to the lower code, NaN to 255): blockwise8::nearest_code,
 // through the bucket table when the code allows it.
 inline uint8_t quantize(float y, const CodeTables& t) {

@@ -98,8 +98,9 @@ def blockwise8_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantizes ``x`` to 8 bits per value in blocks, in bitsandbytes' blockwise layout.
 
-    Each block of ``blocksize`` values is divided by its absolute maximum and each value replaced
-    by the index of the nearest entry of ``code`` (ties to the lower entry). A block of zeros maps
+    Each block of ``blocksize`` values is multiplied by the reciprocal of its absolute maximum
+    (rounded once to float32, as bitsandbytes' CUDA kernels do) and each value replaced by the
+    index of the nearest entry of ``code`` (ties to the lower entry). A block of zeros maps
     to the entry nearest 0; a NaN makes its block's absmax NaN.
 
     Args:
