@@ -3,6 +3,7 @@ generator (formats, principle draws, resume, judge labels), its files feeding `l
 `lorakit dpo`, a tiny model end to end, and (slow) the real SmolLM2-135M-Instruct."""
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from lorakit.constitutional import (
     load_principles,
     pick_principles,
 )
+from lorakit.constitutional.conversation import as_messages, judge_messages, revision_messages
+from lorakit.constitutional.lengths import LoopShape, check_lengths
 from lorakit.constitutional.principles import parse_principles
 from lorakit.data.prompts import render_messages
 from lorakit.generation import SamplingOptions
@@ -81,8 +84,6 @@ def config(out, revisions=2, order="random", seed=0, judge=False, batch_size=2):
 
 
 def prompts():
-    from lorakit.constitutional.conversation import as_messages
-
     return [(i, as_messages(p.get("prompt") or p["messages"])) for i, p in enumerate(PROMPTS)]
 
 
@@ -301,6 +302,55 @@ def test_mistakes_get_one_line(tmp_path, tiny_model, capsys) -> None:
         ["constitutional", "--model", str(no_tokenizer), "--data", data, "--out", str(tmp_path)],
         "cannot load a tokenizer",
     )
+
+
+def test_prompts_that_can_outgrow_the_model_are_refused_before_generating(
+    tmp_path, tiny_model, capsys
+) -> None:
+    """The longest request a prompt can lead to (its revision request with a response and a
+    critique of --max-new-tokens each, then --max-new-tokens more) is checked against the
+    model's 128 positions before anything is generated: one token over is refused, naming the
+    prompt; exactly 128 runs to the end."""
+    one = parse_principles(PRINCIPLES[:1], "test")  # every round draws it
+    principles = tmp_path / "principles.json"
+    principles.write_text(json.dumps(PRINCIPLES[:1]))
+    long_prompt = "what is one ? " * 8
+    data = write_jsonl(tmp_path / "prompts.jsonl", [PROMPTS[0], {"prompt": long_prompt}])
+    tok = tokenizer("A B")
+    counter = ModelGenerator(llama(tok), tok, SamplingOptions(), batch_size=1)
+    request = revision_messages(as_messages(long_prompt.strip()), "", one[0], "")
+    revising = counter.count_tokens([request])[0]
+    fits = (128 - revising) // 3
+    assert fits >= 2, revising  # the test needs room to generate
+    out = tmp_path / "out"
+    argv = ["constitutional", "--model", str(tiny_model), "--data", data, "--out", str(out)]
+    argv += ["--principles", str(principles), "--revisions", "2", "--no-progress"]
+    one_line(
+        capsys,
+        [*argv, "--max-new-tokens", str(fits + 1)],
+        f"prompt 1 of --data can need {revising + 3 * (fits + 1)} positions in a revision request",
+    )
+    assert not (out / "trace.jsonl").exists() or not (out / "trace.jsonl").read_text()
+    shutil.rmtree(out)
+    assert main([*argv, "--max-new-tokens", str(fits), "--device", "cpu"]) == 0
+    assert len(rows(out / "trace.jsonl")) == 2
+
+
+def test_the_judges_question_is_checked_too() -> None:
+    tok = tokenizer("A B")
+    counter = ModelGenerator(llama(tok), tok, SamplingOptions(), batch_size=1)
+    principles = parse_principles(PRINCIPLES, "test")
+    prompt = [(0, as_messages("what is one ?"))]
+    shape = LoopShape(principles, 1, "round-robin", 0, max_new_tokens=4, judge=True)
+    question = judge_messages(prompt[0][1], "", "", principles[0])
+    judged = counter.count_tokens([question])[0] + 2 * 4
+    revising = counter.count_tokens([revision_messages(prompt[0][1], "", principles[0], "")])[0]
+    assert judged > revising + 3 * 4  # the judge's question is the longest here
+    check_lengths(counter.count_tokens, prompt, shape, judged)
+    with pytest.raises(ValueError, match=f"can need {judged} positions in the judge's question"):
+        check_lengths(counter.count_tokens, prompt, shape, judged - 1)
+    no_judge = LoopShape(principles, 1, "round-robin", 0, max_new_tokens=4, judge=False)
+    check_lengths(counter.count_tokens, prompt, no_judge, judged - 1)
 
 
 @pytest.mark.slow

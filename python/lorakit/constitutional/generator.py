@@ -66,6 +66,10 @@ class ModelGenerator:
         # The rendered text holds the template's own special tokens (BOS, turn markers).
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
+    def count_tokens(self, conversations: list[Messages]) -> list[int]:
+        """Each conversation's tokens as :meth:`complete` would feed it to the model."""
+        return [len(ids) for ids in self._encode(conversations)]
+
     def complete(self, conversations: list[Messages]) -> list[Completion]:
         done: list[Completion] = []
         encoded = self._encode(conversations)

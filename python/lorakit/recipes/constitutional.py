@@ -24,10 +24,12 @@ from lorakit.constitutional import (
     load_principles,
 )
 from lorakit.constitutional.conversation import as_messages
+from lorakit.constitutional.lengths import LoopShape, check_lengths
 from lorakit.constitutional.principles import Principle
 from lorakit.data.prompts import load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import ModelConfig, load_model, load_tokenizer
+from lorakit.models.positions import position_limit
 from lorakit.peft import load_adapter
 
 REQUIRED = frozenset({"model", "data", "out"})
@@ -145,7 +147,8 @@ def generate_data(
 
 def run(config: ConstitutionalConfig) -> dict[str, Any]:
     """Loads the principles, the model's tokenizer and the prompts, and checks ``--out``
-    (all before the model loads), then the model, and runs :func:`generate_data`."""
+    (all before the model loads), then the model; checks that no prompt can lead past the
+    model's positions, and runs :func:`generate_data`."""
     source, options = config.source, config.critique
     principles = load_principles(options.principles or DEFAULT)
     model_config = ModelConfig(model=source.model, dtype=source.dtype, device=source.device)
@@ -166,6 +169,15 @@ def run(config: ConstitutionalConfig) -> dict[str, Any]:
     if source.adapter:
         load_adapter(model, source.adapter)
     generator = ModelGenerator(model, tokenizer, config.sampling, options.batch_size)
+    shape = LoopShape(
+        principles,
+        options.revisions,
+        options.order,
+        options.seed,
+        config.sampling.max_new_tokens,
+        options.judge,
+    )
+    check_lengths(generator.count_tokens, prompts, shape, position_limit(model))
     return generate_data(generator, prompts, principles, config, settings)
 
 
