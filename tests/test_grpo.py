@@ -220,3 +220,8 @@ def test_cli_grpo_runs_and_reports_mistakes(tmp_path, capsys, method) -> None:
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     assert main([*argv, "--reward-function", f"{reward}:missing"]) == 2
     assert "has no function 'missing'" in capsys.readouterr().err
+    # 2 prompts x 2 completions: a fifth minibatch would be empty.
+    assert main([*argv, "--reward-function", f"{reward}:contains_five", "--minibatches", "5"]) == 2
+    assert "--minibatches 5 is more than the 4 completions" in capsys.readouterr().err
+    assert main([*argv, "--reward-function", f"{reward}:contains_five", "--fsdp"]) == 2
+    assert "grpo does not shard the model (--fsdp)" in capsys.readouterr().err

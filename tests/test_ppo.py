@@ -223,6 +223,9 @@ def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, rew
     assert len(err) == 1 and "give one reward" in err[0], err
     assert main([*argv, "--reward-adapter", str(adapter), "--gamma", "2"]) == 2
     assert "gamma" in capsys.readouterr().err
+    assert main([*argv, "--reward-adapter", str(adapter), "--minibatches", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--minibatches 5 is more than the 4 completions of a step" in err[0]
 
 
 def _gae_reference(rewards, values, gamma: float, lam: float) -> tuple[list, list]:

@@ -9,6 +9,7 @@ the papers' formulas (Schulman et al. 2016 eq. 16; Ziegler et al. 2019 sec. 2.2)
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -22,9 +23,11 @@ from lorakit.losses import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
+    explained_variance,
     gae,
     group_advantages,
     kl_penalty,
+    masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
     token_logprobs_from_logits,
@@ -146,6 +149,62 @@ def test_whiten_matches_unbiased_standardisation():
                 assert float(kept_mean[b, t]) == pytest.approx(z + mean, rel=1e-12)
     with pytest.raises(ValueError, match="at least 2 masked values"):
         whiten(values, torch.zeros_like(mask))
+
+
+def _split_over_processes(fn, parts):
+    """``fn(values, mask, total)`` on each ``(values, mask)`` part in a thread of its own, as
+    torchrun's processes would run it: ``total`` sums a tensor over the parts (an all-reduce,
+    the parts added in a fixed order). Returns each part's result."""
+    slots: list = [None] * len(parts)
+    arrived = threading.Barrier(len(parts))
+    results: list = [None] * len(parts)
+
+    def run(i: int) -> None:
+        def total(t: torch.Tensor) -> torch.Tensor:
+            slots[i] = t
+            arrived.wait()
+            summed = sum(slots[1:], slots[0])
+            arrived.wait()  # every part has read the slots before they are reused
+            return summed
+
+        results[i] = fn(*parts[i], total)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(parts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_batch_statistics_split_over_processes_equal_the_whole_batchs():
+    """Under torchrun each process holds some rows: whitening, the masked mean and the explained
+    variance over its rows with ``total`` summing across them equal those of the whole batch."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(5, 6, generator=g, dtype=torch.float64) * 2 - 1
+    returns = values + torch.randn(5, 6, generator=g, dtype=torch.float64)
+    mask = _right_padded_mask([6, 2, 5, 1, 4], 6)
+    cuts = [(0, 2), (2, 5)]
+    cases = {
+        "whiten": (lambda v, r, m, total: whiten(v, m, total=total), torch.cat),
+        "whiten rewards": (
+            lambda v, r, m, total: whiten(v, m, shift_mean=False, total=total),
+            torch.cat,
+        ),
+        "masked_mean": (lambda v, r, m, total: masked_mean(v, m, total), lambda xs: xs[0]),
+        "explained_variance": (
+            lambda v, r, m, total: explained_variance(v, r, m, total),
+            lambda xs: xs[0],
+        ),
+    }
+    for name, (fn, join) in cases.items():
+        parts = [(values[a:b], returns[a:b], mask[a:b]) for a, b in cuts]
+        split = join(_split_over_processes(fn, parts))
+        whole = fn(values, returns, mask, lambda t: t)
+        torch.testing.assert_close(split, whole, **F64, msg=name)
+    # Local statistics differ: the check can fail.
+    local = torch.cat([whiten(values[a:b], mask[a:b]) for a, b in cuts])
+    assert not torch.allclose(local * mask, whiten(values, mask) * mask)
 
 
 # ---- clipped losses

@@ -9,20 +9,36 @@ more than a short one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
 
 KLEstimator = Literal["k1", "k3"]
 
+Total = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a 0-d tensor over every process that holds part of the batch (under torchrun: an
+all-reduce), so that batch statistics cover the whole batch; the default is this process's."""
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is 1 (0 when the mask is empty)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+def _this_process(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, total: Total = _this_process
+) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (0 when the mask is empty), over the batch that
+    ``total`` sums (this tensor's, by default)."""
+    return total((values * mask).sum()) / total(mask.sum()).clamp(min=1)
 
 
 def whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    total: Total = _this_process,
 ) -> torch.Tensor:
     r"""Standardises ``values`` over the masked tokens:
     :math:`(x - \mu) / \sqrt{\sigma^2 + \epsilon}`.
@@ -30,16 +46,17 @@ def whiten(
     :math:`\sigma^2` is the unbiased (Bessel-corrected) variance of the masked values, as TRL's
     ``masked_whiten`` computes it for PPO's advantages (Ziegler et al. 2019's ``whiten``). With
     ``shift_mean=False`` the mean is added back (only the scale changes), as PPO does for rewards.
-    Positions outside the mask are returned transformed too; callers mask them.
+    Positions outside the mask are returned transformed too; callers mask them. The mean and
+    variance are those of the batch that ``total`` sums (see :data:`Total`).
 
     Raises:
         ValueError: fewer than two masked values (no variance).
     """
-    count = mask.sum()
+    count = total(mask.sum())
     if count < 2:
         raise ValueError(f"whiten: needs at least 2 masked values, got {int(count)}")
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask) * count / (count - 1)
+    mean = masked_mean(values, mask, total)
+    variance = masked_mean((values - mean) ** 2, mask, total) * count / (count - 1)
     out = (values - mean) * torch.rsqrt(variance + eps)
     return out if shift_mean else out + mean
 
@@ -218,11 +235,23 @@ def ppo_value_loss(
     unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
     with torch.no_grad():
-        residual = returns - values
-        residual_var = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-        returns_var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         return ValueLossOutput(
             loss=loss,
             clip_fraction=masked_mean((clipped_error > unclipped_error).to(mask.dtype), mask),
-            explained_variance=1 - residual_var / returns_var,
+            explained_variance=explained_variance(values, returns, mask),
         )
+
+
+@torch.no_grad()
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total: Total = _this_process
+) -> torch.Tensor:
+    r""":math:`1 - \mathrm{Var}(R - V) / \mathrm{Var}(R)` over the masked tokens of the batch
+    that ``total`` sums (1: perfect; 0: no better than a constant; NaN when the returns do not
+    vary)."""
+    mask = mask.to(values.dtype)
+
+    def variance(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean((x - masked_mean(x, mask, total)) ** 2, mask, total)
+
+    return 1 - variance(returns - values) / variance(returns)

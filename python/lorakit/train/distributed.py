@@ -101,6 +101,16 @@ def sum_across(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, in its dtype and on its device (``t`` itself outside
+    torchrun): the :data:`lorakit.losses.ppo.Total` of a batch split over the ranks."""
+    if not active():
+        return t
+    summed = t.detach().to(_reduce_device(), copy=True)
+    dist.all_reduce(summed)
+    return summed.to(t.device)
+
+
 def gather_to_main(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order on rank 0 (an empty list elsewhere)."""
     if not active():

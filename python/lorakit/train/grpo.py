@@ -150,6 +150,7 @@ class GRPOTrainer(RolloutLoop):
             options.updates * options.minibatches,
             options.kl_warn,
         )
+        self.check_minibatches(options.minibatches, options.group_size)
 
     def options_state(self) -> dict[str, Any]:
         return asdict(self.options)

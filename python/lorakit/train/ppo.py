@@ -10,7 +10,7 @@ Each step ``s``:
    disabled) and the value model's values;
 4. per-token rewards :math:`r_t = -\beta\, k(\pi, \pi_{ref})_t`, plus the score on the last
    completion token; GAE advantages and returns (:func:`lorakit.losses.gae`), advantages
-   whitened over the batch;
+   whitened over the batch (under torchrun, every process's rows);
 5. ``updates`` passes over the rollout in ``minibatches`` parts, one optimizer step each, on
 
    .. math::
@@ -47,6 +47,7 @@ from lorakit.losses import (
     AdaptiveKLController,
     FixedKLController,
     KLEstimator,
+    explained_variance,
     gae,
     kl_penalty,
     masked_mean,
@@ -56,6 +57,7 @@ from lorakit.losses import (
 )
 from lorakit.models.heads import ValueHead, token_values
 from lorakit.peft import adapter_layers
+from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.policy import completion_logprobs, reference_logprobs
 from lorakit.train.rollout_loop import RewardFunction, RolloutLoop, StepSums
@@ -195,6 +197,7 @@ class PPOTrainer(RolloutLoop):
 
     kind = "ppo"
     plotted = PLOTTED
+    runs_distributed = True
 
     def __init__(
         self,
@@ -242,6 +245,7 @@ class PPOTrainer(RolloutLoop):
             options.kl_warn,
             trained=modules,
         )
+        self.check_minibatches(options.minibatches, 1)
 
     def options_state(self) -> dict[str, Any]:
         return asdict(self.options)
@@ -276,22 +280,25 @@ class PPOTrainer(RolloutLoop):
         rows = torch.arange(len(mask), device=mask.device)
         last = (mask.sum(1).long() - 1).clamp(min=0)
         rewards[rows, last] += scores
+        # Batch statistics over every process's rows (under torchrun each holds a share).
+        total = distributed.sum_tensor
         if opts.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False) * mask
+            rewards = whiten(rewards, mask, shift_mean=False, total=total) * mask
         advantages, returns = gae(rewards, values, mask, opts.gamma, opts.lam)
-        advantages = whiten(advantages, mask) * mask
+        advantages = whiten(advantages, mask, total=total) * mask
         tokens = float(mask.sum())
         sums.add("kl", masked_mean(kl, mask), tokens)
         sums.add("entropy", masked_mean(entropy, mask), tokens)
-        sequence_kl = float(kl.sum(1).mean())
-        fit = ppo_value_loss(values, values, returns, mask)
+        rows = total(torch.tensor(float(len(mask)), device=mask.device))
+        sequence_kl = float(total(kl.sum()) / rows)
+        score = float(total(scores.sum()) / rows)
         metrics = {
             "kl_sequence": sequence_kl,
             "kl_coef": beta,
-            "score": float(scores.mean()),
-            "rlhf_reward": float(scores.mean()) - beta * sequence_kl,
-            "value_mean": masked_mean(values, mask).item(),
-            "explained_variance": float(fit.explained_variance),
+            "score": score,
+            "rlhf_reward": score - beta * sequence_kl,
+            "value_mean": masked_mean(values, mask, total).item(),
+            "explained_variance": float(explained_variance(values, returns, mask, total)),
         }
         return Advantages(logprobs, values, advantages, returns), metrics
 
@@ -313,12 +320,14 @@ class PPOTrainer(RolloutLoop):
             opts.cliprange,
             opts.cliprange,
         )
-        policy.loss.backward()
+        share = self.global_share(mask.sum())
+        (policy.loss * share).backward()
         values = self._values(ids, attention, mask.shape[1])
         value = ppo_value_loss(
             values, targets.values[rows], targets.returns[rows], mask, opts.cliprange_value
         )
-        (opts.vf_coef * value.loss).backward()
+        (opts.vf_coef * value.loss * share).backward()
+        self.sync_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -349,7 +358,7 @@ class PPOTrainer(RolloutLoop):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             for rows in order.to(device).tensor_split(opts.minibatches):
                 self._update(rollout, targets, rows, sums)
-        self.kl_control.update(rollout_metrics["kl_sequence"], n)
+        self.kl_control.update(rollout_metrics["kl_sequence"], self.config.batch_size)
         metrics.update(rollout_metrics)
         metrics.update(sums.means())
         metrics["train_s"] = time.perf_counter() - tic

@@ -122,6 +122,8 @@ class RolloutLoop:
             )
         if config.grad_accum != 1:
             raise ValueError(f"{self.kind} takes --minibatches, not --grad-accum")
+        if config.fsdp:
+            raise ValueError(f"{self.kind} does not shard the model (--fsdp): drop the option")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.sampling, self.reward, self.kl_warn = sampling, reward, kl_warn
         self.trained = model if trained is None else trained
@@ -224,6 +226,18 @@ class RolloutLoop:
     def options_state(self) -> dict[str, Any]:
         """The algorithm's options, recorded in checkpoints."""
         return {}
+
+    def check_minibatches(self, minibatches: int, per_prompt: int) -> None:
+        """Refuses more minibatches than the completions each process holds per step
+        (``per_prompt`` completions for each of its prompts): a minibatch would be empty."""
+        processes = distributed.world_size()
+        rows = self.config.batch_size // processes * per_prompt
+        if minibatches > rows:
+            each = f" in each of the {processes} processes" if processes > 1 else ""
+            raise ValueError(
+                f"--minibatches {minibatches} is more than the {rows} completions of a step"
+                f"{each}: lower --minibatches or raise --batch-size"
+            )
 
     # ---- torchrun
 
