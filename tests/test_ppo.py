@@ -18,7 +18,9 @@ from torch import nn
 from lorakit.cli import main
 from lorakit.generation import SamplingOptions, sample
 from lorakit.models import ModelConfig, load_model, load_tokenizer
+from lorakit.models.heads import token_values
 from lorakit.peft import (
+    active_adapter,
     adapter_layers,
     adapter_names,
     disable_adapters,
@@ -186,6 +188,44 @@ def test_roles_share_one_base_and_the_shared_reward_scores_as_its_own_model(
     # policy's and the value's adapters sit in the same layers, disabled): rounding only.
     assert scorer(prompts, completions) == pytest.approx(expected_scores, abs=1e-5)
     assert len(set(expected_scores)) == 4  # the scores differ: the check can fail
+
+
+@pytest.mark.parametrize("value_init", ["reward", "zero"])
+def test_value_model_starts_as_the_reward_model(tmp_path, reward_adapter, value_init) -> None:
+    """--value-init reward (the default): before any update, the value of the state before each
+    completion token is the score that the reward model, loaded on its own as a transformers
+    sequence classifier, gives the sequence up to that state. zero: every value is 0."""
+    model_dir, adapter = reward_adapter
+    model_config = ModelConfig(model=str(model_dir), method="lora")
+    model = load_model(model_config)
+    cfg = config(tmp_path / "out", 1, batch=4, reward_adapter=str(adapter), value_init=value_init)
+    cfg.model = model_config
+    head, _ = ppo.prepare(model, load_tokenizer(model_config), cfg)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=g)
+    n = 6  # completion tokens: the states before them end at positions 3 .. 8
+    with torch.no_grad():
+        values = token_values(model, head, "value", ids, torch.ones_like(ids), n)
+    own, _ = reward.load_reward_model(
+        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter)))
+    )
+    with torch.no_grad():
+        scores = torch.stack(
+            [own(input_ids=ids[:, : 10 - n + j]).logits[:, 0] for j in range(n)], dim=1
+        )
+    if value_init == "zero":
+        assert torch.equal(values, torch.zeros_like(values))
+        return
+    assert scores.std() > 0.01  # the reward model tells the prefixes apart: the check can fail
+    # The same float32 weights, the LoRA sums in another order: rounding only.
+    torch.testing.assert_close(values, scores.float(), rtol=0, atol=1e-5)
+    # The copy trains, the reward adapter stays frozen, the policy trains and stays active.
+    for _, layer in adapter_layers(model):
+        assert all(p.requires_grad for p in layer.adapter_parameters("value"))
+        assert all(p.requires_grad for p in layer.adapter_parameters("default"))
+        assert not any(p.requires_grad for p in layer.adapter_parameters("reward"))
+    assert all(p.requires_grad for p in head.parameters())
+    assert active_adapter(model) == "default"
 
 
 def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, reward_adapter):

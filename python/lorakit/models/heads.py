@@ -1,11 +1,14 @@
 """Scalar heads on a causal LM's backbone that share its weights: PPO's value model (its own
 adapter plus a value head, one value per token) and a reward model trained by ``lorakit reward``
 loaded as one more named adapter plus its score head. Switching between them and the policy
-switches the active adapter; no weight is copied.
+switches the active adapter, and moves no weight; the value model may start as a copy of the
+reward model's adapter and head.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,19 +55,47 @@ class ValueHead(nn.Linear):
             self.bias.zero_()
 
 
-def add_value_adapter(model: nn.Module, config: LoraConfig, name: str = "value") -> ValueHead:
-    """Adds LoRA adapter ``name`` (``config``'s targets, on the backbone's layers as they are:
-    NF4 stays NF4) and returns a new :class:`ValueHead` on the model's device. What trained
-    before still trains, the value adapter trains too, and the active adapter is unchanged."""
+@contextlib.contextmanager
+def _training_state_kept(model: nn.Module) -> Iterator[None]:
+    """Adding an adapter freezes what is not an adapter and may change the active one: what
+    trained before trains again afterwards, and the active adapter is restored."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     previous = active_adapter(model)
-    apply_lora(backbone(model), replace(config, quantize=None), name)
+    yield
     for parameter in trainable:
         parameter.requires_grad_(True)
     if previous is not None:
         set_adapter(model, previous)
+
+
+def add_value_adapter(model: nn.Module, config: LoraConfig, name: str = "value") -> ValueHead:
+    """Adds LoRA adapter ``name`` (``config``'s targets, on the backbone's layers as they are:
+    NF4 stays NF4) and returns a new :class:`ValueHead` on the model's device. What trained
+    before still trains, the value adapter trains too, and the active adapter is unchanged."""
+    with _training_state_kept(model):
+        apply_lora(backbone(model), replace(config, quantize=None), name)
     device = next(model.parameters()).device
     return ValueHead(hidden_size(model)).to(device)
+
+
+def value_from_reward_adapter(
+    model: nn.Module, folder: str | Path, name: str = "value"
+) -> ValueHead:
+    """Adds value adapter ``name`` as a trainable copy of a reward adapter written by ``lorakit
+    reward``, and returns a :class:`ValueHead` holding a copy of its score head: the value model
+    starts as the reward model (TRL's PPO starts its value model from the reward model's
+    weights), so the first values are the reward model's scores of each prefix. What trained
+    before still trains, and the active adapter is unchanged.
+
+    Raises:
+        ValueError: the files do not fit the model (see :func:`lorakit.load_adapter`).
+    """
+    with _training_state_kept(model):
+        score = _load_scored_adapter(model, folder, name, trainable=True)
+    head = ValueHead(hidden_size(model)).to(score.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(score.weight)
+    return head
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -137,10 +168,20 @@ def load_reward_adapter(
     Raises:
         ValueError: the files do not fit the model (see :func:`lorakit.load_adapter`).
     """
+    return AdapterRewardModel(
+        model, name, _load_scored_adapter(model, folder, name, trainable=False), pad_token_id
+    )
+
+
+def _load_scored_adapter(
+    model: nn.Module, folder: str | Path, name: str, trainable: bool
+) -> nn.Linear:
+    """Loads a reward adapter's LoRA weights onto ``model``'s backbone as adapter ``name`` and
+    returns its score head (see :func:`load_reward_adapter`)."""
     shell = nn.Module()
     setattr(shell, model.base_model_prefix, backbone(model))
     device = next(model.parameters()).device
     dtype = backbone(model).get_input_embeddings().weight.dtype
     shell.score = nn.Linear(hidden_size(model), 1, bias=False, device=device, dtype=dtype)
-    load_adapter(shell, folder, name, trainable=False)
-    return AdapterRewardModel(model, name, shell.score, pad_token_id)
+    load_adapter(shell, folder, name, trainable=trainable)
+    return shell.score

@@ -21,7 +21,12 @@ from torch import nn
 from lorakit.data.prompts import Prompt, load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import load_model, load_tokenizer, pad_id
-from lorakit.models.heads import ValueHead, add_value_adapter, load_reward_adapter
+from lorakit.models.heads import (
+    ValueHead,
+    add_value_adapter,
+    load_reward_adapter,
+    value_from_reward_adapter,
+)
 from lorakit.recipes import reward as reward_recipe
 from lorakit.recipes.common import RunConfig, result_path, save_result
 from lorakit.recipes.grpo import METHODS, GRPOResult, InitOptions, load_reward_function
@@ -88,19 +93,23 @@ def prepare(
     model: nn.Module, tokenizer: Any, config: PPOConfig, reward: RewardFunction | None = None
 ) -> tuple[ValueHead, RewardFunction]:
     """Puts every role on ``model``: the policy adapter (trainable, active), the reward adapter
-    when ``--reward-adapter`` shares the base, the value adapter and head (trainable). Returns
+    when ``--reward-adapter`` shares the base, the value adapter and head (trainable; a copy of
+    the shared reward adapter's with ``--value-init reward``, else V = 0). Returns
     the value head and the reward function (``reward`` when given, else the configured one)."""
     prepare_grpo_policy(model, config)
-    if reward is None:
-        opts = config.ppo
-        if opts.reward_function:
-            reward = load_reward_function(opts.reward_function)
-        elif opts.reward_model:
-            reward = own_reward_model(config)
-        else:
-            shared = load_reward_adapter(model, opts.reward_adapter, pad_id(tokenizer))
-            reward = ModelReward(shared, tokenizer)
-    return add_value_adapter(model, config.lora), reward
+    opts = config.ppo
+    if reward is not None:
+        return add_value_adapter(model, config.lora), reward
+    if opts.reward_function:
+        return add_value_adapter(model, config.lora), load_reward_function(opts.reward_function)
+    if opts.reward_model:
+        return add_value_adapter(model, config.lora), own_reward_model(config)
+    shared = ModelReward(
+        load_reward_adapter(model, opts.reward_adapter, pad_id(tokenizer)), tokenizer
+    )
+    if opts.value_init == "reward":
+        return value_from_reward_adapter(model, opts.reward_adapter), shared
+    return add_value_adapter(model, config.lora), shared
 
 
 def train(

@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -133,6 +133,14 @@ class PPOOptions:
         default=1,
         metadata={"help": "Optimizer steps per pass: the rollout batch is split in this many."},
     )
+    value_init: Literal["reward", "zero"] = field(
+        default="reward",
+        metadata={
+            "help": "Where the value adapter and head start: reward, a copy of --reward-adapter's "
+            "when it shares the policy's base (TRL's default: the value model starts as the "
+            "reward model), else zero; zero: V = 0."
+        },
+    )
     value_lr: float = field(
         default=0.0,
         metadata={"help": "Learning rate of the value adapter and head; 0: the same as --lr."},
@@ -155,6 +163,8 @@ class PPOOptions:
             check_number(name, getattr(self, name), low=0)
         check_number("gamma", self.gamma, low=0, high=1)
         check_number("lam", self.lam, low=0, high=1)
+        if self.value_init not in ("reward", "zero"):
+            raise ValueError(f"value_init must be reward or zero, got {self.value_init!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.updates < 1 or self.minibatches < 1 or self.kl_horizon < 1:
