@@ -21,6 +21,7 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log pi(y_t | x, y_<t)`` of every completion token, float32, (rows, completion_len).
 
@@ -31,7 +32,8 @@ def completion_logprobs(
 
     Returns:
         ``(logprobs, entropy)``: each (rows, completion_len), 0 where ``completion_mask`` is 0;
-        the entropy (detached) only when ``with_entropy``.
+        the entropy only when ``with_entropy``, detached unless ``entropy_grad`` (an entropy
+        bonus).
     """
     n = completion_mask.shape[1]
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -50,7 +52,7 @@ def completion_logprobs(
     logprobs = token_logprobs_from_logits(logits, labels)[:, 1:].float()
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits[:, :-1]).float() * completion_mask
     return logprobs, entropy
 

@@ -15,9 +15,10 @@ Each step ``s``:
 
    .. math::
 
-       \mathcal{L} = \mathcal{L}^{clip}_\pi + c_V\, \mathcal{L}^{clip}_V
+       \mathcal{L} = \mathcal{L}^{clip}_\pi + c_V\, \mathcal{L}^{clip}_V - c_H\, \bar H(\pi)
 
-   (:func:`lorakit.losses.ppo_policy_loss`, :func:`lorakit.losses.ppo_value_loss`);
+   (:func:`lorakit.losses.ppo_policy_loss`, :func:`lorakit.losses.ppo_value_loss`; the
+   entropy bonus :math:`c_H` is ``entropy_coef``, 0 by default);
 6. moves the KL coefficient :math:`\beta` (adaptive: :class:`lorakit.losses.AdaptiveKLController`,
    fed the mean per-sequence KL).
 
@@ -126,6 +127,13 @@ class PPOOptions:
         default=0.0,
         metadata={"help": "Subtract this from the score of a completion cut without EOS."},
     )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Subtract this times the policy's mean per-token entropy from the loss (an "
+            "exploration bonus, OpenAI ppo2's ent_coef); 0: none, as in TRL's PPO."
+        },
+    )
     updates: int = field(
         default=4, metadata={"help": "Passes over each rollout batch (TRL's num_ppo_epochs)."}
     )
@@ -158,6 +166,7 @@ class PPOOptions:
             "vf_coef",
             "cliprange_value",
             "missing_eos_penalty",
+            "entropy_coef",
             "value_lr",
         ):
             check_number(name, getattr(self, name), low=0)
@@ -319,8 +328,14 @@ class PPOTrainer(RolloutLoop):
         opts = self.options
         ids, attention = rollout.input_ids[rows], rollout.attention_mask[rows]
         mask = rollout.completion_mask[rows].float()
-        logprobs, _ = completion_logprobs(
-            self.model, ids, attention, mask, self.sampling.temperature
+        logprobs, entropy = completion_logprobs(
+            self.model,
+            ids,
+            attention,
+            mask,
+            self.sampling.temperature,
+            with_entropy=opts.entropy_coef > 0,
+            entropy_grad=True,
         )
         policy = ppo_policy_loss(
             logprobs,
@@ -330,8 +345,11 @@ class PPOTrainer(RolloutLoop):
             opts.cliprange,
             opts.cliprange,
         )
+        loss = policy.loss
+        if entropy is not None:
+            loss = loss - opts.entropy_coef * masked_mean(entropy, mask)
         share = self.global_share(mask.sum())
-        (policy.loss * share).backward()
+        (loss * share).backward()
         values = self._values(ids, attention, mask.shape[1])
         value = ppo_value_loss(
             values, targets.values[rows], targets.returns[rows], mask, opts.cliprange_value
@@ -342,7 +360,7 @@ class PPOTrainer(RolloutLoop):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = float(mask.sum())
-        sums.add("loss", policy.loss.detach() + opts.vf_coef * value.loss.detach(), tokens)
+        sums.add("loss", loss.detach() + opts.vf_coef * value.loss.detach(), tokens)
         sums.add("policy_loss", policy.loss.detach(), tokens)
         sums.add("value_loss", value.loss.detach(), tokens)
         sums.add("value_clip_fraction", value.clip_fraction, tokens)
