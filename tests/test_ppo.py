@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit.cli import main
 from lorakit.generation import SamplingOptions, sample
+from lorakit.losses import masked_mean
 from lorakit.models import ModelConfig, load_model, load_tokenizer
 from lorakit.models.heads import token_values
 from lorakit.peft import (
@@ -27,7 +28,6 @@ from lorakit.peft import (
     save_adapter,
     using_adapter,
 )
-from lorakit.losses import masked_mean
 from lorakit.recipes import ppo, reward
 from lorakit.recipes.grpo import prepare_policy as prepare_grpo_policy
 from lorakit.train import TrainConfig
