@@ -5,6 +5,7 @@ per-token completion log-probs equal a plain forward pass."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from lorakit.peft import disable_adapters
 from lorakit.recipes import grpo
 from lorakit.train import TrainConfig
 from lorakit.train.grpo import GRPOOptions
+from lorakit.train.out_dir import LOCK
 from lorakit.train.policy import completion_logprobs, reference_logprobs
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
@@ -225,3 +227,64 @@ def test_cli_grpo_runs_and_reports_mistakes(tmp_path, capsys, method) -> None:
     assert "--minibatches 5 is more than the 4 completions" in capsys.readouterr().err
     assert main([*argv, "--reward-function", f"{reward}:contains_five", "--fsdp"]) == 2
     assert "grpo does not shard the model (--fsdp)" in capsys.readouterr().err
+
+
+def test_a_resume_with_other_options_or_processes_is_refused(tmp_path, capsys) -> None:
+    """GRPO / PPO checkpoints hold every option of the run and the number of processes, as the
+    Trainer's do: a resume that would not continue the same run is one line, and --no-resume
+    starts afresh without the old run's checkpoints."""
+    model_dir = saved_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, completions):\n    return [1.0 for _ in completions]\n")
+    out = tmp_path / "out"
+    argv = [
+        "grpo", "--model", str(model_dir), "--data", str(data), "--method", "lora",
+        "--out", str(out), "--reward-function", f"{reward}:score", "--max-steps", "2",
+        "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "3", "--save-every", "1",
+        "--no-progress",
+    ]  # fmt: skip
+
+    def refused(extra: list[str], expected: str) -> None:
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and "--no-resume" in err[0], err
+
+    assert main(argv) == 0
+    capsys.readouterr()  # saving the model above showed a progress bar
+    refused(["--lr", "0.5"], "checkpoint-2 was trained with other options (train.lr")
+    refused(["--group-size", "3"], "grpo.group_size 2 -> 3")
+    refused(["--max-new-tokens", "4"], "sampling.max_new_tokens 3 -> 4")
+    state_file = out / "checkpoint-2" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1 and state["config"]["grpo"]["group_size"] == 2
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    refused([], "was written by 2 process(es), this run has 1")
+    assert main([*argv, "--no-resume", "--lr", "0.5", "--max-steps", "1"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == [1]
+
+
+def test_a_second_rl_run_on_one_directory_is_refused(tmp_path, capsys) -> None:
+    model_dir = saved_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, completions):\n    return [1.0 for _ in completions]\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()  # saving the model above showed a progress bar
+    common = ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress"]
+    common += ["--max-steps", "1", "--batch-size", "2", "--max-new-tokens", "2"]
+    with (out / LOCK).open("a+") as held:  # another process's lock (one open file = one owner)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        for command in ("grpo", "ppo"):
+            assert main([command, *common, "--reward-function", f"{reward}:score"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "in use" in err[0] and "pid 4242" in err[0], err
+        assert not (out / "latest").exists()

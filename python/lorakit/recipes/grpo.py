@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from lorakit.models import load_model, load_tokenizer
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
-from lorakit.train import distributed
+from lorakit.train import distributed, out_dir
 from lorakit.train.grpo import GRPOOptions, GRPOTrainer, RewardFunction
 from lorakit.train.trainer import TrainResult
 
@@ -124,12 +124,21 @@ def train(
     says, and saves the adapter."""
     _check(config)
     prepare_policy(model, config)
-    result = GRPOTrainer(
-        model, tokenizer, config.train, config.grpo, config.sampling, prompts, reward
-    ).fit()
-    if not distributed.is_main():
-        return GRPOResult(result, result_path(config), {})
-    save_result(model, tokenizer, config)
+    # The lock spans training and saving, so no other run writes out between them.
+    with out_dir.claim(Path(config.train.out)):
+        result = GRPOTrainer(
+            model,
+            tokenizer,
+            config.train,
+            config.grpo,
+            config.sampling,
+            prompts,
+            reward,
+            asdict(config),
+        ).fit()
+        if not distributed.is_main():
+            return GRPOResult(result, result_path(config), {})
+        save_result(model, tokenizer, config)
     lines = result.metrics.read_text().splitlines()
     return GRPOResult(result, result_path(config), json.loads(lines[-1]) if lines else {})
 

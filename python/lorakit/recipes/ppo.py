@@ -13,7 +13,8 @@ assistant turn). See :mod:`lorakit.train.ppo` for the loop.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -31,6 +32,7 @@ from lorakit.recipes import reward as reward_recipe
 from lorakit.recipes.common import RunConfig, result_path, save_result
 from lorakit.recipes.grpo import METHODS, GRPOResult, InitOptions, load_reward_function
 from lorakit.recipes.grpo import prepare_policy as prepare_grpo_policy
+from lorakit.train import distributed, out_dir
 from lorakit.train.ppo import PPOOptions, PPOTrainer
 from lorakit.train.rollout_loop import RewardFunction
 
@@ -126,11 +128,16 @@ def train(
     else:
         _check_method(config)
     head, scorer = prepare(model, tokenizer, config, reward)
+    options = asdict(config)
     trainer = PPOTrainer(
-        model, tokenizer, config.train, config.ppo, config.sampling, prompts, scorer, head
+        model, tokenizer, config.train, config.ppo, config.sampling, prompts, scorer, head, options
     )
-    result = trainer.fit()
-    save_result(model, tokenizer, config)
+    # The lock spans training and saving, so no other run writes out between them.
+    with out_dir.claim(Path(config.train.out)):
+        result = trainer.fit()
+        if not distributed.is_main():
+            return GRPOResult(result, result_path(config), {})
+        save_result(model, tokenizer, config)
     lines = result.metrics.read_text().splitlines()
     return GRPOResult(result, result_path(config), json.loads(lines[-1]) if lines else {})
 
@@ -149,6 +156,8 @@ def run(config: PPOConfig) -> GRPOResult:
 def main(config: PPOConfig) -> str:
     """``lorakit ppo``: what it prints when done."""
     result = run(config)
+    if not distributed.is_main():
+        return ""
     last = result.last
     return "\n".join(
         [

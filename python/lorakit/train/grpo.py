@@ -120,6 +120,7 @@ class GRPOTrainer(RolloutLoop):
         sampling: how completions are sampled.
         prompts: the prompt rows.
         reward: ``reward(prompts, completions, **columns) -> rewards``.
+        run_config: every option of the run (see :class:`RolloutLoop`).
     """
 
     kind = "grpo"
@@ -135,6 +136,7 @@ class GRPOTrainer(RolloutLoop):
         sampling: SamplingOptions,
         prompts: Sequence[Prompt],
         reward: RewardFunction,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.options = options
         if options.scale_rewards == "batch" and dist_helpers.world_size() > 1:
@@ -149,6 +151,7 @@ class GRPOTrainer(RolloutLoop):
             trainable_optimizer(model, config),
             options.updates * options.minibatches,
             options.kl_warn,
+            run_config=run_config,
         )
         self.check_minibatches(options.minibatches, options.group_size)
 

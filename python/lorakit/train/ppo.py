@@ -212,6 +212,7 @@ class PPOTrainer(RolloutLoop):
         prompts: the prompt rows.
         reward: ``reward(prompts, completions, **columns) -> scores``.
         value_head: the value head (hidden -> 1).
+        run_config: every option of the run (see :class:`RolloutLoop`).
     """
 
     kind = "ppo"
@@ -228,6 +229,7 @@ class PPOTrainer(RolloutLoop):
         prompts: Sequence[Prompt],
         reward: RewardFunction,
         value_head: ValueHead,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.options, self.value_head = options, value_head
         modules = PPOModules(model, value_head)
@@ -263,6 +265,7 @@ class PPOTrainer(RolloutLoop):
             options.updates * options.minibatches,
             options.kl_warn,
             trained=modules,
+            run_config=run_config,
         )
         self.check_minibatches(options.minibatches, 1)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lorakit.train.config import TrainConfig
@@ -82,3 +83,27 @@ def changed_options(
             shown = ["(none)" if v is missing else repr(v) for v in (before, after)]
             changed.append(f"{name} {shown[0]} -> {shown[1]}")
     return changed
+
+
+def check_resume(
+    path: Path, stored: dict[str, Any], run_config: dict[str, Any], world_size: int
+) -> None:
+    """Refuses to resume from checkpoint ``path`` (its trainer state ``stored``) a run with other
+    options (:func:`changed_options` against ``run_config``) or another number of processes
+    (the data each rank takes and its random stream depend on it).
+
+    Raises:
+        ValueError: naming the checkpoint and every difference.
+    """
+    written_by = stored.get("world_size", 1)
+    if written_by != world_size:
+        raise ValueError(
+            f"{path} was written by {written_by} process(es), this run has {world_size}: "
+            "resume with as many, or start afresh with --no-resume"
+        )
+    changed = changed_options(stored.get("config", {}), run_config)
+    if changed:
+        raise ValueError(
+            f"{path} was trained with other options ({'; '.join(changed)}): rerun with the "
+            "same options, or start afresh with --no-resume"
+        )

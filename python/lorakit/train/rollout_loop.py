@@ -31,7 +31,8 @@ from lorakit.optim import AdamW
 from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
 from lorakit.train.config import TrainConfig
-from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read
+from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
+from lorakit.train.resume_check import check_resume
 from lorakit.train.schedule import scheduler
 from lorakit.train.trainer import TrainResult
 
@@ -86,6 +87,9 @@ class RolloutLoop:
         updates_per_step: optimizer steps per rollout step (for the schedule's length).
         kl_warn: warn when a step's mean per-token KL to the reference exceeds this (nats).
         trained: the module whose trainable parameters checkpoints hold (default ``model``).
+        run_config: every option of the run (JSON-able, e.g. ``asdict`` of a recipe's config;
+            default ``{"train": asdict(config)}``): stored in checkpoints, and a resume whose
+            options differ is refused (:func:`lorakit.train.resume_check.check_resume`).
 
     Under torchrun (when the subclass sets ``runs_distributed``) each of the ``N`` processes takes
     its share of each step's prompts (``batch_size / N``), samples with its own random stream,
@@ -112,6 +116,7 @@ class RolloutLoop:
         updates_per_step: int,
         kl_warn: float,
         trained: nn.Module | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         world = distributed.world_size()
         if world > 1 and not self.runs_distributed:
@@ -125,6 +130,7 @@ class RolloutLoop:
         if config.fsdp:
             raise ValueError(f"{self.kind} does not shard the model (--fsdp): drop the option")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.run_config = json.loads(json.dumps(run_config or {"train": asdict(config)}))
         self.sampling, self.reward, self.kl_warn = sampling, reward, kl_warn
         self.trained = model if trained is None else trained
         self.prompts = RowBatches(list(prompts), config.batch_size, list, config.seed)
@@ -258,27 +264,30 @@ class RolloutLoop:
     def _resume(self, log_path: Path) -> int:
         path = checkpoint.latest(self.out) if self.config.resume else None
         if path is None:
-            if distributed.is_main():
+            if distributed.is_main():  # another run's records and checkpoints are not this run's
                 log_path.unlink(missing_ok=True)
+                checkpoint.remove_all(self.out)
             return 0
+        stored, current = checkpoint.read_state(path), self.run_config
+        if "train" not in stored.get("config", {}):
+            # Written before checkpoints held every option of the run: the loop's own only.
+            stored = {**stored, "config": {"train": stored.get("config", {})}}
+            current = {"train": current["train"]}
+        check_resume(path, stored, current, distributed.world_size())
         state = checkpoint.load(path, self.trained, self.optimizer, distributed.rank())
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))
-        if distributed.is_main():
+        if distributed.is_main() and log_path.exists():
             # Records written after the checkpoint belong to steps that run again.
-            kept = (
-                [r for r in read(log_path) if r["step"] <= state["step"]]
-                if log_path.exists()
-                else []
-            )
-            log_path.write_text("".join(f"{json.dumps(r)}\n" for r in kept))
+            rewrite(log_path, [r for r in read(log_path) if r["step"] <= state["step"]])
         return int(state["step"])
 
     def _save(self, step: int) -> None:
         state = {
             "step": step,
+            "world_size": distributed.world_size(),
             "scheduler": self.scheduler.state_dict(),
-            "config": asdict(self.config),
+            "config": self.run_config,
             self.kind: self.options_state(),
             "extra": self.extra_state(),
         }

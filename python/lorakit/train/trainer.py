@@ -25,7 +25,7 @@ from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.objective import Objective
-from lorakit.train.resume_check import changed_options
+from lorakit.train.resume_check import check_resume
 from lorakit.train.schedule import scheduler
 
 # torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); the lent GPU machines
@@ -255,19 +255,7 @@ class Trainer:
                 log_path.unlink(missing_ok=True)
                 checkpoint.remove_all(self.out)
             return {"step": 0, "best_val": None, "bad_evals": 0}
-        stored = checkpoint.read_state(path)
-        # The data position of a step depends on the number of ranks.
-        if stored.get("world_size", 1) != self.world:
-            raise ValueError(
-                f"{path} was written by {stored.get('world_size', 1)} process(es), this run has "
-                f"{self.world}: resume with as many, or start afresh with --no-resume"
-            )
-        changed = changed_options(stored.get("config", {}), self.run_config)
-        if changed:
-            raise ValueError(
-                f"{path} was trained with other options ({'; '.join(changed)}): rerun with the "
-                "same options, or start afresh with --no-resume"
-            )
+        check_resume(path, checkpoint.read_state(path), self.run_config, self.world)
         if self.fsdp:
             sharded_checkpoint.load(path, self.model, self.optimizer)
             checkpoint.load_rng(path, self.rank)
