@@ -34,7 +34,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.resume_check import check_resume
 from lorakit.train.schedule import scheduler
-from lorakit.train.trainer import TrainResult
+from lorakit.train.trainer import Interrupted, TrainResult, last_checkpoint
 
 RewardFunction = Callable[..., Sequence[float]]
 # A mean per-token KL estimate below this (nats) is reported: k1 is an unbiased estimate of a
@@ -364,6 +364,10 @@ class RolloutLoop:
                     bar.set_postfix({k: f"{record[k]:.3f}" for k in self.plotted if k in record})
                     if last or (cfg.save_every and done % cfg.save_every == 0):
                         self._save(done)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted after step {done} of {self.total_steps}; {last_checkpoint(self.out)}"
+            ) from None
         finally:
             bar.close()
             if log is not None:

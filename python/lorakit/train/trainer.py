@@ -210,7 +210,7 @@ class Trainer:
     def _diverged(self, step: int, why: str) -> Diverged:
         return Diverged(
             f"training diverged at step {step + 1}: {why}; no checkpoint of it was written, "
-            f"{_last_checkpoint(self.out)} (try a lower --lr or --max-grad-norm, or check the "
+            f"{last_checkpoint(self.out)} (try a lower --lr or --max-grad-norm, or check the "
             "data)"
         )
 
@@ -365,7 +365,7 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             raise Interrupted(
-                f"interrupted after step {done} of {self.total_steps}; {_last_checkpoint(self.out)}"
+                f"interrupted after step {done} of {self.total_steps}; {last_checkpoint(self.out)}"
             ) from None
         finally:
             bar.close()
@@ -394,7 +394,8 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped training; the message says where the last checkpoint is."""
 
 
-def _last_checkpoint(out: Path) -> str:
+def last_checkpoint(out: Path) -> str:
+    """Where a stopped run can resume from, as one clause of its message."""
     path = checkpoint.latest(out)
     if path is None:
         return f"no checkpoint in {out} yet (--save-every N writes one every N steps)"
