@@ -288,3 +288,30 @@ def test_a_second_rl_run_on_one_directory_is_refused(tmp_path, capsys) -> None:
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "in use" in err[0] and "pid 4242" in err[0], err
         assert not (out / "latest").exists()
+
+
+def test_a_diverging_rl_run_stops_in_one_line(tmp_path, capsys) -> None:
+    """--lr 1e30: the first update blows the policy up. GRPO's next rollout meets logits that
+    cannot be sampled from, PPO's second update a NaN gradient norm; each stops with one line
+    naming the step and the last checkpoint, exit status 2, instead of torch's error about a
+    probability tensor (GRPO) or a FloatingPointError traceback (PPO)."""
+    model_dir = saved_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "def score(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+    )
+    capsys.readouterr()  # saving the model above showed a progress bar
+    common = ["--model", str(model_dir), "--data", str(data), "--no-progress", "--lr", "1e30"]
+    common += ["--max-steps", "4", "--batch-size", "2", "--max-new-tokens", "3"]
+    common += ["--reward-function", f"{reward}:score", "--save-every", "1"]
+    expected = {
+        "grpo": "the model's next-token logits are NaN or infinite when sampling step 2's "
+        "completions; the last checkpoint is",
+        "ppo": "the gradient norm is nan; no parameter was updated in step 1; no checkpoint",
+    }
+    for command, message in expected.items():
+        assert main([command, *common, "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "training diverged: " in err[0] and message in err[0], err

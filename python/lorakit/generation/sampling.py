@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lorakit.models.modes import evaluating
 from lorakit.models.positions import check_generation
@@ -88,6 +89,22 @@ def completion_mask(completions: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
     return (positions <= first.unsqueeze(1)).long(), ended
 
 
+class NonFiniteLogits(ValueError):
+    """The model's next-token logits hold NaN or +inf (its weights diverged): no token can be
+    drawn from them."""
+
+
+class _RefuseNonFinite(LogitsProcessor):
+    """Stops generation at the first step whose logits hold NaN or +inf, which torch's sampling
+    would meet with an error about probabilities naming neither the model nor the cause (-inf
+    is a token ruled out, as top-p leaves them)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
+            raise NonFiniteLogits("the model's next-token logits are NaN or infinite")
+        return scores
+
+
 def sample(
     model: nn.Module,
     prompt_ids: list[list[int]],
@@ -97,7 +114,11 @@ def sample(
     eos_id: int,
 ) -> Rollout:
     """``group_size`` completions of each prompt (token ids, without padding), sampled with the
-    torch random generator of the model's device (seed it for reproducible rollouts)."""
+    torch random generator of the model's device (seed it for reproducible rollouts).
+
+    Raises:
+        NonFiniteLogits: the model's logits hold NaN or +inf.
+    """
     check_generation(model, max(map(len, prompt_ids), default=0), options.max_new_tokens)
     device = next(model.parameters()).device
     repeated = [ids for ids in prompt_ids for _ in range(group_size)]
@@ -118,6 +139,7 @@ def sample(
             max_new_tokens=options.max_new_tokens,
             eos_token_id=eos_id,
             pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([_RefuseNonFinite()]),
         )
     out = out.clone()  # a normal tensor: the policy's training forward takes these ids
     completions = out[:, ids.shape[1] :]

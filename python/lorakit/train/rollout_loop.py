@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lorakit.data.prompts import Prompt
-from lorakit.generation import Rollout, SamplingOptions, sample
+from lorakit.generation import NonFiniteLogits, Rollout, SamplingOptions, sample
 from lorakit.models.modes import evaluating
 from lorakit.models.positions import check_generation, position_limit
 from lorakit.optim import AdamW
@@ -34,7 +34,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.resume_check import check_resume
 from lorakit.train.schedule import scheduler
-from lorakit.train.trainer import Interrupted, TrainResult, last_checkpoint
+from lorakit.train.trainer import Diverged, Interrupted, TrainResult, last_checkpoint
 
 RewardFunction = Callable[..., Sequence[float]]
 # A mean per-token KL estimate below this (nats) is reported: k1 is an unbiased estimate of a
@@ -259,6 +259,32 @@ class RolloutLoop:
         """Sums the trained parameters' gradients over the ranks (before the optimizer step)."""
         distributed.sum_gradients([p for p in self.trained.parameters() if p.requires_grad])
 
+    def _diverging_as_one_line(self, step: int) -> dict[str, float]:
+        """:meth:`_step`, with the two ways a diverged policy shows itself in one (logits that
+        cannot be sampled from, a NaN gradient norm) stopping the run in one line."""
+        try:
+            return self._step(step)
+        except NonFiniteLogits as e:
+            why = f"{e} when sampling step {step + 1}'s completions"
+        except FloatingPointError as e:  # lorakit.optim.AdamW: a non-finite gradient norm
+            why = f"{e} in step {step + 1}"
+        raise Diverged(
+            f"training diverged: {why}; {last_checkpoint(self.out)} (try a lower --lr or "
+            "--max-grad-norm)"
+        )
+
+    def _check_finite(self, step: int) -> None:
+        """Stops the run when an update left a trained parameter NaN or infinite, before it
+        reaches a checkpoint or the next rollout (every rank stops together)."""
+        trained = (p for p in self.trained.parameters() if p.requires_grad)
+        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in trained)
+        if distributed.sum_across([float(bad)])[0]:
+            raise Diverged(
+                f"training diverged at step {step + 1}: a trained parameter is NaN or infinite "
+                f"after the update; no checkpoint of it was written, {last_checkpoint(self.out)} "
+                "(try a lower --lr or --max-grad-norm)"
+            )
+
     # ---- checkpoints
 
     def _resume(self, log_path: Path) -> int:
@@ -352,7 +378,8 @@ class RolloutLoop:
         try:
             with evaluating(self.trained):
                 for step in bar:
-                    metrics = self._step(step)
+                    metrics = self._diverging_as_one_line(step)
+                    self._check_finite(step)
                     done, last_loss = step + 1, metrics["loss"]
                     record = {"step": done, **metrics, "lr": self.scheduler.get_last_lr()[0]}
                     record["memory_mib"] = peak_memory_mib(device)
