@@ -19,8 +19,8 @@ from lorakit.generation import SamplingOptions, sample
 from lorakit.models import ModelConfig
 from lorakit.peft import disable_adapters
 from lorakit.recipes import grpo
-from lorakit.train import TrainConfig
-from lorakit.train.grpo import GRPOOptions
+from lorakit.train import Diverged, TrainConfig
+from lorakit.train.grpo import GRPOOptions, GRPOTrainer
 from lorakit.train.out_dir import LOCK
 from lorakit.train.policy import completion_logprobs, reference_logprobs
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
@@ -101,6 +101,28 @@ def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
         r"last checkpoint: .*checkpoint-2",
     ):
         grpo.train(model, tok, config(tmp_path, 4), PROMPTS, nan_after(2, at=0))
+
+
+def test_a_non_finite_parameter_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
+    """An update that leaves a trained parameter infinite (here: step 3's, poisoned after the
+    fact) stops the run before that step's checkpoint is written."""
+    torch.manual_seed(0)
+    model, tok = policy()
+    step_once = GRPOTrainer._step
+
+    def poisoned(self, step):
+        metrics = step_once(self, step)
+        if step == 2:
+            with torch.no_grad():
+                next(p for p in self.model.parameters() if p.requires_grad)[0] = float("inf")
+        return metrics
+
+    monkeypatch.setattr(GRPOTrainer, "_step", poisoned)
+    with pytest.raises(
+        Diverged, match=r"at step 3: a trained parameter is NaN or infinite .*checkpoint-2"
+    ):
+        grpo.train(model, tok, config(tmp_path, 4), PROMPTS, contains_target)
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-2"
 
 
 def test_a_reward_function_that_cannot_take_the_call_is_one_line(tmp_path) -> None:
