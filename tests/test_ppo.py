@@ -243,11 +243,12 @@ def test_roles_share_one_base_and_the_shared_reward_scores_as_its_own_model(
     assert len(set(expected_scores)) == 4  # the scores differ: the check can fail
 
 
-@pytest.mark.parametrize("value_init", ["reward", "zero"])
+@pytest.mark.parametrize("value_init", ["auto", "reward", "zero"])
 def test_value_model_starts_as_the_reward_model(tmp_path, reward_adapter, value_init) -> None:
-    """--value-init reward (the default): before any update, the value of the state before each
-    completion token is the score that the reward model, loaded on its own as a transformers
-    sequence classifier, gives the sequence up to that state. zero: every value is 0."""
+    """--value-init auto (the default) and reward: before any update, the value of the state
+    before each completion token is the score that the reward model, loaded on its own as a
+    transformers sequence classifier, gives the sequence up to that state. zero: every value
+    is 0."""
     model_dir, adapter = reward_adapter
     model_config = ModelConfig(model=str(model_dir), method="lora")
     model = load_model(model_config)
@@ -316,6 +317,8 @@ def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, rew
     assert len(err) == 1 and "give one reward" in err[0], err
     assert main([*argv, "--reward-adapter", str(adapter), "--gamma", "2"]) == 2
     assert "gamma" in capsys.readouterr().err
+    assert main([*argv, "--reward-function", "x.py:f", "--value-init", "reward"]) == 2
+    assert "--value-init reward copies a reward adapter" in capsys.readouterr().err
     assert main([*argv, "--reward-adapter", str(adapter), "--minibatches", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--minibatches 5 is more than the 4 completions of a step" in err[0]

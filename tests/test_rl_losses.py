@@ -156,7 +156,8 @@ def _split_over_processes(fn, parts):
     torchrun's processes would run it: ``total`` sums a tensor over the parts (an all-reduce,
     the parts added in a fixed order). Returns each part's result."""
     slots: list = [None] * len(parts)
-    arrived = threading.Barrier(len(parts))
+    # A part that fails breaks the barrier for the others instead of leaving them waiting.
+    arrived = threading.Barrier(len(parts), timeout=60)
     results: list = [None] * len(parts)
 
     def run(i: int) -> None:
@@ -167,14 +168,26 @@ def _split_over_processes(fn, parts):
             arrived.wait()  # every part has read the slots before they are reused
             return summed
 
-        results[i] = fn(*parts[i], total)
+        try:
+            results[i] = fn(*parts[i], total)
+        except BaseException as e:
+            results[i] = e
+            arrived.abort()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(parts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
     return results
+
+
+def _same_on_every_part(values: list[torch.Tensor]) -> torch.Tensor:
+    assert all(torch.equal(v, values[0]) for v in values[1:]), values
+    return values[0]
 
 
 def test_batch_statistics_split_over_processes_equal_the_whole_batchs():
@@ -191,10 +204,10 @@ def test_batch_statistics_split_over_processes_equal_the_whole_batchs():
             lambda v, r, m, total: whiten(v, m, shift_mean=False, total=total),
             torch.cat,
         ),
-        "masked_mean": (lambda v, r, m, total: masked_mean(v, m, total), lambda xs: xs[0]),
+        "masked_mean": (lambda v, r, m, total: masked_mean(v, m, total), _same_on_every_part),
         "explained_variance": (
             lambda v, r, m, total: explained_variance(v, r, m, total),
-            lambda xs: xs[0],
+            _same_on_every_part,
         ),
     }
     for name, (fn, join) in cases.items():

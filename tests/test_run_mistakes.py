@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
 from lorakit.train import Diverged, Interrupted, Trainer
@@ -175,6 +175,17 @@ def test_a_truncated_checkpoint_file_is_named(checkpointed, model_dir, data, cap
     path = checkpointed / "checkpoint-2" / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     one_line_error(capsys, resume(model_dir, data, checkpointed), f"{path} is not a readable")
+
+
+def test_a_checkpoint_tensor_of_another_shape_is_named(checkpointed, model_dir, data, capsys):
+    # As a checkpoint of a run with other adapter options would hold (PPO's value adapter
+    # copies the reward adapter's options, for one).
+    path = checkpointed / "checkpoint-2" / "trainable.safetensors"
+    tensors = load_file(str(path))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name][:1].contiguous()
+    save_file(tensors, str(path))
+    one_line_error(capsys, resume(model_dir, data, checkpointed), f"{name} has shape [1, ")
 
 
 @pytest.mark.parametrize("name", ["trainer.json", "optimizer.json"])

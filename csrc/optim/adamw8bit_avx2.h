@@ -134,8 +134,8 @@ void step_8bit_full_block(T* __restrict param, const T* __restrict grad, uint8_t
   const float new_v_max = max_lane_bits(v_max);
   *absmax_m = new_m_max;
   *absmax_v = new_v_max;
-  quantize_block8(m, inverse_scale(new_m_max), mc, qm);
-  quantize_block8(v, inverse_scale(new_v_max), vc, qv);
+  quantize_block8(m, inverse_absmax(new_m_max), mc, qm);
+  quantize_block8(v, inverse_absmax(new_v_max), vc, qv);
 }
 
 }  // namespace

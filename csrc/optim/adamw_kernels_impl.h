@@ -67,8 +67,8 @@ void step_8bit_block(T* __restrict param, const T* __restrict grad, uint8_t* __r
   std::memcpy(&new_v_max, &v_max, sizeof v_max);
   *absmax_m = new_m_max;
   *absmax_v = new_v_max;
-  const float m_inverse = inverse_scale(new_m_max);
-  const float v_inverse = inverse_scale(new_v_max);
+  const float m_inverse = inverse_absmax(new_m_max);
+  const float v_inverse = inverse_absmax(new_v_max);
   for (int64_t i = 0; i < len; ++i) {
     qm[i] = quantize(m[i] * m_inverse, mc);
     qv[i] = quantize(v[i] * v_inverse, vc);

@@ -74,11 +74,12 @@ inline int64_t bucket_of(uint32_t u) {
 }
 inline uint32_t key_of(uint32_t u) { return (u & 0xFFFFu) ^ (u >> 31 ? 0xFFFFu : 0u); }
 
-// blockwise8::inverse_absmax, compiled into this instruction set's copy (the shared inline function
-// must not be reached from the baseline path): what a block's values are multiplied by before the
-// nearest-code lookup. A zero block takes 1 / kMinScale; a NaN maximum stays NaN and sends the
-// whole block to code 255.
-inline float inverse_scale(float absmax) {
+// blockwise8::inverse_absmax, restated in this instruction set's namespace: an inline function
+// shared by translation units built with different ISA flags is merged by the linker into one
+// copy, possibly an AVX2-compiled one that the baseline path would then run. What a block's values
+// are multiplied by before the nearest-code lookup; a zero block takes 1 / kMinScale, and a NaN
+// maximum stays NaN and sends the whole block to code 255.
+inline float inverse_absmax(float absmax) {
   return 1.0f / (absmax < kMinScale ? kMinScale : absmax);
 }
 

@@ -63,8 +63,11 @@ class ModelGenerator:
 
     def _encode(self, conversations: list[Messages]) -> list[list[int]]:
         texts = [render_messages(c, self.tokenizer) for c in conversations]
-        # The rendered text holds the template's own special tokens (BOS, turn markers).
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if not texts:
+            return []
+        # The rendered text holds the template's own special tokens (BOS, turn markers); one
+        # call encodes the batch.
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def count_tokens(self, conversations: list[Messages]) -> list[int]:
         """Each conversation's tokens as :meth:`complete` would feed it to the model."""

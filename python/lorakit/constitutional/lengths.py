@@ -27,7 +27,7 @@ class LoopShape:
     whether it judges."""
 
     principles: list[Principle]
-    rounds: int
+    revisions: int
     order: Order
     seed: int
     max_new_tokens: int
@@ -35,20 +35,35 @@ class LoopShape:
 
 
 def positions_needed(
-    count_tokens: CountTokens, index: int, prompt: Messages, shape: LoopShape
-) -> tuple[int, str]:
-    """The most positions prompt ``index`` can need, and where: generated texts are counted at
-    ``max_new_tokens`` each (re-encoding a decoded text may differ by a token; generation still
-    checks each request as it comes)."""
-    picks = pick_principles(index, shape.rounds, len(shape.principles), shape.order, shape.seed)
-    drawn = [shape.principles[i] for i in dict.fromkeys(picks)]
-    # The response (or last revision) and its critique in the request, then the revision.
-    revising = max(count_tokens([revision_messages(prompt, "", p, "") for p in drawn]))
-    needed = (revising + 3 * shape.max_new_tokens, "a revision request")
-    if shape.judge:
-        question = count_tokens([judge_messages(prompt, "", "", shape.principles[picks[-1]])])[0]
-        # The first response and the final revision, read in one forward.
-        needed = max(needed, (question + 2 * shape.max_new_tokens, "the judge's question"))
+    count_tokens: CountTokens, prompts: list[tuple[int, Messages]], shape: LoopShape
+) -> list[tuple[int, str]]:
+    """For each ``(index, messages)`` prompt, the most positions it can need and where, with
+    generated texts counted at ``max_new_tokens`` each (re-encoding a decoded text may differ by
+    a token; generation still checks each request as it comes). One ``count_tokens`` call for
+    every conversation, so a fast tokenizer encodes them as a batch."""
+    conversations: list[Messages] = []
+    owners: list[tuple[int, str]] = []  # (prompt position, what the conversation is)
+    for position, (index, prompt) in enumerate(prompts):
+        picks = pick_principles(
+            index, shape.revisions, len(shape.principles), shape.order, shape.seed
+        )
+        for drawn in dict.fromkeys(picks):
+            revising = revision_messages(prompt, "", shape.principles[drawn], "")
+            conversations.append(revising)
+            owners.append((position, "a revision request"))
+        if shape.judge:
+            last = shape.principles[picks[-1]]
+            conversations.append(judge_messages(prompt, "", "", last))
+            owners.append((position, "the judge's question"))
+    # A revision request holds a response (or the last revision) and its critique, then the
+    # revision is generated; the judge's question holds the first response and the final
+    # revision and is read in one forward.
+    generated = {"a revision request": 3, "the judge's question": 2}
+    needed = [(0, "")] * len(prompts)
+    for (position, where), tokens in zip(owners, count_tokens(conversations), strict=True):
+        needed[position] = max(
+            needed[position], (tokens + generated[where] * shape.max_new_tokens, where)
+        )
     return needed
 
 
@@ -67,10 +82,9 @@ def check_lengths(
     """
     if limit is None:
         return
+    needs = positions_needed(count_tokens, prompts, shape)
     too_long = [
-        (index, *needed)
-        for index, prompt in prompts
-        if (needed := positions_needed(count_tokens, index, prompt, shape))[0] > limit
+        (index, *need) for (index, _), need in zip(prompts, needs, strict=True) if need[0] > limit
     ]
     if too_long:
         index, needed, where = too_long[0]

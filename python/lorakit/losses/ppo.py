@@ -18,7 +18,9 @@ KLEstimator = Literal["k1", "k3"]
 
 Total = Callable[[torch.Tensor], torch.Tensor]
 """Sums a 0-d tensor over every process that holds part of the batch (under torchrun: an
-all-reduce), so that batch statistics cover the whole batch; the default is this process's."""
+all-reduce, whose result carries no gradient), so that batch statistics cover the whole batch;
+the default is this process's. Statistics taken with one are for targets and metrics, not for
+a differentiable loss."""
 
 
 def _this_process(t: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ def prepare(
 ) -> tuple[ValueHead, RewardFunction]:
     """Puts every role on ``model``: the policy adapter (trainable, active), the reward adapter
     when ``--reward-adapter`` shares the base, the value adapter and head (trainable; a copy of
-    the shared reward adapter's with ``--value-init reward``, else V = 0). Returns
+    the shared reward adapter's unless ``--value-init zero``, else V = 0). Returns
     the value head and the reward function (``reward`` when given, else the configured one)."""
     prepare_grpo_policy(model, config)
     opts = config.ppo
@@ -109,7 +109,7 @@ def prepare(
     shared = ModelReward(
         load_reward_adapter(model, opts.reward_adapter, pad_id(tokenizer)), tokenizer
     )
-    if opts.value_init == "reward":
+    if opts.value_init != "zero":
         return value_from_reward_adapter(model, opts.reward_adapter), shared
     return add_value_adapter(model, config.lora), shared
 

@@ -114,7 +114,6 @@ COMMANDS: dict[str, Command] = {
         ppo.main,
         TRAINING_REQUIRED,
         ppo.__doc__,
-        # Joins torchrun's group so that the loop refuses several processes in one line.
         distributed=True,
     ),
     "constitutional": Command(

@@ -57,6 +57,12 @@ def load_trainable(model: nn.Module, path: Path) -> None:
         raise ValueError(
             f"{path} does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}"
         )
+    for name, tensor in saved.items():
+        if tensor.shape != params[name].shape:
+            raise ValueError(
+                f"{path} does not fit the model: {name} has shape {list(tensor.shape)} there, "
+                f"{list(params[name].shape)} in the model (other adapter options)"
+            )
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)

@@ -102,10 +102,11 @@ def sum_across(values: list[float]) -> list[float]:
 
 
 def sum_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks, in its dtype and on its device (``t`` itself outside
-    torchrun): the :data:`lorakit.losses.ppo.Total` of a batch split over the ranks."""
+    """``t`` summed over the ranks, detached, in its dtype and on its device (``t`` detached
+    outside torchrun, so gradients do not depend on the number of processes): the
+    :data:`lorakit.losses.ppo.Total` of a batch split over the ranks."""
     if not active():
-        return t
+        return t.detach()
     summed = t.detach().to(_reduce_device(), copy=True)
     dist.all_reduce(summed)
     return summed.to(t.device)

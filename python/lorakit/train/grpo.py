@@ -125,7 +125,6 @@ class GRPOTrainer(RolloutLoop):
 
     kind = "grpo"
     plotted = PLOTTED
-    runs_distributed = True
 
     def __init__(
         self,

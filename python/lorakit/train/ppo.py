@@ -141,12 +141,12 @@ class PPOOptions:
         default=1,
         metadata={"help": "Optimizer steps per pass: the rollout batch is split in this many."},
     )
-    value_init: Literal["reward", "zero"] = field(
-        default="reward",
+    value_init: Literal["auto", "reward", "zero"] = field(
+        default="auto",
         metadata={
             "help": "Where the value adapter and head start: reward, a copy of --reward-adapter's "
-            "when it shares the policy's base (TRL's default: the value model starts as the "
-            "reward model), else zero; zero: V = 0."
+            "on the policy's base (the value model starts as the reward model, as in TRL's PPO "
+            "example); zero: V = 0; auto: reward when --reward-adapter shares the base, else zero."
         },
     )
     value_lr: float = field(
@@ -172,8 +172,13 @@ class PPOOptions:
             check_number(name, getattr(self, name), low=0)
         check_number("gamma", self.gamma, low=0, high=1)
         check_number("lam", self.lam, low=0, high=1)
-        if self.value_init not in ("reward", "zero"):
-            raise ValueError(f"value_init must be reward or zero, got {self.value_init!r}")
+        if self.value_init not in ("auto", "reward", "zero"):
+            raise ValueError(f"value_init must be auto, reward or zero, got {self.value_init!r}")
+        if self.value_init == "reward" and (not self.reward_adapter or self.reward_model):
+            raise ValueError(
+                "--value-init reward copies a reward adapter on the policy's base: give "
+                "--reward-adapter without --reward-model"
+            )
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.updates < 1 or self.minibatches < 1 or self.kl_horizon < 1:
@@ -217,7 +222,6 @@ class PPOTrainer(RolloutLoop):
 
     kind = "ppo"
     plotted = PLOTTED
-    runs_distributed = True
 
     def __init__(
         self,
@@ -311,9 +315,9 @@ class PPOTrainer(RolloutLoop):
         tokens = float(mask.sum())
         sums.add("kl", masked_mean(kl, mask), tokens)
         sums.add("entropy", masked_mean(entropy, mask), tokens)
-        rows = total(torch.tensor(float(len(mask)), device=mask.device))
-        sequence_kl = float(total(kl.sum()) / rows)
-        score = float(total(scores.sum()) / rows)
+        row_count = total(torch.tensor(float(len(mask)), device=mask.device))
+        sequence_kl = float(total(kl.sum()) / row_count)
+        score = float(total(scores.sum()) / row_count)
         metrics = {
             "kl_sequence": sequence_kl,
             "kl_coef": beta,

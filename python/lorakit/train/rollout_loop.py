@@ -91,16 +91,14 @@ class RolloutLoop:
             default ``{"train": asdict(config)}``): stored in checkpoints, and a resume whose
             options differ is refused (:func:`lorakit.train.resume_check.check_resume`).
 
-    Under torchrun (when the subclass sets ``runs_distributed``) each of the ``N`` processes takes
-    its share of each step's prompts (``batch_size / N``), samples with its own random stream,
-    scores, and sums its gradients with the others' before each optimizer step; rank 0 writes
-    the metrics (over every rank's completions) and the checkpoints (with every rank's RNG).
+    Under torchrun each of the ``N`` processes takes its share of each step's prompts
+    (``batch_size / N``), samples with its own random stream, scores, and sums its gradients
+    with the others' before each optimizer step (a subclass scales its token-mean losses by
+    :meth:`global_share` and calls :meth:`sync_gradients`); rank 0 writes the metrics (over
+    every rank's completions) and the checkpoints (with every rank's RNG).
     """
 
     kind: ClassVar[str] = "rollout"
-    # Whether the subclass's step works under torchrun (its losses scaled by
-    # :meth:`global_share`, its gradients summed with :meth:`sync_gradients`).
-    runs_distributed: ClassVar[bool] = False
     # The curves of metrics.png (one panel each).
     plotted: ClassVar[tuple[str, ...]] = ("reward_mean", "kl")
 
@@ -119,8 +117,6 @@ class RolloutLoop:
         run_config: dict[str, Any] | None = None,
     ) -> None:
         world = distributed.world_size()
-        if world > 1 and not self.runs_distributed:
-            raise ValueError(f"{self.kind} runs in one process (torchrun is not supported yet)")
         if config.batch_size % world:
             raise ValueError(
                 f"--batch-size {config.batch_size} must be a multiple of the {world} processes"
