@@ -6,6 +6,7 @@ import torch
 
 import nf4_reference as ref
 from conftest import FLOAT_DTYPES, bits
+from cuda_cases import scaled_midpoint_blocks
 from lorakit import ops
 from lorakit.quant import dynamic_map
 
@@ -32,6 +33,21 @@ def test_matches_reference(dtype: torch.dtype, blocksize: int, n: int, signed: b
     assert torch.equal(
         bits(out), bits(ref.blockwise8_dequantize(q, absmax, code, blocksize, dtype))
     )
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blocks_are_scaled_by_the_reciprocal_of_their_absmax(signed: bool) -> None:
+    # bitsandbytes' rule, x * (1 / absmax) rounded once, not x / absmax: the two differ within
+    # an ulp or so of a midpoint, which these blocks are.
+    code = dynamic_map(signed)
+    x = scaled_midpoint_blocks(code, 3.7)
+    x = x if signed else x.abs()
+    q, absmax = ops.blockwise8_quantize(x, code, 256)
+    assert torch.equal(absmax, torch.full_like(absmax, 3.7))
+    midpoints = (code[:-1] + code[1:]) / 2
+    scale = torch.tensor(3.7)
+    assert torch.equal(q.long(), torch.bucketize(x * scale.reciprocal(), midpoints))
+    assert not torch.equal(q.long(), torch.bucketize(x / scale, midpoints))
 
 
 def test_agrees_with_bitsandbytes_up_to_near_ties() -> None:

@@ -5,6 +5,7 @@ import torch
 
 import optim_reference as ref
 from conftest import FLOAT_DTYPES, bits
+from cuda_cases import scaled_midpoint_blocks
 from lorakit import ops
 from lorakit.quant import dynamic_map
 
@@ -141,6 +142,25 @@ def _near_every_step(code: torch.Tensor) -> torch.Tensor:
     offsets = torch.arange(-3, 4, dtype=torch.int32)
     values = (centres[:, None] + offsets).reshape(-1).view(torch.float32)
     return values[values.abs() <= 1]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_requantization_multiplies_by_the_reciprocal(signed: bool) -> None:
+    # As in the test below, the new first moment is the gradient itself; each block's absmax is
+    # 3.7 and its values lie where x * (1 / 3.7) and x / 3.7 pick different codes, so the codes
+    # must be those of the reciprocal (bitsandbytes' rule) and would fail for a division.
+    code = dynamic_map(signed)
+    g = scaled_midpoint_blocks(code, 3.7)
+    g = g if signed else g.abs()
+    n = g.numel()
+    state = _state_8bit(n)
+    hyper = {**HYPER, "beta1": 0.0, "weight_decay": 0.0}
+    ops.adamw8bit_step_(torch.zeros(n), g, *state, code, dynamic_map(False), **hyper, step=1)
+    midpoints = (code[:-1] + code[1:]) / 2
+    scale = torch.tensor(3.7)
+    assert torch.equal(state[1], torch.full((n // 256,), 3.7))
+    assert torch.equal(state[0].long(), torch.bucketize(g * scale.reciprocal(), midpoints))
+    assert not torch.equal(state[0].long(), torch.bucketize(g / scale, midpoints))
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -22,6 +22,7 @@ from cuda_cases import (
     NF4_BLOCKSIZES,
     SIZES,
     midpoint_neighbours,
+    scaled_midpoint_blocks,
     special_values,
 )
 from lorakit import ops
@@ -154,6 +155,14 @@ def blockwise8_inputs() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, int]]
                         f"{'signed' if signed else 'unsigned'} {dtype} blocksize {blocksize} n {n}"
                     )
                     yield label, x, code, blocksize
+        # Where scaling by 1 / absmax and dividing by absmax pick different codes.
+        x = scaled_midpoint_blocks(code, 3.7)
+        yield (
+            f"{'signed' if signed else 'unsigned'} scaled midpoints",
+            x if signed else x.abs(),
+            code,
+            256,
+        )
 
 
 def blockwise8_quantize_cases(emu: Emulated) -> Iterator[Case]:
@@ -249,10 +258,10 @@ def nf4_gemv_cases(emu: Emulated) -> Iterator[Case]:
 
 
 def hyper(
-    step: int, grad_scale: float = 1.0
+    step: int, grad_scale: float = 1.0, beta1: float = HYPER["beta1"]
 ) -> tuple[float, float, float, float, float, int, float]:
     h = HYPER
-    return (h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"], step, grad_scale)
+    return (h["lr"], beta1, h["beta2"], h["eps"], h["weight_decay"], step, grad_scale)
 
 
 def adamw_cases(emu: Emulated) -> Iterator[Case]:
@@ -299,6 +308,21 @@ def adamw8bit_cases(emu: Emulated) -> Iterator[Case]:
                 return ""
 
             yield f"{dtype} n {n}", run
+
+    def scaled_midpoints() -> str:
+        # With beta1 = 0 and zero state the new first moment is the gradient itself, whose
+        # blocks lie where scaling by 1 / absmax and dividing by absmax pick different codes.
+        g = scaled_midpoint_blocks(code_m, 3.7)
+        n = g.numel()
+        state = [torch.zeros(n, dtype=torch.uint8), torch.zeros(n // 256)] * 2
+        state = [t.clone() for t in state]
+        estate = [t.clone() for t in state]
+        p, ep = torch.zeros(n), torch.zeros(n)
+        ops.adamw8bit_step_(p, g, *state, code_m, code_v, **{**HYPER, "beta1": 0.0}, step=1)
+        emu.adamw8bit_step_(ep, g, estate, code_m, code_v, hyper(1, beta1=0.0))
+        return first_failure(same(ep, p), *(same(e, s) for e, s in zip(estate, state, strict=True)))
+
+    yield "scaled midpoints", scaled_midpoints
 
 
 # ---- merge ------------------------------------------------------------------------------------
