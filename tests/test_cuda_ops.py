@@ -10,6 +10,7 @@ from cuda_cases import (
     NF4_BLOCKSIZES,
     SIZES,
     midpoint_neighbours,
+    scaled_midpoint_blocks,
     special_values,
 )
 from lorakit import ops
@@ -155,6 +156,18 @@ def test_blockwise8_matches_cpu(signed: bool, dtype: torch.dtype, blocksize: int
     out = ops.blockwise8_dequantize(q, absmax, code, blocksize, dtype)
     out_gpu = ops.blockwise8_dequantize(q.cuda(), absmax.cuda(), code.cuda(), blocksize, dtype)
     assert_same(out_gpu, out)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blockwise8_scales_by_the_reciprocal_as_the_cpu(signed: bool) -> None:
+    # Values where scaling by 1 / absmax and dividing by absmax pick different codes.
+    code = dynamic_map(signed)
+    x = scaled_midpoint_blocks(code, 3.7)
+    x = x if signed else x.abs()
+    q, absmax = ops.blockwise8_quantize(x, code, 256)
+    q_gpu, absmax_gpu = ops.blockwise8_quantize(x.cuda(), code.cuda(), 256)
+    assert_same(q_gpu, q)
+    assert_same(absmax_gpu, absmax)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
