@@ -10,12 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
+from lorakit.recipes.ppo import PPOConfig
+from lorakit.recipes.sft import SFTConfig
 from lorakit.train import Diverged, Interrupted, Trainer
 from lorakit.train import metrics as metrics_module
 from lorakit.train.metrics import read, rewrite
 from lorakit.train.objectives import CausalLMObjective
 from lorakit.train.out_dir import LOCK
-from lorakit.train.resume_check import changed_options
+from lorakit.train.resume_check import changed_options, option_defaults
 from sft_helpers import qa_rows, saved_model
 from test_user_mistakes import one_line_error
 
@@ -290,20 +292,30 @@ def test_rerunning_a_finished_run_reports_its_last_loss(tmp_path, model_dir, dat
 def test_changed_options_lists_each_difference() -> None:
     stored = {"train": {"lr": 1e-4, "progress": True, "out": "a"}, "model": {"method": "lora"}}
     current = {"train": {"lr": 1e-3, "progress": False, "out": "b"}, "model": {}}
-    assert changed_options(stored, current) == [
+    assert changed_options(stored, current, option_defaults(SFTConfig())) == [
         "model.method 'lora' -> (none)",
         "train.lr 0.0001 -> 0.001",
     ]
 
 
 def test_an_option_newer_than_the_checkpoint_counts_as_its_default() -> None:
-    # A checkpoint written before an option existed resumes while that option keeps its default.
+    # A checkpoint written before an option existed resumes while that option keeps its default,
+    # whichever section of the run's config holds it.
     stored = {"train": {"lr": 1e-4}}
-    assert changed_options(stored, {"train": {"lr": 1e-4, "fused_ce": True}}) == []
-    assert changed_options(stored, {"train": {"lr": 1e-4, "fused_ce": False}}) == [
+    defaults = option_defaults(PPOConfig())
+    assert defaults["train.fused_ce"] is True and defaults["ppo.value_init"] == "auto"
+    assert changed_options(stored, {"train": {"lr": 1e-4, "fused_ce": True}}, defaults) == []
+    assert changed_options(stored, {"train": {"lr": 1e-4, "fused_ce": False}}, defaults) == [
         "train.fused_ce True -> False"
     ]
-    assert changed_options(stored, {"train": {"lr": 1e-4, "brand_new": 1}}) == [
+    assert (
+        changed_options(stored, {"train": {"lr": 1e-4}, "ppo": {"value_init": "auto"}}, defaults)
+        == []
+    )
+    assert changed_options(
+        stored, {"train": {"lr": 1e-4}, "ppo": {"value_init": "zero"}}, defaults
+    ) == ["ppo.value_init 'auto' -> 'zero'"]
+    assert changed_options(stored, {"train": {"lr": 1e-4, "brand_new": 1}}, defaults) == [
         "train.brand_new (none) -> 1"
     ]
 

@@ -5,7 +5,7 @@ objective, and saving the result."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,7 +116,7 @@ def train_and_save(
             print(bf16)
     # The lock spans training and saving, so no other run writes out between them.
     with out_dir.claim(Path(config.train.out)):
-        trainer = Trainer(model, config.train, objective, train, val, asdict(config))
+        trainer = Trainer(model, config.train, objective, train, val, config)
         result = trainer.fit()
         # Under FSDP every rank gathers the trained parameters; rank 0 writes them once.
         with fsdp.whole_trainable(model):

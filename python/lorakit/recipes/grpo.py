@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def train(
             config.sampling,
             prompts,
             reward,
-            asdict(config),
+            config,
         ).fit()
         if not distributed.is_main():
             return GRPOResult(result, result_path(config), {})

@@ -13,7 +13,7 @@ assistant turn). See :mod:`lorakit.train.ppo` for the loop.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,8 @@ def train(
     else:
         _check_method(config)
     head, scorer = prepare(model, tokenizer, config, reward)
-    options = asdict(config)
     trainer = PPOTrainer(
-        model, tokenizer, config.train, config.ppo, config.sampling, prompts, scorer, head, options
+        model, tokenizer, config.train, config.ppo, config.sampling, prompts, scorer, head, config
     )
     # The lock spans training and saving, so no other run writes out between them.
     with out_dir.claim(Path(config.train.out)):

@@ -135,7 +135,7 @@ class GRPOTrainer(RolloutLoop):
         sampling: SamplingOptions,
         prompts: Sequence[Prompt],
         reward: RewardFunction,
-        run_config: dict[str, Any] | None = None,
+        run_config: Any = None,
     ) -> None:
         self.options = options
         if options.scale_rewards == "batch" and dist_helpers.world_size() > 1:

@@ -233,7 +233,7 @@ class PPOTrainer(RolloutLoop):
         prompts: Sequence[Prompt],
         reward: RewardFunction,
         value_head: ValueHead,
-        run_config: dict[str, Any] | None = None,
+        run_config: Any = None,
     ) -> None:
         self.options, self.value_head = options, value_head
         modules = PPOModules(model, value_head)

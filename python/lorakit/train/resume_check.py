@@ -12,8 +12,8 @@ result are the same, so any other difference is refused and listed. These may di
   (moves optimizer state, not its values).
 
 An option the checkpoint does not store at all (one added to lorakit after it was written) is
-taken to have had its default, so a run resumed by a newer lorakit is refused only when the new
-option is set to something else.
+taken to have had its default (:func:`option_defaults`), so a run resumed by a newer lorakit is
+refused only when the new option is set to something else.
 
 Everything else is compared, including ``max_steps`` and ``epochs`` (they set the length of the
 learning-rate schedule, so a longer run is not the shorter one continued) and ``eval_every`` /
@@ -24,11 +24,10 @@ start afresh with ``--no-resume``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from lorakit.train.config import TrainConfig
 
 FREE = frozenset(
     {
@@ -56,29 +55,28 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _train_defaults() -> dict[str, Any]:
-    fields = dataclasses.fields(TrainConfig)
-    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+def option_defaults(config: Any) -> dict[str, Any]:
+    """Every option of the run config ``config`` (a dataclass whose sections may be dataclasses)
+    at its default, by the name a checkpoint stores it under (``section.option``)."""
+    return _flat(json.loads(json.dumps(dataclasses.asdict(type(config)()))))
 
 
 def changed_options(
-    stored: dict[str, Any], current: dict[str, Any], defaults: Mapping[str, Any] | None = None
+    stored: dict[str, Any], current: dict[str, Any], defaults: Mapping[str, Any]
 ) -> list[str]:
     """``"name stored -> current"`` for each option outside :data:`FREE` that differs; both are
-    JSON-like nested dicts. An option only the current run has is compared with its default
-    (``defaults``, by the option's own name; the Trainer's options' defaults when None); any
-    other option only one side has counts as changed."""
+    JSON-like nested dicts. An option only the current run has is compared with its default in
+    ``defaults`` (by its full name, as :func:`option_defaults` gives them); any other option
+    only one side has counts as changed."""
     old, new = _flat(stored), _flat(current)
-    known = _train_defaults() if defaults is None else defaults
     missing = object()
     changed = []
     for name in sorted(old.keys() | new.keys()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in FREE:
+        if name.rsplit(".", 1)[-1] in FREE:
             continue
         before, after = old.get(name, missing), new.get(name, missing)
-        if before is missing and leaf in known:
-            before = known[leaf]
+        if before is missing:
+            before = defaults.get(name, missing)
         if before != after:
             shown = ["(none)" if v is missing else repr(v) for v in (before, after)]
             changed.append(f"{name} {shown[0]} -> {shown[1]}")
@@ -86,11 +84,16 @@ def changed_options(
 
 
 def check_resume(
-    path: Path, stored: dict[str, Any], run_config: dict[str, Any], world_size: int
+    path: Path,
+    stored: dict[str, Any],
+    run_config: dict[str, Any],
+    defaults: Mapping[str, Any],
+    world_size: int,
 ) -> None:
     """Refuses to resume from checkpoint ``path`` (its trainer state ``stored``) a run with other
-    options (:func:`changed_options` against ``run_config``) or another number of processes
-    (the data each rank takes and its random stream depend on it).
+    options (:func:`changed_options` against ``run_config``, options newer than the checkpoint
+    taken at their ``defaults``) or another number of processes (the data each rank takes and
+    its random stream depend on it).
 
     Raises:
         ValueError: naming the checkpoint and every difference.
@@ -101,7 +104,7 @@ def check_resume(
             f"{path} was written by {written_by} process(es), this run has {world_size}: "
             "resume with as many, or start afresh with --no-resume"
         )
-    changed = changed_options(stored.get("config", {}), run_config)
+    changed = changed_options(stored.get("config", {}), run_config, defaults)
     if changed:
         raise ValueError(
             f"{path} was trained with other options ({'; '.join(changed)}): rerun with the "

@@ -32,7 +32,7 @@ from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
-from lorakit.train.resume_check import check_resume
+from lorakit.train.resume_check import check_resume, option_defaults
 from lorakit.train.schedule import scheduler
 from lorakit.train.trainer import Diverged, Interrupted, TrainResult, last_checkpoint
 
@@ -87,9 +87,9 @@ class RolloutLoop:
         updates_per_step: optimizer steps per rollout step (for the schedule's length).
         kl_warn: warn when a step's mean per-token KL to the reference exceeds this (nats).
         trained: the module whose trainable parameters checkpoints hold (default ``model``).
-        run_config: every option of the run (JSON-able, e.g. ``asdict`` of a recipe's config;
-            default ``{"train": asdict(config)}``): stored in checkpoints, and a resume whose
-            options differ is refused (:func:`lorakit.train.resume_check.check_resume`).
+        run_config: every option of the run, a dataclass (a recipe's config; default:
+            ``config`` as its ``train`` section), stored in checkpoints: a resume whose options
+            differ is refused (:func:`lorakit.train.resume_check.check_resume`).
 
     Under torchrun each of the ``N`` processes takes its share of each step's prompts
     (``batch_size / N``), samples with its own random stream, scores, and sums its gradients
@@ -114,7 +114,7 @@ class RolloutLoop:
         updates_per_step: int,
         kl_warn: float,
         trained: nn.Module | None = None,
-        run_config: dict[str, Any] | None = None,
+        run_config: Any = None,
     ) -> None:
         world = distributed.world_size()
         if config.batch_size % world:
@@ -126,7 +126,12 @@ class RolloutLoop:
         if config.fsdp:
             raise ValueError(f"{self.kind} does not shard the model (--fsdp): drop the option")
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.run_config = json.loads(json.dumps(run_config or {"train": asdict(config)}))
+        if run_config is None:
+            self.run_config = {"train": json.loads(json.dumps(asdict(config)))}
+            self.option_defaults = {f"train.{k}": v for k, v in option_defaults(config).items()}
+        else:
+            self.run_config = json.loads(json.dumps(asdict(run_config)))
+            self.option_defaults = option_defaults(run_config)
         self.sampling, self.reward, self.kl_warn = sampling, reward, kl_warn
         self.trained = model if trained is None else trained
         self.prompts = RowBatches(list(prompts), config.batch_size, list, config.seed)
@@ -295,7 +300,7 @@ class RolloutLoop:
             # Written before checkpoints held every option of the run: the loop's own only.
             stored = {**stored, "config": {"train": stored.get("config", {})}}
             current = {"train": current["train"]}
-        check_resume(path, stored, current, distributed.world_size())
+        check_resume(path, stored, current, self.option_defaults, distributed.world_size())
         state = checkpoint.load(path, self.trained, self.optimizer, distributed.rank())
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))

@@ -25,7 +25,7 @@ from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.objective import Objective
-from lorakit.train.resume_check import check_resume
+from lorakit.train.resume_check import check_resume, option_defaults
 from lorakit.train.schedule import scheduler
 
 # torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); the lent GPU machines
@@ -111,9 +111,9 @@ class Trainer:
         objective: the loss and metrics of a batch (:class:`~lorakit.train.objective.Objective`).
         train: training batches.
         val: validation batches; may be empty (no evaluation, no early stopping).
-        run_config: every option of the run (JSON-able, e.g. ``asdict`` of a recipe's config;
-            default: ``config``'s), stored in each checkpoint: a resume with other options is
-            refused (see :func:`lorakit.train.resume_check.changed_options`).
+        run_config: every option of the run, a dataclass (a recipe's config; default
+            ``config``), stored in each checkpoint: a resume with other options is refused
+            (see :func:`lorakit.train.resume_check.check_resume`).
     """
 
     def __init__(
@@ -123,12 +123,14 @@ class Trainer:
         objective: Objective,
         train: RowBatches[Any],
         val: RowBatches[Any] | None = None,
-        run_config: dict[str, Any] | None = None,
+        run_config: Any = None,
     ) -> None:
         if not train.rows:
             raise ValueError("no training rows")
         self.model, self.config, self.objective = model, config, objective
-        self.run_config = json.loads(json.dumps(run_config or asdict(config)))
+        options = config if run_config is None else run_config
+        self.run_config = json.loads(json.dumps(asdict(options)))
+        self.option_defaults = option_defaults(options)
         self.train_batches = train
         self.val_batches = val if val is not None and val.rows else None
         self.out = Path(config.out)
@@ -255,7 +257,8 @@ class Trainer:
                 log_path.unlink(missing_ok=True)
                 checkpoint.remove_all(self.out)
             return {"step": 0, "best_val": None, "bad_evals": 0}
-        check_resume(path, checkpoint.read_state(path), self.run_config, self.world)
+        stored = checkpoint.read_state(path)
+        check_resume(path, stored, self.run_config, self.option_defaults, self.world)
         if self.fsdp:
             sharded_checkpoint.load(path, self.model, self.optimizer)
             checkpoint.load_rng(path, self.rank)
