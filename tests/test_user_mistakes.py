@@ -268,6 +268,18 @@ def test_a_pickled_base_model_is_never_loaded(tmp_path, model_dir, data, capsys)
     one_line_error(capsys, sft(pickled, data, tmp_path / "o", *FAST), "never loads")
 
 
+def test_a_base_model_missing_weights_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    # transformers would start the missing layer at random, warn, and let the run train on it.
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial)
+    weights = load_file(str(partial / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if ".layers.1." not in k}
+    save_file(kept, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    expected = f"{partial} has no weights for {len(weights) - len(kept)} of the causal LM's"
+    one_line_error(capsys, sft(partial, data, tmp_path / "o", *FAST), expected)
+    assert not (tmp_path / "o").exists()
+
+
 # ---- adapters with NaN, Inf or integers --------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ from lorakit.validate import check_device
 METHODS = get_args(MethodName)
 # The --dtype choices that name a torch dtype ("auto" keeps the checkpoint's).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The scalar head of transformers' *ForSequenceClassification (Llama, GPT-2, Qwen, ...).
+SCORE_HEAD = "score"
 
 
 @dataclass
@@ -123,7 +125,12 @@ def load_tokenizer(config: ModelConfig) -> Any:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
-def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.Module:
+def _load(
+    auto_class: Any, config: ModelConfig, what: str, new: str = "", **kwargs: Any
+) -> tuple[nn.Module, bool]:
+    """``auto_class.from_pretrained`` on :func:`model_dir`, safetensors only, and whether the
+    checkpoint lacked the weights of module ``new`` (started at random). A checkpoint lacking
+    any other weights is refused: transformers would start them at random and only warn."""
     from safetensors import SafetensorError
 
     path = model_dir(config)
@@ -135,32 +142,48 @@ def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.
         )
     try:
         # Weights from safetensors only: a pickle can run code when it is loaded.
-        model = auto_class.from_pretrained(
-            path, dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
+        model, info = auto_class.from_pretrained(
+            path,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+            **kwargs,
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"cannot load a {what} from {path}: {e}") from None
+    missing = sorted(info["missing_keys"])
+    fresh = [k for k in missing if k.split(".")[0] == new]
+    missing = [k for k in missing if k not in fresh]
+    if missing:
+        raise ValueError(
+            f"{path} has no weights for {len(missing)} of the {what}'s tensors ({missing[0]}"
+            f"{', ...' if len(missing) > 1 else ''}): the checkpoint is incomplete or of "
+            "another model"
+        )
     # What adapters record as their base (base_model_name_or_path): the hub id, for a model
     # taken from the cache, as transformers records it.
     model.config._name_or_path = config.model
-    return model.to(resolve_device(config.device))
+    return model.to(resolve_device(config.device)), bool(fresh)
 
 
 def load_model(config: ModelConfig) -> nn.Module:
     """The causal LM of :func:`model_dir`, on ``config.device``.
 
     Raises:
-        ValueError: the directory does not exist or holds no loadable causal LM.
+        ValueError: the directory does not exist, holds no loadable causal LM, or lacks some
+            of its weights.
     """
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, config, "causal LM")
+    return _load(AutoModelForCausalLM, config, "causal LM")[0]
 
 
 def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Module:
-    """A causal LM backbone with a freshly initialised scalar head ``score`` (hidden -> 1) on
-    the last non-pad token: transformers' ``*ForSequenceClassification`` with one label, the
-    layout reward models are saved and served in.
+    """A causal LM backbone with a scalar head ``score`` (hidden -> 1) on the last non-pad
+    token: transformers' ``*ForSequenceClassification`` with one label, the layout reward
+    models are saved and served in. The head is the checkpoint's when it has one, else freshly
+    initialised.
 
     Raises:
         ValueError: the directory does not exist or its architecture has no such class.
@@ -177,9 +200,10 @@ def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Modul
             AutoModelForSequenceClassification,
             config,
             "sequence classifier (reward model)",
+            new=SCORE_HEAD,
             num_labels=1,
             pad_token_id=pad_token_id,
-        )
+        )[0]
     finally:
         logging.set_verbosity(verbosity)
 
