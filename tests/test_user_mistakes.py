@@ -376,3 +376,21 @@ def test_a_rope_scaling_factor_extends_the_models_positions() -> None:
     check_positions(model, [128, 5])
     with pytest.raises(ValueError, match="example of 129 tokens, longer than the 128 positions"):
         check_positions(model, [129])
+
+
+# ---- a reward model without a trained score head ---------------------------------------------
+
+
+def test_scoring_needs_a_trained_score_head(tmp_path, model_dir, adapter_dir, data, capsys):
+    # An SFT adapter or a plain causal LM leaves the head at its random initialisation.
+    out = tmp_path / "scores"
+    argv = ["reward", "--score", "--model", str(model_dir), "--data", data, "--out", str(out)]
+    one_line_error(capsys, [*argv, "--adapter", str(adapter_dir)], "is no reward adapter")
+    one_line_error(capsys, argv, f"{model_dir} has no trained 'score' head")
+    assert not out.exists()
+
+
+def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapter_dir, capsys):
+    argv = ["ppo", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
+    expected = f"{adapter_dir} is no reward adapter"
+    one_line_error(capsys, [*argv, "--reward-adapter", str(adapter_dir)], expected)

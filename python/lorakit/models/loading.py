@@ -179,14 +179,21 @@ def load_model(config: ModelConfig) -> nn.Module:
     return _load(AutoModelForCausalLM, config, "causal LM")[0]
 
 
-def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Module:
+def load_sequence_classifier(
+    config: ModelConfig, pad_token_id: int, trained_head: bool = False
+) -> nn.Module:
     """A causal LM backbone with a scalar head ``score`` (hidden -> 1) on the last non-pad
     token: transformers' ``*ForSequenceClassification`` with one label, the layout reward
     models are saved and served in. The head is the checkpoint's when it has one, else freshly
     initialised.
 
+    Args:
+        trained_head: refuse a checkpoint without the head (a plain causal LM), whose scores
+            would come from random weights.
+
     Raises:
-        ValueError: the directory does not exist or its architecture has no such class.
+        ValueError: the directory does not exist, its architecture has no such class, or
+            ``trained_head`` and it has no head.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
@@ -196,16 +203,23 @@ def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Modul
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return _load(
+        model, fresh = _load(
             AutoModelForSequenceClassification,
             config,
             "sequence classifier (reward model)",
             new=SCORE_HEAD,
             num_labels=1,
             pad_token_id=pad_token_id,
-        )[0]
+        )
     finally:
         logging.set_verbosity(verbosity)
+    if trained_head and fresh:
+        raise ValueError(
+            f"{model_dir(config)} has no trained {SCORE_HEAD!r} head, so it is no reward model "
+            "and its scores would come from random weights: use one that lorakit reward "
+            "--method full or lorakit merge wrote, or its base with the reward adapter"
+        )
+    return model
 
 
 def pad_id(tokenizer: Any) -> int:

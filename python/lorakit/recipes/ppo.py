@@ -21,7 +21,12 @@ from torch import nn
 from lorakit.data.prompts import Prompt, load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import load_model, load_tokenizer, pad_id
-from lorakit.models.heads import ValueHead, add_value_adapter, load_reward_adapter
+from lorakit.models.heads import (
+    ValueHead,
+    add_value_adapter,
+    check_reward_adapter,
+    load_reward_adapter,
+)
 from lorakit.recipes import reward as reward_recipe
 from lorakit.recipes.common import RunConfig, result_path, save_result
 from lorakit.recipes.grpo import METHODS, GRPOResult, InitOptions, load_reward_function
@@ -55,6 +60,8 @@ def _check(config: PPOConfig) -> None:
             "give one reward: --reward-function module:function, or --reward-adapter and / or "
             "--reward-model (a reward model from lorakit reward)"
         )
+    if opts.reward_adapter:
+        check_reward_adapter(opts.reward_adapter)
 
 
 class ModelReward:

@@ -29,6 +29,8 @@ from lorakit.data import (
     prepare_preferences,
 )
 from lorakit.models import load_sequence_classifier, load_tokenizer, pad_id
+from lorakit.models.heads import check_reward_adapter
+from lorakit.models.loading import SCORE_HEAD
 from lorakit.models.positions import check_positions
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
@@ -48,7 +50,6 @@ from lorakit.validate import check_number
 # Methods whose reward model saves and loads whole: the head trains beside a LoRA adapter
 # (PEFT's modules_to_save) or with every other weight.
 METHODS = ("lora", "qlora", "full")
-HEAD = "score"
 
 
 @dataclass
@@ -108,7 +109,7 @@ def untrained(config: RewardConfig) -> tuple[nn.Module, Any, AdapterReport]:
     model = load_sequence_classifier(config.model, pad_id(tokenizer))
     report = make_trainable(model, config)
     if config.model.method != "full":
-        train_whole(model, [HEAD])
+        train_whole(model, [SCORE_HEAD])
         trainable, total = count_parameters(model)
         report = AdapterReport(report.replaced, trainable, total)
     return model, tokenizer, report
@@ -168,10 +169,13 @@ def pairwise_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[s
 def load_reward_model(config: RewardConfig) -> tuple[nn.Module, Any]:
     """A trained reward model and its tokenizer: ``--model`` as a sequence classifier, with
     ``--adapter`` (and its score head) loaded on it when given."""
+    adapter = config.reward.adapter
+    if adapter:
+        check_reward_adapter(adapter)
     tokenizer = load_tokenizer(config.model)
-    model = load_sequence_classifier(config.model, pad_id(tokenizer))
-    if config.reward.adapter:
-        load_adapter(model, config.reward.adapter)
+    model = load_sequence_classifier(config.model, pad_id(tokenizer), trained_head=not adapter)
+    if adapter:
+        load_adapter(model, adapter)
     return model.eval(), tokenizer
 
 
