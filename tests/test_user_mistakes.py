@@ -394,3 +394,9 @@ def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapte
     argv = ["ppo", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
     expected = f"{adapter_dir} is no reward adapter"
     one_line_error(capsys, [*argv, "--reward-adapter", str(adapter_dir)], expected)
+
+
+def test_a_reward_adapter_without_score_is_one_line(tmp_path, model_dir, adapter_dir, capsys):
+    # It was ignored: a new reward model trained from the bare base instead.
+    argv = ["reward", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
+    one_line_error(capsys, [*argv, "--adapter", str(adapter_dir)], "goes with --score")

@@ -143,6 +143,11 @@ def run(config: RewardConfig) -> RunResult:
     """Trains and saves a reward model as the module docstring says; the data is read first, so
     that a bad data file is reported before a large model is loaded."""
     _check(config)
+    if config.reward.adapter:
+        raise ValueError(
+            f"--adapter {config.reward.adapter} goes with --score; a reward model trains from "
+            "--model alone"
+        )
     if not config.data.data:
         raise ValueError("missing --data")
     data = prepare_preferences(config.data, load_tokenizer(config.model), config.train.seed)
