@@ -384,7 +384,8 @@ def test_a_rope_scaling_factor_extends_the_models_positions() -> None:
 def test_scoring_needs_a_trained_score_head(tmp_path, model_dir, adapter_dir, data, capsys):
     # An SFT adapter or a plain causal LM leaves the head at its random initialisation.
     out = tmp_path / "scores"
-    argv = ["reward", "--score", "--model", str(model_dir), "--data", data, "--out", str(out)]
+    argv = ["reward", "--score", "--model", str(model_dir), "--data", data, "--no-progress"]
+    argv += ["--out", str(out)]
     one_line_error(capsys, [*argv, "--adapter", str(adapter_dir)], "is no reward adapter")
     one_line_error(capsys, argv, f"{model_dir} has no trained 'score' head")
     assert not out.exists()
@@ -400,3 +401,19 @@ def test_a_reward_adapter_without_score_is_one_line(tmp_path, model_dir, adapter
     # It was ignored: a new reward model trained from the bare base instead.
     argv = ["reward", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
     one_line_error(capsys, [*argv, "--adapter", str(adapter_dir)], "goes with --score")
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "row 1: missing 'completion'"),
+        ([{"prompt": "a", "completion": 5}], "row 0: 'completion' must be text or messages"),
+        ([{"prompt": "a", "chosen": "b", "rejected": None}], "row 0: missing 'rejected'"),
+    ],
+)
+def test_bad_rows_to_score_name_the_row(tmp_path, model_dir, capsys, rows, expected) -> None:
+    # They failed after the model loaded with "missing 'chosen'", naming no file or row.
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["reward", "--score", "--model", str(model_dir), "--data", str(path), "--no-progress"]
+    one_line_error(capsys, [*argv, "--out", str(tmp_path / "out")], f"{path}: {expected}")

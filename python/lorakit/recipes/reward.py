@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakit.data import (
     PreparedPairs,
+    RowError,
     collate_pairs,
     encode_pair,
     load_rows,
@@ -215,35 +216,64 @@ def score(
     return scores
 
 
+def _score_columns(path: str, rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[str]:
+    """The columns ``--score`` reads from ``rows`` (a pair's, else a completion's), each row
+    checked as scoring renders it, so that a bad row is reported before the model loads.
+
+    Raises:
+        ValueError: the file has neither layout, or a row lacks a column or holds a value that
+            is not a string or message list (naming the file and row).
+    """
+    keys = set(rows[0]) if rows else set()
+    if {"prompt", "chosen", "rejected"} <= keys:
+        columns = ["prompt", "chosen", "rejected"]
+    elif {"prompt", "completion"} <= keys:
+        columns = ["prompt", "completion"]
+    else:
+        raise ValueError(
+            f"{path}: --score needs prompt and completion columns, or prompt, chosen and "
+            f"rejected; found {sorted(keys)}"
+        )
+    for index, row in enumerate(rows):
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                raise RowError(path, index, f"missing {column!r}")
+            if not isinstance(value, str | list):
+                kind = type(value).__name__
+                raise RowError(path, index, f"{column!r} must be text or messages, got {kind}")
+        sides = {"chosen": row[columns[1]], "rejected": row[columns[-1]]}
+        try:
+            pair_segments({"prompt": row["prompt"], **sides}, tokenizer)
+        except ValueError as e:
+            raise RowError(path, index, str(e)) from None
+    return columns
+
+
 def score_file(config: RewardConfig) -> str:
     """``lorakit reward --score``: writes ``out/scores.jsonl``; returns a summary line."""
     if len(config.data.data) != 1:
         raise ValueError("--score takes one --data file")
     path = config.data.data[0]
     rows = load_rows(path)
+    columns = _score_columns(path, rows, load_tokenizer(config.model))
     model, tokenizer = load_reward_model(config)
-    keys = set(rows[0]) if rows else set()
     out = Path(config.train.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scores.jsonl"
-    if {"prompt", "chosen", "rejected"} <= keys:
+    if "chosen" in columns:
         chosen, rejected = pair_scores(model, tokenizer, rows)
         records = [
             {"chosen_score": c, "rejected_score": r} for c, r in zip(chosen, rejected, strict=True)
         ]
         accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(rows))
         line = f"scored {len(rows)} pairs: pairwise accuracy {accuracy:.1%}; {target}"
-    elif {"prompt", "completion"} <= keys:
+    else:
         values = score(
             model, tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows]
         )
         records = [{"score": v} for v in values]
         line = f"scored {len(rows)} rows: mean {sum(values) / max(1, len(values)):.4f}; {target}"
-    else:
-        raise ValueError(
-            f"{path}: --score needs prompt and completion columns, or prompt, chosen and "
-            f"rejected; found {sorted(keys)}"
-        )
     target.write_text("".join(json.dumps(r) + "\n" for r in records))
     return line
 
