@@ -18,6 +18,7 @@ from lorakit.models.positions import check_positions
 from lorakit.peft import IA3Config, LoraConfig
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
+from preference_helpers import pair_rows
 from sft_helpers import qa_rows, saved_model
 
 FAST = ["--max-steps", "2", "--batch-size", "4", "--no-progress"]
@@ -417,3 +418,12 @@ def test_bad_rows_to_score_name_the_row(tmp_path, model_dir, capsys, rows, expec
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["reward", "--score", "--model", str(model_dir), "--data", str(path), "--no-progress"]
     one_line_error(capsys, [*argv, "--out", str(tmp_path / "out")], f"{path}: {expected}")
+
+
+def test_nothing_left_to_train_on_says_what_dropped_it(tmp_path, model_dir, capsys) -> None:
+    path = tmp_path / "same.jsonl"
+    same = [{**r, "chosen": r["rejected"]} for r in pair_rows(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in same))
+    argv = ["dpo", "--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "o")]
+    expected = f"left after filtering and the split ({path}: read 6, chosen identical to rejected"
+    one_line_error(capsys, [*argv, *FAST], expected)
