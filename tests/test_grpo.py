@@ -101,6 +101,31 @@ def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
         grpo.train(model, tok, config(tmp_path, 4), PROMPTS, nan_after(2, at=0))
 
 
+def raises(prompts, completions):
+    return {}["missing"]
+
+
+@pytest.mark.parametrize(
+    ("reward", "expected"),
+    [
+        (raises, r"step 1: the reward function raised KeyError: 'missing' \(at .*test_grpo.py:"),
+        (lambda p, c: None, r"one number per completion \(16\), got NoneType None"),
+        (lambda p, c: ["high"] * len(c), r"one number per completion \(16\), got list \['high'"),
+        (
+            lambda p, c: [[1.0, 2.0]] * len(c),
+            r"one number per completion \(16\), got shape \[16, 2\]",
+        ),
+    ],
+)
+def test_a_reward_function_that_fails_or_returns_no_numbers_is_one_line(
+    tmp_path, reward, expected
+) -> None:
+    # These were a traceback (an exception, None) or a message naming no reward function.
+    model, tok = policy()
+    with pytest.raises(ValueError, match=expected):
+        grpo.train(model, tok, config(tmp_path, 1), PROMPTS, reward)
+
+
 def test_a_reward_function_that_cannot_take_the_call_is_one_line(tmp_path) -> None:
     def only_prompts(prompts):
         return [0.0] * len(prompts)
