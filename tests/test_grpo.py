@@ -6,6 +6,7 @@ per-token completion log-probs equal a plain forward pass."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -124,6 +125,21 @@ def test_a_reward_function_that_fails_or_returns_no_numbers_is_one_line(
     model, tok = policy()
     with pytest.raises(ValueError, match=expected):
         grpo.train(model, tok, config(tmp_path, 1), PROMPTS, reward)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def f(:\n", "raised SyntaxError: invalid syntax (at {path}:1)"),
+        ("x = 1\nraise RuntimeError('no key')\n", "raised RuntimeError: no key (at {path}:2)"),
+    ],
+)
+def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, source, expected) -> None:
+    # Only ImportError was caught: these were a traceback.
+    path = tmp_path / "reward.py"
+    path.write_text(source)
+    with pytest.raises(ValueError, match=re.escape(expected.format(path=path))):
+        grpo.load_reward_function(f"{path}:f")
 
 
 def test_a_reward_function_that_cannot_take_the_call_is_one_line(tmp_path) -> None:

@@ -44,6 +44,17 @@ RewardFunction = Callable[..., Sequence[float]]
 NEGATIVE_KL = -0.01
 
 
+def raised_in_user_code(error: BaseException) -> str:
+    """``error`` on one line with where it arose (the file and line of a syntax error, else of
+    the innermost frame), for errors of code the user hands in, such as a reward function."""
+    if isinstance(error, SyntaxError) and error.filename:
+        message, where = error.msg, f"{error.filename}:{error.lineno}"
+    else:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        message, where = str(error), f"{frame.filename}:{frame.lineno}"
+    return f"{type(error).__name__}: {message} (at {where})"
+
+
 def _rewards(values: Any, count: int) -> torch.Tensor:
     """A reward function's ``values`` as ``count`` float32 rewards.
 
@@ -207,10 +218,9 @@ class RolloutLoop:
         try:
             values = self.reward(raw, completions, **columns)
         except Exception as e:  # the user's code: its error and where it arose, on one line
-            frame = traceback.extract_tb(e.__traceback__)[-1]
             raise ValueError(
-                f"step {step + 1}: the reward function raised {type(e).__name__}: {e} (at "
-                f"{frame.filename}:{frame.lineno}); {self._stopped()}"
+                f"step {step + 1}: the reward function raised {raised_in_user_code(e)}; "
+                f"{self._stopped()}"
             ) from e
         rewards = _rewards(values, len(completions))
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
