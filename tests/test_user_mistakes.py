@@ -269,6 +269,17 @@ def test_a_pickled_base_model_is_never_loaded(tmp_path, model_dir, data, capsys)
     one_line_error(capsys, sft(pickled, data, tmp_path / "o", *FAST), "never loads")
 
 
+def test_an_inconsistent_model_config_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    # transformers checks a config as it builds it, raising an error that is no ValueError.
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3}))
+    expected = f"{broken / 'config.json'} is not a valid model configuration: "
+    err = one_line_error(capsys, sft(broken, data, tmp_path / "o", *FAST), expected)
+    assert "not a multiple of the number of attention heads (3)" in err
+
+
 def test_a_base_model_missing_weights_is_one_line(tmp_path, model_dir, data, capsys) -> None:
     # transformers would start the missing layer at random, warn, and let the run train on it.
     partial = tmp_path / "partial"

@@ -116,13 +116,22 @@ def load_tokenizer(config: ModelConfig) -> Any:
     Raises:
         ValueError: the directory does not exist or holds no loadable tokenizer.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     path = model_dir(config)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except StrictDataclassError as e:
+        raise _invalid_config(path, e) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def _invalid_config(path: Path, error: Exception) -> ValueError:
+    """transformers' configs check their values as they are built (hidden size a multiple of
+    the heads, ...), raising an error that is no ValueError."""
+    return ValueError(f"{path / 'config.json'} is not a valid model configuration: {error}")
 
 
 def _load(
@@ -131,6 +140,7 @@ def _load(
     """``auto_class.from_pretrained`` on :func:`model_dir`, safetensors only, and whether the
     checkpoint lacked the weights of module ``new`` (started at random). A checkpoint lacking
     any other weights is refused: transformers would start them at random and only warn."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     path = model_dir(config)
@@ -150,6 +160,8 @@ def _load(
             output_loading_info=True,
             **kwargs,
         )
+    except StrictDataclassError as e:
+        raise _invalid_config(path, e) from None
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"cannot load a {what} from {path}: {e}") from None
     missing = sorted(info["missing_keys"])
