@@ -15,6 +15,7 @@ from lorakit.cli import build_parser, main
 from lorakit.config_args import build
 from lorakit.data import DataConfig
 from lorakit.models.positions import check_positions
+from lorakit.models.tiny import check_width
 from lorakit.peft import IA3Config, LoraConfig
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
@@ -196,6 +197,32 @@ def test_a_cuda_device_the_machine_lacks_is_one_line(tmp_path, model_dir, data, 
     device = f"cuda:{count}"  # one past the last device, or any on a machine without CUDA
     expected = "this machine has" if count else "no CUDA GPU is usable here"
     one_line_error(capsys, sft(model_dir, data, tmp_path / "out", "--device", device), expected)
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_a_width_that_the_heads_cannot_split_is_one_line(command, capsys) -> None:
+    # It was a traceback from transformers' config check after the run had started.
+    one_line_error(capsys, [command, "--hidden", "70"], "hidden 70 does not split into 2")
+
+
+def test_check_width_refuses_what_transformers_refuses() -> None:
+    from huggingface_hub.errors import StrictDataclassError
+
+    # transformers lets odd head sizes up to 4 pass, whose RoPE then fails in the forward pass.
+    with pytest.raises(ValueError, match="hidden 3 does not split"):
+        check_width(3)
+    for hidden in range(5, 200):
+        heads = max(1, hidden // 32)
+        try:
+            LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads)
+            built = True
+        except StrictDataclassError:
+            built = False
+        if built:
+            check_width(hidden)
+        else:
+            with pytest.raises(ValueError, match=f"hidden {hidden} does not split"):
+                check_width(hidden)
 
 
 def test_configs_refuse_nan_in_python_too() -> None:
