@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -123,6 +124,46 @@ def test_a_non_finite_parameter_stops_the_run_before_its_checkpoint(tmp_path, mo
     ):
         grpo.train(model, tok, config(tmp_path, 4), PROMPTS, contains_target)
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-2"
+
+
+def raises(prompts, completions):
+    return {}["missing"]
+
+
+@pytest.mark.parametrize(
+    ("reward", "expected"),
+    [
+        (raises, r"step 1: the reward function raised KeyError: 'missing' \(at .*test_grpo.py:"),
+        (lambda p, c: None, r"one number per completion \(16\), got NoneType None"),
+        (lambda p, c: ["high"] * len(c), r"one number per completion \(16\), got list \['high'"),
+        (
+            lambda p, c: [[1.0, 2.0]] * len(c),
+            r"one number per completion \(16\), got shape \[16, 2\]",
+        ),
+    ],
+)
+def test_a_reward_function_that_fails_or_returns_no_numbers_is_one_line(
+    tmp_path, reward, expected
+) -> None:
+    # These were a traceback (an exception, None) or a message naming no reward function.
+    model, tok = policy()
+    with pytest.raises(ValueError, match=expected):
+        grpo.train(model, tok, config(tmp_path, 1), PROMPTS, reward)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def f(:\n", "raised SyntaxError: invalid syntax (at {path}:1)"),
+        ("x = 1\nraise RuntimeError('no key')\n", "raised RuntimeError: no key (at {path}:2)"),
+    ],
+)
+def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, source, expected) -> None:
+    # Only ImportError was caught: these were a traceback.
+    path = tmp_path / "reward.py"
+    path.write_text(source)
+    with pytest.raises(ValueError, match=re.escape(expected.format(path=path))):
+        grpo.load_reward_function(f"{path}:f")
 
 
 def test_a_reward_function_that_cannot_take_the_call_is_one_line(tmp_path) -> None:

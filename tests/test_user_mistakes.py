@@ -15,9 +15,11 @@ from lorakit.cli import build_parser, main
 from lorakit.config_args import build
 from lorakit.data import DataConfig
 from lorakit.models.positions import check_positions
+from lorakit.models.tiny import check_width
 from lorakit.peft import IA3Config, LoraConfig
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
+from preference_helpers import pair_rows
 from sft_helpers import qa_rows, saved_model
 
 FAST = ["--max-steps", "2", "--batch-size", "4", "--no-progress"]
@@ -197,6 +199,32 @@ def test_a_cuda_device_the_machine_lacks_is_one_line(tmp_path, model_dir, data, 
     one_line_error(capsys, sft(model_dir, data, tmp_path / "out", "--device", device), expected)
 
 
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_a_width_that_the_heads_cannot_split_is_one_line(command, capsys) -> None:
+    # It was a traceback from transformers' config check after the run had started.
+    one_line_error(capsys, [command, "--hidden", "70"], "hidden 70 does not split into 2")
+
+
+def test_check_width_refuses_what_transformers_refuses() -> None:
+    from huggingface_hub.errors import StrictDataclassError
+
+    # transformers lets odd head sizes up to 4 pass, whose RoPE then fails in the forward pass.
+    with pytest.raises(ValueError, match="hidden 3 does not split"):
+        check_width(3)
+    for hidden in range(5, 200):
+        heads = max(1, hidden // 32)
+        try:
+            LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads)
+            built = True
+        except StrictDataclassError:
+            built = False
+        if built:
+            check_width(hidden)
+        else:
+            with pytest.raises(ValueError, match=f"hidden {hidden} does not split"):
+                check_width(hidden)
+
+
 def test_configs_refuse_nan_in_python_too() -> None:
     with pytest.raises(ValueError, match="alpha must be > 0, got nan"):
         LoraConfig(alpha=math.nan)
@@ -266,6 +294,29 @@ def test_a_pickled_base_model_is_never_loaded(tmp_path, model_dir, data, capsys)
     (pickled / "model.safetensors").unlink()
     torch.save(state, pickled / "pytorch_model.bin")  # torch.load(weights_only) would accept it
     one_line_error(capsys, sft(pickled, data, tmp_path / "o", *FAST), "never loads")
+
+
+def test_an_inconsistent_model_config_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    # transformers checks a config as it builds it, raising an error that is no ValueError.
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3}))
+    expected = f"{broken / 'config.json'} is not a valid model configuration: "
+    err = one_line_error(capsys, sft(broken, data, tmp_path / "o", *FAST), expected)
+    assert "not a multiple of the number of attention heads (3)" in err
+
+
+def test_a_base_model_missing_weights_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    # transformers would start the missing layer at random, warn, and let the run train on it.
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial)
+    weights = load_file(str(partial / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if ".layers.1." not in k}
+    save_file(kept, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    expected = f"{partial} has no weights for {len(weights) - len(kept)} of the causal LM's"
+    one_line_error(capsys, sft(partial, data, tmp_path / "o", *FAST), expected)
+    assert not (tmp_path / "o").exists()
 
 
 # ---- adapters with NaN, Inf or integers --------------------------------------------------------
@@ -364,3 +415,53 @@ def test_a_rope_scaling_factor_extends_the_models_positions() -> None:
     check_positions(model, [128, 5])
     with pytest.raises(ValueError, match="example of 129 tokens, longer than the 128 positions"):
         check_positions(model, [129])
+
+
+# ---- a reward model without a trained score head ---------------------------------------------
+
+
+def test_scoring_needs_a_trained_score_head(tmp_path, model_dir, adapter_dir, data, capsys):
+    # An SFT adapter or a plain causal LM leaves the head at its random initialisation.
+    out = tmp_path / "scores"
+    argv = ["reward", "--score", "--model", str(model_dir), "--data", data, "--no-progress"]
+    argv += ["--out", str(out)]
+    one_line_error(capsys, [*argv, "--adapter", str(adapter_dir)], "is no reward adapter")
+    one_line_error(capsys, argv, f"{model_dir} has no trained 'score' head")
+    assert not out.exists()
+
+
+def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapter_dir, capsys):
+    argv = ["ppo", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
+    expected = f"{adapter_dir} is no reward adapter"
+    one_line_error(capsys, [*argv, "--reward-adapter", str(adapter_dir)], expected)
+
+
+def test_a_reward_adapter_without_score_is_one_line(tmp_path, model_dir, adapter_dir, capsys):
+    # It was ignored: a new reward model trained from the bare base instead.
+    argv = ["reward", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
+    one_line_error(capsys, [*argv, "--adapter", str(adapter_dir)], "goes with --score")
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "row 1: missing 'completion'"),
+        ([{"prompt": "a", "completion": 5}], "row 0: 'completion' must be text or messages"),
+        ([{"prompt": "a", "chosen": "b", "rejected": None}], "row 0: missing 'rejected'"),
+    ],
+)
+def test_bad_rows_to_score_name_the_row(tmp_path, model_dir, capsys, rows, expected) -> None:
+    # They failed after the model loaded with "missing 'chosen'", naming no file or row.
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["reward", "--score", "--model", str(model_dir), "--data", str(path), "--no-progress"]
+    one_line_error(capsys, [*argv, "--out", str(tmp_path / "out")], f"{path}: {expected}")
+
+
+def test_nothing_left_to_train_on_says_what_dropped_it(tmp_path, model_dir, capsys) -> None:
+    path = tmp_path / "same.jsonl"
+    same = [{**r, "chosen": r["rejected"]} for r in pair_rows(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in same))
+    argv = ["dpo", "--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "o")]
+    expected = f"left after filtering and the split ({path}: read 6, chosen identical to rejected"
+    one_line_error(capsys, [*argv, *FAST], expected)

@@ -88,5 +88,7 @@ def prepare_preferences(config: DataConfig, tokenizer: Any, seed: int = 0) -> Pr
             "(each row's layout is read from its values)"
         )
     report = DataReport()
-    train, val = assemble(config, lambda path: load_pairs(path, config, tokenizer, report), seed)
+    train, val = assemble(
+        config, lambda path: load_pairs(path, config, tokenizer, report), seed, report
+    )
     return PreparedPairs(train, val, report)

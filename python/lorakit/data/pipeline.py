@@ -140,13 +140,14 @@ def mix(groups: list[list[T]], shares: list[float], rng: random.Random) -> list[
 
 
 def assemble(
-    config: DataConfig, load: Callable[[str], list[T]], seed: int
+    config: DataConfig, load: Callable[[str], list[T]], seed: int, report: DataReport
 ) -> tuple[list[T], list[T]]:
-    """Training and validation items: each file's items (``load(path)``) mixed by
-    ``config.mix`` or all shuffled together, then ``val_data`` or a held-out share.
+    """Training and validation items: each file's items (``load(path)``, which counts what it
+    drops in ``report``) mixed by ``config.mix`` or all shuffled together, then ``val_data`` or
+    a held-out share.
 
     Raises:
-        ValueError: no data, or nothing left to train on.
+        ValueError: no data, or nothing left to train on (with the report's counts).
     """
     if not config.data:
         raise ValueError("no training data given")
@@ -163,7 +164,8 @@ def assemble(
         k = round(len(train) * config.val_fraction)
         train, val = train[k:], train[:k]
     if not train:
-        raise ValueError("no training examples are left after filtering and the split")
+        counts = "; ".join(str(report).splitlines())
+        raise ValueError(f"no training examples are left after filtering and the split ({counts})")
     return train, val
 
 
@@ -174,7 +176,9 @@ def prepare(config: DataConfig, tokenizer: Any, seed: int = 0) -> PreparedData:
         ValueError: no data, a file cannot be read, or a row is malformed.
     """
     report = DataReport()
-    train, val = assemble(config, lambda path: load_examples(path, config, tokenizer, report), seed)
+    train, val = assemble(
+        config, lambda path: load_examples(path, config, tokenizer, report), seed, report
+    )
 
     def rows(examples: list[Example]) -> list[Row]:
         return pack(examples, config.seq_len) if config.pack else [Row.of(e) for e in examples]

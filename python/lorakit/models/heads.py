@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.models.loading import SCORE_HEAD
 from lorakit.peft import (
     LoraConfig,
     active_adapter,
@@ -25,6 +26,7 @@ from lorakit.peft import (
     set_adapter,
     using_adapter,
 )
+from lorakit.peft.files import CONFIG_NAME, read_json
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -153,6 +155,22 @@ class AdapterRewardModel(nn.Module):
         return SimpleNamespace(logits=self.score(hidden[rows, last]))
 
 
+def check_reward_adapter(folder: str | Path) -> None:
+    """Refuses an adapter without a trained score head (one written by ``lorakit sft``, say):
+    scores from it would come from a randomly initialised head.
+
+    Raises:
+        FileNotFoundError: ``folder`` has no ``adapter_config.json``.
+        ValueError: its ``modules_to_save`` does not list the score head.
+    """
+    path = Path(folder) / CONFIG_NAME
+    if SCORE_HEAD not in (read_json(path).get("modules_to_save") or []):
+        raise ValueError(
+            f"{folder} is no reward adapter: {path} lists no trained {SCORE_HEAD!r} head in "
+            "modules_to_save (lorakit reward writes one)"
+        )
+
+
 def load_reward_adapter(
     model: nn.Module, folder: str | Path, pad_token_id: int, name: str = "reward"
 ) -> AdapterRewardModel:
@@ -166,8 +184,10 @@ def load_reward_adapter(
     on the shared layers and its head in ``score``.
 
     Raises:
-        ValueError: the files do not fit the model (see :func:`lorakit.load_adapter`).
+        ValueError: the adapter has no score head, or the files do not fit the model (see
+            :func:`lorakit.load_adapter`).
     """
+    check_reward_adapter(folder)
     return AdapterRewardModel(
         model, name, _load_scored_adapter(model, folder, name, trainable=False), pad_token_id
     )
@@ -182,6 +202,7 @@ def _load_scored_adapter(
     setattr(shell, model.base_model_prefix, backbone(model))
     device = next(model.parameters()).device
     dtype = backbone(model).get_input_embeddings().weight.dtype
-    shell.score = nn.Linear(hidden_size(model), 1, bias=False, device=device, dtype=dtype)
+    head = nn.Linear(hidden_size(model), 1, bias=False, device=device, dtype=dtype)
+    setattr(shell, SCORE_HEAD, head)
     load_adapter(shell, folder, name, trainable=trainable)
-    return shell.score
+    return head

@@ -17,6 +17,8 @@ from lorakit.validate import check_device
 METHODS = get_args(MethodName)
 # The --dtype choices that name a torch dtype ("auto" keeps the checkpoint's).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The scalar head of transformers' *ForSequenceClassification (Llama, GPT-2, Qwen, ...).
+SCORE_HEAD = "score"
 
 
 @dataclass
@@ -114,16 +116,31 @@ def load_tokenizer(config: ModelConfig) -> Any:
     Raises:
         ValueError: the directory does not exist or holds no loadable tokenizer.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     path = model_dir(config)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except StrictDataclassError as e:
+        raise _invalid_config(path, e) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
-def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.Module:
+def _invalid_config(path: Path, error: Exception) -> ValueError:
+    """transformers' configs check their values as they are built (hidden size a multiple of
+    the heads, ...), raising an error that is no ValueError."""
+    return ValueError(f"{path / 'config.json'} is not a valid model configuration: {error}")
+
+
+def _load(
+    auto_class: Any, config: ModelConfig, what: str, new: str = "", **kwargs: Any
+) -> tuple[nn.Module, bool]:
+    """``auto_class.from_pretrained`` on :func:`model_dir`, safetensors only, and whether the
+    checkpoint lacked the weights of module ``new`` (started at random). A checkpoint lacking
+    any other weights is refused: transformers would start them at random and only warn."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     path = model_dir(config)
@@ -135,35 +152,60 @@ def _load(auto_class: Any, config: ModelConfig, what: str, **kwargs: Any) -> nn.
         )
     try:
         # Weights from safetensors only: a pickle can run code when it is loaded.
-        model = auto_class.from_pretrained(
-            path, dtype=dtype, local_files_only=True, use_safetensors=True, **kwargs
+        model, info = auto_class.from_pretrained(
+            path,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+            **kwargs,
         )
+    except StrictDataclassError as e:
+        raise _invalid_config(path, e) from None
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"cannot load a {what} from {path}: {e}") from None
+    missing = sorted(info["missing_keys"])
+    fresh = [k for k in missing if k.split(".")[0] == new]
+    missing = [k for k in missing if k not in fresh]
+    if missing:
+        raise ValueError(
+            f"{path} has no weights for {len(missing)} of the {what}'s tensors ({missing[0]}"
+            f"{', ...' if len(missing) > 1 else ''}): the checkpoint is incomplete or of "
+            "another model"
+        )
     # What adapters record as their base (base_model_name_or_path): the hub id, for a model
     # taken from the cache, as transformers records it.
     model.config._name_or_path = config.model
-    return model.to(resolve_device(config.device))
+    return model.to(resolve_device(config.device)), bool(fresh)
 
 
 def load_model(config: ModelConfig) -> nn.Module:
     """The causal LM of :func:`model_dir`, on ``config.device``.
 
     Raises:
-        ValueError: the directory does not exist or holds no loadable causal LM.
+        ValueError: the directory does not exist, holds no loadable causal LM, or lacks some
+            of its weights.
     """
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, config, "causal LM")
+    return _load(AutoModelForCausalLM, config, "causal LM")[0]
 
 
-def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Module:
-    """A causal LM backbone with a freshly initialised scalar head ``score`` (hidden -> 1) on
-    the last non-pad token: transformers' ``*ForSequenceClassification`` with one label, the
-    layout reward models are saved and served in.
+def load_sequence_classifier(
+    config: ModelConfig, pad_token_id: int, trained_head: bool = False
+) -> nn.Module:
+    """A causal LM backbone with a scalar head ``score`` (hidden -> 1) on the last non-pad
+    token: transformers' ``*ForSequenceClassification`` with one label, the layout reward
+    models are saved and served in. The head is the checkpoint's when it has one, else freshly
+    initialised.
+
+    Args:
+        trained_head: refuse a checkpoint without the head (a plain causal LM), whose scores
+            would come from random weights.
 
     Raises:
-        ValueError: the directory does not exist or its architecture has no such class.
+        ValueError: the directory does not exist, its architecture has no such class, or
+            ``trained_head`` and it has no head.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
@@ -173,15 +215,23 @@ def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Modul
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return _load(
+        model, fresh = _load(
             AutoModelForSequenceClassification,
             config,
             "sequence classifier (reward model)",
+            new=SCORE_HEAD,
             num_labels=1,
             pad_token_id=pad_token_id,
         )
     finally:
         logging.set_verbosity(verbosity)
+    if trained_head and fresh:
+        raise ValueError(
+            f"{model_dir(config)} has no trained {SCORE_HEAD!r} head, so it is no reward model "
+            "and its scores would come from random weights: use one that lorakit reward "
+            "--method full or lorakit merge wrote, or its base with the reward adapter"
+        )
+    return model
 
 
 def pad_id(tokenizer: Any) -> int:

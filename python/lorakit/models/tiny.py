@@ -27,6 +27,23 @@ def word_tokenizer(texts: Iterable[str]) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
 
 
+def check_width(hidden: int, heads: int | None = None) -> int:
+    """The attention heads of a :func:`tiny_llama` of width ``hidden`` (``heads``, or one per
+    32 of width).
+
+    Raises:
+        ValueError: ``hidden`` does not split into that many heads of even width (RoPE rotates
+            pairs of dimensions).
+    """
+    heads = heads or max(1, hidden // 32)
+    if hidden % heads or (hidden // heads) % 2:
+        raise ValueError(
+            f"hidden {hidden} does not split into {heads} attention head(s) of even width; "
+            "use an even width below 64 or a multiple of 32"
+        )
+    return heads
+
+
 def tiny_llama(
     tokenizer: Any,
     hidden: int = 128,
@@ -47,8 +64,8 @@ def tiny_llama(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    heads = check_width(hidden, heads)
     torch.manual_seed(seed)
-    heads = heads or max(1, hidden // 32)
     config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate or hidden * 8 // 3,

@@ -32,6 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lorakit.models import resolve_device
+from lorakit.models.tiny import check_width
 from lorakit.peft.methods import METHODS
 from lorakit.recipes.compare_worker import measure
 from lorakit.recipes.demo import (
@@ -111,6 +112,7 @@ class CompareConfig:
                 raise ValueError(f"method_lr {item!r} is not METHOD=LR with a registered method")
         for name in ("steps", "hidden", "layers", "batch_size", "lora_r", "threads"):
             check_number(name, getattr(self, name), integer=True, low=1)
+        check_width(self.hidden)
         for name in ("warmup_steps", "pretrain_steps", "seed"):
             check_number(name, getattr(self, name), integer=True, low=0)
         check_number("lr", self.lr, low=0, low_open=True)

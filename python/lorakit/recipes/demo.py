@@ -26,6 +26,7 @@ from torch import nn
 from lorakit.data import DataConfig, prepare
 from lorakit.demo_data import facts
 from lorakit.models import ModelConfig, load_model, load_tokenizer, tiny_llama, word_tokenizer
+from lorakit.models.tiny import check_width
 from lorakit.nn import NF4Linear
 from lorakit.peft import LoraConfig
 from lorakit.recipes import demo_alignment
@@ -78,6 +79,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "lora_r", "threads"):
             check_number(name, getattr(self, name), integer=True, low=1)
+        check_width(self.hidden)
         check_number("seed", self.seed, integer=True, low=0)
         for name in ("pretrain_epochs", "sft_epochs", "reward_epochs", "dpo_epochs"):
             check_number(name, getattr(self, name), low=0, low_open=True)

@@ -27,6 +27,7 @@ from lorakit.peft.inject import count_parameters
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
 from lorakit.train import distributed, out_dir
 from lorakit.train.grpo import GRPOOptions, GRPOTrainer, RewardFunction
+from lorakit.train.rollout_loop import raised_in_user_code
 from lorakit.train.trainer import TrainResult
 
 # Methods whose policy is an adapter that can be switched off for the reference.
@@ -79,6 +80,10 @@ def load_reward_function(spec: str) -> RewardFunction:
             module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"--reward-function {spec!r}: cannot import {module_name}: {e}") from None
+    except Exception as e:  # the user's module fails as it runs: its error and where, one line
+        raise ValueError(
+            f"--reward-function {spec!r}: importing {module_name} raised {raised_in_user_code(e)}"
+        ) from e
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"--reward-function {spec!r}: {module_name} has no function {name!r}")

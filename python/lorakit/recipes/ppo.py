@@ -25,6 +25,7 @@ from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.models.heads import (
     ValueHead,
     add_value_adapter,
+    check_reward_adapter,
     load_reward_adapter,
     value_from_reward_adapter,
 )
@@ -62,6 +63,8 @@ def _check(config: PPOConfig) -> None:
             "give one reward: --reward-function module:function, or --reward-adapter and / or "
             "--reward-model (a reward model from lorakit reward)"
         )
+    if opts.reward_adapter:
+        check_reward_adapter(opts.reward_adapter)
 
 
 class ModelReward:

@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakit.data import (
     PreparedPairs,
+    RowError,
     collate_pairs,
     encode_pair,
     load_rows,
@@ -29,6 +30,8 @@ from lorakit.data import (
     prepare_preferences,
 )
 from lorakit.models import load_sequence_classifier, load_tokenizer, pad_id
+from lorakit.models.heads import check_reward_adapter
+from lorakit.models.loading import SCORE_HEAD
 from lorakit.models.positions import check_positions
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
@@ -48,7 +51,6 @@ from lorakit.validate import check_number
 # Methods whose reward model saves and loads whole: the head trains beside a LoRA adapter
 # (PEFT's modules_to_save) or with every other weight.
 METHODS = ("lora", "qlora", "full")
-HEAD = "score"
 
 
 @dataclass
@@ -108,7 +110,7 @@ def untrained(config: RewardConfig) -> tuple[nn.Module, Any, AdapterReport]:
     model = load_sequence_classifier(config.model, pad_id(tokenizer))
     report = make_trainable(model, config)
     if config.model.method != "full":
-        train_whole(model, [HEAD])
+        train_whole(model, [SCORE_HEAD])
         trainable, total = count_parameters(model)
         report = AdapterReport(report.replaced, trainable, total)
     return model, tokenizer, report
@@ -142,6 +144,11 @@ def run(config: RewardConfig) -> RunResult:
     """Trains and saves a reward model as the module docstring says; the data is read first, so
     that a bad data file is reported before a large model is loaded."""
     _check(config)
+    if config.reward.adapter:
+        raise ValueError(
+            f"--adapter {config.reward.adapter} goes with --score; a reward model trains from "
+            "--model alone"
+        )
     if not config.data.data:
         raise ValueError("missing --data")
     data = prepare_preferences(config.data, load_tokenizer(config.model), config.train.seed)
@@ -168,10 +175,13 @@ def pairwise_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[s
 def load_reward_model(config: RewardConfig) -> tuple[nn.Module, Any]:
     """A trained reward model and its tokenizer: ``--model`` as a sequence classifier, with
     ``--adapter`` (and its score head) loaded on it when given."""
+    adapter = config.reward.adapter
+    if adapter:
+        check_reward_adapter(adapter)
     tokenizer = load_tokenizer(config.model)
-    model = load_sequence_classifier(config.model, pad_id(tokenizer))
-    if config.reward.adapter:
-        load_adapter(model, config.reward.adapter)
+    model = load_sequence_classifier(config.model, pad_id(tokenizer), trained_head=not adapter)
+    if adapter:
+        load_adapter(model, adapter)
     return model.eval(), tokenizer
 
 
@@ -206,35 +216,64 @@ def score(
     return scores
 
 
+def _score_columns(path: str, rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[str]:
+    """The columns ``--score`` reads from ``rows`` (a pair's, else a completion's), each row
+    checked as scoring renders it, so that a bad row is reported before the model loads.
+
+    Raises:
+        ValueError: the file has neither layout, or a row lacks a column or holds a value that
+            is not a string or message list (naming the file and row).
+    """
+    keys = set(rows[0]) if rows else set()
+    if {"prompt", "chosen", "rejected"} <= keys:
+        columns = ["prompt", "chosen", "rejected"]
+    elif {"prompt", "completion"} <= keys:
+        columns = ["prompt", "completion"]
+    else:
+        raise ValueError(
+            f"{path}: --score needs prompt and completion columns, or prompt, chosen and "
+            f"rejected; found {sorted(keys)}"
+        )
+    for index, row in enumerate(rows):
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                raise RowError(path, index, f"missing {column!r}")
+            if not isinstance(value, str | list):
+                kind = type(value).__name__
+                raise RowError(path, index, f"{column!r} must be text or messages, got {kind}")
+        sides = {"chosen": row[columns[1]], "rejected": row[columns[-1]]}
+        try:
+            pair_segments({"prompt": row["prompt"], **sides}, tokenizer)
+        except ValueError as e:
+            raise RowError(path, index, str(e)) from None
+    return columns
+
+
 def score_file(config: RewardConfig) -> str:
     """``lorakit reward --score``: writes ``out/scores.jsonl``; returns a summary line."""
     if len(config.data.data) != 1:
         raise ValueError("--score takes one --data file")
     path = config.data.data[0]
     rows = load_rows(path)
+    columns = _score_columns(path, rows, load_tokenizer(config.model))
     model, tokenizer = load_reward_model(config)
-    keys = set(rows[0]) if rows else set()
     out = Path(config.train.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scores.jsonl"
-    if {"prompt", "chosen", "rejected"} <= keys:
+    if "chosen" in columns:
         chosen, rejected = pair_scores(model, tokenizer, rows)
         records = [
             {"chosen_score": c, "rejected_score": r} for c, r in zip(chosen, rejected, strict=True)
         ]
         accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(rows))
         line = f"scored {len(rows)} pairs: pairwise accuracy {accuracy:.1%}; {target}"
-    elif {"prompt", "completion"} <= keys:
+    else:
         values = score(
             model, tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows]
         )
         records = [{"score": v} for v in values]
         line = f"scored {len(rows)} rows: mean {sum(values) / max(1, len(values)):.4f}; {target}"
-    else:
-        raise ValueError(
-            f"{path}: --score needs prompt and completion columns, or prompt, chosen and "
-            f"rejected; found {sorted(keys)}"
-        )
     target.write_text("".join(json.dumps(r) + "\n" for r in records))
     return line
 

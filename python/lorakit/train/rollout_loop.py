@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,10 +38,38 @@ from lorakit.train.schedule import scheduler
 from lorakit.train.trainer import Diverged, Interrupted, TrainResult, last_checkpoint
 
 RewardFunction = Callable[..., Sequence[float]]
+
 # A mean per-token KL estimate below this (nats) is reported: k1 is an unbiased estimate of a
 # non-negative quantity, so a clearly negative mean says the sampled tokens do not come from the
 # policy the log-probs are computed with (e.g. top_p truncation).
 NEGATIVE_KL = -0.01
+
+
+def raised_in_user_code(error: BaseException) -> str:
+    """``error`` on one line with where it arose (the file and line of a syntax error, else of
+    the innermost frame), for errors of code the user hands in, such as a reward function."""
+    if isinstance(error, SyntaxError) and error.filename:
+        message, where = error.msg, f"{error.filename}:{error.lineno}"
+    else:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        message, where = str(error), f"{frame.filename}:{frame.lineno}"
+    return f"{type(error).__name__}: {message} (at {where})"
+
+
+def _rewards(values: Any, count: int) -> torch.Tensor:
+    """A reward function's ``values`` as ``count`` float32 rewards.
+
+    Raises:
+        ValueError: ``values`` is not ``count`` numbers (a sequence, array or tensor of them).
+    """
+    expected = f"the reward function must return one number per completion ({count})"
+    try:
+        rewards = torch.as_tensor(list(values), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{expected}, got {type(values).__name__} {values!r:.80}") from None
+    if rewards.shape != (count,):
+        raise ValueError(f"{expected}, got shape {list(rewards.shape)}")
+    return rewards
 
 
 @dataclass
@@ -195,13 +224,14 @@ class RolloutLoop:
             k: [p.columns[k] for p in prompts for _ in range(per_prompt)]
             for k in prompts[0].columns
         }
-        values = self.reward(raw, completions, **columns)
-        rewards = torch.as_tensor(list(values), dtype=torch.float32)
-        if rewards.shape != (len(completions),):
+        try:
+            values = self.reward(raw, completions, **columns)
+        except Exception as e:  # the user's code: its error and where it arose, on one line
             raise ValueError(
-                f"the reward function returned {rewards.numel()} values for "
-                f"{len(completions)} completions"
-            )
+                f"step {step + 1}: the reward function raised {raised_in_user_code(e)}; "
+                f"{self._stopped()}"
+            ) from e
+        rewards = _rewards(values, len(completions))
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         if distributed.sum_across([float(len(bad))])[0] and not bad:
             raise ValueError(
@@ -209,13 +239,16 @@ class RolloutLoop:
                 "process; stopped before updating"
             )
         if bad:
-            last = checkpoint.latest(self.out)
             raise ValueError(
                 f"step {step + 1}: the reward function returned {rewards[bad[0]].item()} for "
                 f"completion {bad[0]} ({completions[bad[0]]!r}) and {len(bad) - 1} other(s); "
-                f"stopped before updating; last checkpoint: {last or 'none'}"
+                f"{self._stopped()}"
             )
         return rewards
+
+    def _stopped(self) -> str:
+        last = checkpoint.latest(self.out)
+        return f"stopped before updating; last checkpoint: {last or 'none'}"
 
     # ---- what a subclass provides
 
