@@ -107,6 +107,11 @@ def _corrupt(tmp_path: Path, base_dir: Path) -> Path:
     return tmp_path / "adapter"
 
 
+def _a_file(tmp_path: Path, base_dir: Path) -> Path:
+    save_lora(base_dir, tmp_path / "adapter")
+    return tmp_path / "adapter" / "adapter_model.safetensors"
+
+
 def _no_config(tmp_path: Path, base_dir: Path) -> Path:
     (tmp_path / "empty").mkdir()
     return tmp_path / "empty"
@@ -115,7 +120,8 @@ def _no_config(tmp_path: Path, base_dir: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda tmp, base: tmp / "missing", "does not exist"),
+        (lambda tmp, base: tmp / "missing", "missing does not exist: no adapter directory"),
+        (_a_file, "adapter_model.safetensors is a file, not an adapter directory"),
         (_no_config, "adapter_config.json does not exist"),
         (_corrupt, "not a readable safetensors file"),
         (_mismatched, "do not fit"),

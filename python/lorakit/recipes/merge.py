@@ -76,7 +76,11 @@ def check_mergeable(adapter_dir: Path) -> str:
         ValueError: the config is corrupt, or the method's adapters cannot be merged.
     """
     if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+        what = "is a file, not" if adapter_dir.exists() else "does not exist: no"
+        raise FileNotFoundError(
+            f"--adapter {adapter_dir} {what} an adapter directory (adapter_config.json and "
+            "adapter_model.safetensors)"
+        )
     config = read_json(adapter_dir / CONFIG_NAME)
     peft_type = config.get("peft_type")
     adapter_format = FORMATS.get(peft_type) if isinstance(peft_type, str) else None
