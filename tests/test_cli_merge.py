@@ -120,7 +120,7 @@ def _no_config(tmp_path: Path, base_dir: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda tmp, base: tmp / "missing", "missing does not exist: no adapter directory"),
+        (lambda tmp, base: tmp / "missing", "missing does not exist (an adapter directory holds"),
         (_a_file, "adapter_model.safetensors is a file, not an adapter directory"),
         (_no_config, "adapter_config.json does not exist"),
         (_corrupt, "not a readable safetensors file"),

@@ -76,9 +76,9 @@ def check_mergeable(adapter_dir: Path) -> str:
         ValueError: the config is corrupt, or the method's adapters cannot be merged.
     """
     if not adapter_dir.is_dir():
-        what = "is a file, not" if adapter_dir.exists() else "does not exist: no"
+        what = "is a file, not an adapter directory" if adapter_dir.exists() else "does not exist"
         raise FileNotFoundError(
-            f"--adapter {adapter_dir} {what} an adapter directory (adapter_config.json and "
+            f"--adapter {adapter_dir} {what} (an adapter directory holds adapter_config.json and "
             "adapter_model.safetensors)"
         )
     config = read_json(adapter_dir / CONFIG_NAME)
