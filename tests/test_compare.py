@@ -62,3 +62,10 @@ def test_isolated_runs_measure_memory(tmp_path, capsys) -> None:
 def test_unknown_methods_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown methods"):
         CompareConfig(methods=["dora"])
+
+
+def test_warmup_that_leaves_no_step_to_time_is_refused() -> None:
+    # It timed every step instead, warm-up included, without a word.
+    with pytest.raises(ValueError, match=r"--warmup-steps 4 leaves none of the --steps 4 to time"):
+        CompareConfig(steps=4, warmup_steps=4)
+    CompareConfig(steps=4, warmup_steps=3)

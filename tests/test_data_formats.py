@@ -93,6 +93,12 @@ def test_malformed_rows_say_why(row, message) -> None:
         to_segments(row, "auto", TOK)
 
 
+def test_a_format_whose_column_the_row_lacks_names_it() -> None:
+    # --format text on prompt / completion rows (it said "'text' must be a string, got NoneType").
+    with pytest.raises(ValueError, match=r"^missing 'text'$"):
+        to_segments({"prompt": "a", "completion": "b"}, "text", TOK)
+
+
 def test_detect_prefers_messages_then_alpaca() -> None:
     assert detect({"messages": [], "text": "x"}) == "chat"
     assert detect({"instruction": "x", "output": "y", "text": "z"}) == "alpaca"

@@ -55,9 +55,13 @@ def test_out_may_not_be_or_contain_an_input_or_the_current_directory(tmp_path, m
         check_replaceable(tmp_path, overwrite=True, inputs=(source / "model.safetensors",))
     with pytest.raises(ValueError, match="must not be or contain"):
         check_replaceable(source, overwrite=True, inputs=(source,))
+    # Nor lie inside one: the merged model would end up nested in the base model's folder.
+    with pytest.raises(ValueError, match=r"must not be inside .*repo: choose a place beside it"):
+        check_replaceable(source / "merged", overwrite=True, inputs=(source,))
     monkeypatch.chdir(source)
     with pytest.raises(ValueError, match="the current directory"):
         check_replaceable(Path("."), overwrite=True)
+    check_replaceable(Path("merged"), overwrite=True)  # inside the current directory is fine
 
 
 def test_the_new_directory_takes_the_old_ones_place(tmp_path) -> None:

@@ -39,7 +39,8 @@ def check_replaceable(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     """Refuses an ``out`` that writing a model directory there would destroy.
 
     Nothing there, or an empty directory, is fine; a model directory only with ``overwrite``.
-    ``out`` may never be, or contain, one of ``inputs`` or the current directory.
+    ``out`` may never be, or contain, one of ``inputs`` or the current directory, nor lie
+    inside one of ``inputs``.
 
     Raises:
         FileExistsError, ValueError: naming ``out`` and what to do.
@@ -50,6 +51,9 @@ def check_replaceable(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     for what, source in [*kept, ("the current directory", Path.cwd().resolve())]:
         if source == target or target in source.parents:
             raise ValueError(f"--out {out} must not be or contain {what}")
+    for what, source in kept:
+        if source in target.parents:  # the written model would sit inside an input
+            raise ValueError(f"--out {out} must not be inside {what}: choose a place beside it")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():

@@ -72,6 +72,8 @@ def text_field(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
     value = row.get(key)
     if value is None and optional:
         return ""
+    if value is None:
+        raise ValueError(f"missing '{key}'")
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
     if not value.strip() and not optional:

@@ -115,6 +115,11 @@ class CompareConfig:
         check_width(self.hidden)
         for name in ("warmup_steps", "pretrain_steps", "seed"):
             check_number(name, getattr(self, name), integer=True, low=0)
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"--warmup-steps {self.warmup_steps} leaves none of the --steps {self.steps} to "
+                "time: lower it or raise --steps"
+            )
         check_number("lr", self.lr, low=0, low_open=True)
         for item in self.method_lr:
             check_number(f"method_lr {item}", float(item.partition("=")[2]), low=0, low_open=True)
