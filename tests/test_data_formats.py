@@ -95,8 +95,10 @@ def test_malformed_rows_say_why(row, message) -> None:
 
 def test_a_format_whose_column_the_row_lacks_names_it() -> None:
     # --format text on prompt / completion rows (it said "'text' must be a string, got NoneType").
-    with pytest.raises(ValueError, match=r"^missing 'text'$"):
+    with pytest.raises(ValueError, match=r"^'text' is missing$"):
         to_segments({"prompt": "a", "completion": "b"}, "text", TOK)
+    with pytest.raises(ValueError, match=r"^'text' is null$"):
+        to_segments({"text": None}, "text", TOK)
 
 
 def test_detect_prefers_messages_then_alpaca() -> None:

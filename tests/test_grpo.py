@@ -130,10 +130,16 @@ def raises(prompts, completions):
     return {}["missing"]
 
 
+def parses(prompts, completions):
+    return [json.loads("{") for _ in completions]  # fails inside the json module
+
+
 @pytest.mark.parametrize(
     ("reward", "expected"),
     [
         (raises, r"step 1: the reward function raised KeyError: 'missing' \(at .*test_grpo.py:"),
+        # Where it failed in the user's file, not in the library it called.
+        (parses, r"raised JSONDecodeError: .* \(at .*test_grpo.py:\d+\); stopped"),
         (lambda p, c: None, r"one number per completion \(16\), got NoneType None"),
         (lambda p, c: ["high"] * len(c), r"one number per completion \(16\), got list \['high'"),
         (
@@ -149,6 +155,11 @@ def test_a_reward_function_that_fails_or_returns_no_numbers_is_one_line(
     model, tok = policy()
     with pytest.raises(ValueError, match=expected):
         grpo.train(model, tok, config(tmp_path, 1), PROMPTS, reward)
+
+
+def test_a_missing_reward_file_is_named(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"^--reward-function '.*nope.py:f': .*nope.py does not"):
+        grpo.load_reward_function(f"{tmp_path / 'nope.py'}:f")
 
 
 @pytest.mark.parametrize(
@@ -324,6 +335,11 @@ def test_a_resume_with_other_options_or_processes_is_refused(tmp_path, capsys) -
     assert state["world_size"] == 1 and state["config"]["grpo"]["group_size"] == 2
     state_file.write_text(json.dumps({**state, "world_size": 2}))
     refused([], "was written by 2 process(es), this run has 1")
+    # A checkpoint of before runs stored every option: its training options are compared.
+    old = {k: v for k, v in state.items() if k != "world_size"}
+    state_file.write_text(json.dumps({**old, "config": state["config"]["train"]}))
+    refused(["--max-steps", "3"], "train.max_steps 2 -> 3")
+    assert main([*argv, "--kl-warn", "5"]) == 0  # when a warning is printed may change
     assert main([*argv, "--no-resume", "--lr", "0.5", "--max-steps", "1"]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert [

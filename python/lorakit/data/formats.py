@@ -73,7 +73,7 @@ def text_field(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
     if value is None and optional:
         return ""
     if value is None:
-        raise ValueError(f"missing '{key}'")
+        raise ValueError(f"'{key}' is missing" if key not in row else f"'{key}' is null")
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
     if not value.strip() and not optional:

@@ -117,7 +117,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     peak: float | None = trainer.peak_mib - (gpu_before if device.type == "cuda" else 0.0)
     if device.type == "cpu" and not spec["isolated"]:
         peak = None  # earlier methods' freed memory stays in the process and would be reused
-    timed = trainer.step_seconds[spec["warmup_steps"] :] or trainer.step_seconds[1:]
+    timed = trainer.step_seconds[spec["warmup_steps"] :]  # CompareConfig leaves one at least
     return {
         "method": spec["method"],
         "trainable": report.trainable,

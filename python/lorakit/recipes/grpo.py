@@ -27,8 +27,8 @@ from lorakit.peft.inject import count_parameters
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
 from lorakit.train import distributed, out_dir
 from lorakit.train.grpo import GRPOOptions, GRPOTrainer, RewardFunction
-from lorakit.train.rollout_loop import raised_in_user_code
 from lorakit.train.trainer import TrainResult
+from lorakit.user_code import raised_in_user_code
 
 # Methods whose policy is an adapter that can be switched off for the reference.
 METHODS = ("lora", "qlora")
@@ -68,11 +68,11 @@ def load_reward_function(spec: str) -> RewardFunction:
         raise ValueError(
             f"--reward-function {spec!r}: expected module:function or file.py:function"
         )
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise ValueError(f"--reward-function {spec!r}: {module_name} does not exist")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
-            if not path.is_file():
-                raise ValueError(f"--reward-function: {path} does not exist")
             loaded = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)

@@ -4,7 +4,8 @@ A checkpoint stores every option of its run (``trainer.json``'s ``config``). A r
 the stored run exactly (same data order, schedule and loss) only if the options that shape the
 result are the same, so any other difference is refused and listed. These may differ:
 
-- where the run writes and how it reports: ``out``, ``progress``, ``log_every``, ``report_to``;
+- where the run writes and how it reports: ``out``, ``progress``, ``log_every``, ``report_to``,
+  ``kl_warn`` (GRPO / PPO: when a warning is printed);
 - how often and how many checkpoints it keeps: ``save_every``, ``keep_checkpoints``;
 - ``resume`` itself;
 - where and how memory is spent, which leaves the arithmetic alone: ``device``,
@@ -35,6 +36,7 @@ FREE = frozenset(
         "progress",
         "log_every",
         "report_to",
+        "kl_warn",
         "save_every",
         "keep_checkpoints",
         "resume",
@@ -55,10 +57,16 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def stored_options(config: Any) -> dict[str, Any]:
+    """The run config ``config`` (a dataclass whose sections may be dataclasses) as a checkpoint
+    stores it: nested dicts of JSON values."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def option_defaults(config: Any) -> dict[str, Any]:
-    """Every option of the run config ``config`` (a dataclass whose sections may be dataclasses)
-    at its default, by the name a checkpoint stores it under (``section.option``)."""
-    return _flat(json.loads(json.dumps(dataclasses.asdict(type(config)()))))
+    """Every option of the run config ``config`` at its default, by the name a checkpoint
+    stores it under (``section.option``)."""
+    return _flat(stored_options(type(config)()))
 
 
 def changed_options(

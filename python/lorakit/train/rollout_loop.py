@@ -9,14 +9,13 @@ schedule and the RNG, :meth:`RolloutLoop.extra_state` / :meth:`RolloutLoop.load_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import json
 import math
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,9 +32,10 @@ from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
-from lorakit.train.resume_check import check_resume, option_defaults
+from lorakit.train.resume_check import check_resume, option_defaults, stored_options
 from lorakit.train.schedule import scheduler
 from lorakit.train.trainer import Diverged, Interrupted, TrainResult, last_checkpoint
+from lorakit.user_code import raised_in_user_code
 
 RewardFunction = Callable[..., Sequence[float]]
 
@@ -45,15 +45,18 @@ RewardFunction = Callable[..., Sequence[float]]
 NEGATIVE_KL = -0.01
 
 
-def raised_in_user_code(error: BaseException) -> str:
-    """``error`` on one line with where it arose (the file and line of a syntax error, else of
-    the innermost frame), for errors of code the user hands in, such as a reward function."""
-    if isinstance(error, SyntaxError) and error.filename:
-        message, where = error.msg, f"{error.filename}:{error.lineno}"
-    else:
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        message, where = str(error), f"{frame.filename}:{frame.lineno}"
-    return f"{type(error).__name__}: {message} (at {where})"
+@contextlib.contextmanager
+def all_ranks_stop_together(error: type[Exception], where: str) -> Iterator[None]:
+    """Under torchrun, an ``error`` raised in the block on some ranks stops every rank right
+    after it (the others with a line pointing to it) instead of leaving them waiting in their
+    next collective; the block must be entered by every rank."""
+    failure: Exception | None = None
+    try:
+        yield
+    except error as e:
+        failure = e
+    if distributed.sum_across([float(failure is not None)])[0]:
+        raise failure or error(f"{where} failed in another process (see its error)")
 
 
 def _rewards(values: Any, count: int) -> torch.Tensor:
@@ -156,10 +159,10 @@ class RolloutLoop:
             raise ValueError(f"{self.kind} does not shard the model (--fsdp): drop the option")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         if run_config is None:
-            self.run_config = {"train": json.loads(json.dumps(asdict(config)))}
+            self.run_config = {"train": stored_options(config)}
             self.option_defaults = {f"train.{k}": v for k, v in option_defaults(config).items()}
         else:
-            self.run_config = json.loads(json.dumps(asdict(run_config)))
+            self.run_config = stored_options(run_config)
             self.option_defaults = option_defaults(run_config)
         self.sampling, self.reward, self.kl_warn = sampling, reward, kl_warn
         self.trained = model if trained is None else trained
@@ -194,7 +197,10 @@ class RolloutLoop:
         prompts = prompts[distributed.rank() * share :][:share]
         encoded = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         tic = time.perf_counter()
-        rollout = sample(self.model, encoded, per_prompt, self.sampling, self.pad_id, self.eos_id)
+        with all_ranks_stop_together(NonFiniteLogits, "sampling"):
+            rollout = sample(
+                self.model, encoded, per_prompt, self.sampling, self.pad_id, self.eos_id
+            )
         seconds = time.perf_counter() - tic
         rewards = self._score(step, prompts, rollout, per_prompt)
         lengths = rollout.completion_mask.sum(1).float()
@@ -224,14 +230,15 @@ class RolloutLoop:
             k: [p.columns[k] for p in prompts for _ in range(per_prompt)]
             for k in prompts[0].columns
         }
-        try:
-            values = self.reward(raw, completions, **columns)
-        except Exception as e:  # the user's code: its error and where it arose, on one line
-            raise ValueError(
-                f"step {step + 1}: the reward function raised {raised_in_user_code(e)}; "
-                f"{self._stopped()}"
-            ) from e
-        rewards = _rewards(values, len(completions))
+        with all_ranks_stop_together(ValueError, "the reward function"):
+            try:
+                values = self.reward(raw, completions, **columns)
+            except Exception as e:  # the user's code: its error and where it arose, one line
+                raise ValueError(
+                    f"step {step + 1}: the reward function raised {raised_in_user_code(e)}; "
+                    f"{self._stopped()}"
+                ) from e
+            rewards = _rewards(values, len(completions))
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         if distributed.sum_across([float(len(bad))])[0] and not bad:
             raise ValueError(
@@ -310,9 +317,13 @@ class RolloutLoop:
     def _check_finite(self, step: int) -> None:
         """Stops the run when an update left a trained parameter NaN or infinite, before it
         reaches a checkpoint or the next rollout (every rank stops together)."""
-        trained = (p for p in self.trained.parameters() if p.requires_grad)
-        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in trained)
-        if distributed.sum_across([float(bad)])[0]:
+        counts = [
+            (~torch.isfinite(p.detach())).sum()
+            for p in self.trained.parameters()
+            if p.requires_grad
+        ]
+        bad = float(torch.stack(counts).sum()) if counts else 0.0  # one device sync
+        if distributed.sum_across([bad])[0]:
             raise Diverged(
                 f"training diverged at step {step + 1}: a trained parameter is NaN or infinite "
                 f"after the update; no checkpoint of it was written, {last_checkpoint(self.out)} "
@@ -330,8 +341,10 @@ class RolloutLoop:
             return 0
         stored, current = checkpoint.read_state(path), self.run_config
         if "train" not in stored.get("config", {}):
-            # Written before checkpoints held every option of the run: the loop's own only.
+            # Written before checkpoints held every option of the run, or the process count:
+            # the loop's own options are compared, the process count cannot be.
             stored = {**stored, "config": {"train": stored.get("config", {})}}
+            stored.setdefault("world_size", distributed.world_size())
             current = {"train": current["train"]}
         check_resume(path, stored, current, self.option_defaults, distributed.world_size())
         state = checkpoint.load(path, self.trained, self.optimizer, distributed.rank())

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.objective import Objective
-from lorakit.train.resume_check import check_resume, option_defaults
+from lorakit.train.resume_check import check_resume, option_defaults, stored_options
 from lorakit.train.schedule import scheduler
 
 # torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); the lent GPU machines
@@ -129,7 +128,7 @@ class Trainer:
             raise ValueError("no training rows")
         self.model, self.config, self.objective = model, config, objective
         options = config if run_config is None else run_config
-        self.run_config = json.loads(json.dumps(asdict(options)))
+        self.run_config = stored_options(options)
         self.option_defaults = option_defaults(options)
         self.train_batches = train
         self.val_batches = val if val is not None and val.rows else None
