@@ -3,10 +3,13 @@ step's prompts, rank 0's metrics are over both halves, the adapters stay equal o
 (the loop checks it at each checkpoint and stops otherwise), and each rank's RNG is saved."""
 
 import json
+import os
+import subprocess
+import sys
 
 from rl_helpers import PROMPTS, records
 from sft_helpers import saved_model
-from test_trainer_ddp import torchrun
+from test_trainer_ddp import PYTHON_DIR, torchrun
 
 # The reward: 1 for "five"; every call appends its rewards to a file named by the process.
 REWARD = """import json, os
@@ -52,3 +55,42 @@ def test_two_processes_share_the_prompts_and_stay_in_step(tmp_path, monkeypatch)
     latest = out / (out / "latest").read_text().strip()
     assert (latest / "rng.safetensors").is_file() and (latest / "rng-rank1.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_reward_function_failing_in_one_process_stops_both(tmp_path) -> None:
+    """Rank 1's reward function raises; both processes stop at once with one line each (rank 0
+    pointing to the other's error) instead of rank 0 waiting in its next collective."""
+    model_dir = saved_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    (tmp_path / "reward.py").write_text(
+        "import os\n\ndef flaky(prompts, completions):\n"
+        "    if os.environ['RANK'] == '1':\n        raise KeyError('only here')\n"
+        "    return [0.0] * len(completions)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    args = [
+        "grpo", "--model", str(model_dir), "--data", str(data), "--method", "lora",
+        "--out", str(tmp_path / "out"), "--reward-function", f"{tmp_path / 'reward.py'}:flaky",
+        "--max-steps", "2", "--batch-size", "4", "--group-size", "2", "--max-new-tokens", "3",
+        "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [*launcher, "-m", "lorakit.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "step 1: the reward function raised KeyError: 'only here'" in done.stderr
+    assert "the reward function failed in another process" in done.stderr
