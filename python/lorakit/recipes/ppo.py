@@ -148,11 +148,13 @@ def run(config: PPOConfig) -> GRPOResult:
     """Loads ``config.model.model`` and trains it with PPO; the options, the reward function
     and the prompts are checked before the model is loaded."""
     _check(config)
-    if config.ppo.reward_function:
-        load_reward_function(config.ppo.reward_function)
+    # Imported once (its top-level code runs once), before anything heavy.
+    function = (
+        load_reward_function(config.ppo.reward_function) if config.ppo.reward_function else None
+    )
     tokenizer = load_tokenizer(config.model)
     prompts = load_prompts(config.data.data, tokenizer)
-    return train(load_model(config.model), tokenizer, config, prompts)
+    return train(load_model(config.model), tokenizer, config, prompts, function)
 
 
 def main(config: PPOConfig) -> str:
