@@ -35,7 +35,7 @@ def test_loading_errors_name_the_problem(tmp_path) -> None:
 def test_a_malformed_row_is_named(tmp_path) -> None:
     rows = [*qa_rows(3), {"prompt": "what is one ?", "completion": None}]
     config = DataConfig(data=[write_jsonl(tmp_path / "d.jsonl", rows)])
-    with pytest.raises(ValueError, match=r"d\.jsonl: row 3: 'completion' must be a string"):
+    with pytest.raises(ValueError, match=r"d\.jsonl: row 3: 'completion' is null"):
         prepare(config, TOK)
 
 
