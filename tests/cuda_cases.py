@@ -38,15 +38,16 @@ def midpoint_neighbours() -> torch.Tensor:
     return torch.cat(values)
 
 
-def scaled_midpoint_blocks(code: torch.Tensor, absmax: float) -> torch.Tensor:
+def scaled_midpoint_blocks(code: torch.Tensor, absmax: float, signed: bool = True) -> torch.Tensor:
     """Blocks of 256 float32 values whose absolute maximum is ``absmax`` (each block's first
-    value) and whose other values lie within 3 ulps of ``absmax`` x every midpoint of ``code``:
-    where scaling by ``1 / absmax`` (rounded once) and dividing by ``absmax`` pick different
-    codes, so a kernel that divides fails on them."""
+    value) and whose other values lie within 3 ulps of ``absmax`` x every midpoint of ``code``
+    (their magnitudes, unless ``signed``): where scaling by ``1 / absmax`` (rounded once) and
+    dividing by ``absmax`` pick different codes, so a kernel that divides fails on them."""
     midpoints = (code[:-1] + code[1:]) / 2
     centres = (midpoints * absmax).view(torch.int32)
     offsets = torch.arange(-3, 4, dtype=torch.int32)
     values = (centres[:, None] + offsets).reshape(-1).view(torch.float32)
     values = values[values.abs() < absmax]
     values = torch.cat([values, torch.zeros((-values.numel()) % 255)]).reshape(-1, 255)
-    return torch.cat([torch.full((values.shape[0], 1), absmax), values], dim=1).reshape(-1)
+    blocks = torch.cat([torch.full((values.shape[0], 1), absmax), values], dim=1).reshape(-1)
+    return blocks if signed else blocks.abs()

@@ -3,6 +3,7 @@ contain the word "five" earn 1."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lorakit.data.prompts import Prompt
-from sft_helpers import llama, tokenizer
+from sft_helpers import llama, saved_model, tokenizer
 from test_trainer_ddp import records as records  # the metrics.jsonl rows of a run
 
 TARGET = "five"
@@ -27,6 +28,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def cli_run_files(root: Path, reward_source: str) -> tuple[Path, Path, Path]:
+    """What an RL command needs on disk: a tiny model directory, :data:`PROMPTS` as a prompts
+    file, and ``reward_source`` as a reward module. Returns their paths."""
+    model_dir = saved_model(root / "model")
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    reward = root / "reward.py"
+    reward.write_text(reward_source)
+    return model_dir, data, reward
 
 
 def contains_target(prompts: list, completions: list[str], **_: object) -> list[float]:

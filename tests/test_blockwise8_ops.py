@@ -40,8 +40,7 @@ def test_blocks_are_scaled_by_the_reciprocal_of_their_absmax(signed: bool) -> No
     # bitsandbytes' rule, x * (1 / absmax) rounded once, not x / absmax: the two differ within
     # an ulp or so of a midpoint, which these blocks are.
     code = dynamic_map(signed)
-    x = scaled_midpoint_blocks(code, 3.7)
-    x = x if signed else x.abs()
+    x = scaled_midpoint_blocks(code, 3.7, signed)
     q, absmax = ops.blockwise8_quantize(x, code, 256)
     assert torch.equal(absmax, torch.full_like(absmax, 3.7))
     midpoints = (code[:-1] + code[1:]) / 2

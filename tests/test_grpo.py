@@ -27,13 +27,17 @@ from lorakit.train.policy import completion_logprobs, reference_logprobs
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
     assert_resume_repeats,
+    cli_run_files,
     contains_target,
     nan_after,
     one_thread,
     policy,
     records,
 )
-from sft_helpers import saved_model, tokenizer
+from sft_helpers import tokenizer
+
+# A reward module whose function scores every completion 1.
+SCORE_ONE = "def score(prompts, completions):\n    return [1.0 for _ in completions]\n"
 
 
 def config(out, steps: int, lr: float = 1e-2, **options) -> grpo.GRPOConfig:
@@ -263,13 +267,10 @@ def test_prompts_from_prompt_rows_and_chat_messages(tmp_path) -> None:
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_cli_grpo_runs_and_reports_mistakes(tmp_path, capsys, method) -> None:
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    reward = tmp_path / "reward.py"
-    reward.write_text(
+    model_dir, data, reward = cli_run_files(
+        tmp_path,
         "def contains_five(prompts, completions):\n"
-        "    return [float('five' in c.split()) for c in completions]\n"
+        "    return [float('five' in c.split()) for c in completions]\n",
     )
     argv = [
         "grpo",
@@ -307,11 +308,9 @@ def test_a_resume_with_other_options_or_processes_is_refused(tmp_path, capsys) -
     """GRPO / PPO checkpoints hold every option of the run and the number of processes, as the
     Trainer's do: a resume that would not continue the same run is one line, and --no-resume
     starts afresh without the old run's checkpoints."""
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    reward = tmp_path / "reward.py"
-    reward.write_text("def score(prompts, completions):\n    return [1.0 for _ in completions]\n")
+    model_dir, data, reward = cli_run_files(
+        tmp_path, "def score(prompts, completions):\n    return [1.0 for _ in completions]\n"
+    )
     out = tmp_path / "out"
     argv = [
         "grpo", "--model", str(model_dir), "--data", str(data), "--method", "lora",
@@ -348,11 +347,9 @@ def test_a_resume_with_other_options_or_processes_is_refused(tmp_path, capsys) -
 
 
 def test_a_second_rl_run_on_one_directory_is_refused(tmp_path, capsys) -> None:
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    reward = tmp_path / "reward.py"
-    reward.write_text("def score(prompts, completions):\n    return [1.0 for _ in completions]\n")
+    model_dir, data, reward = cli_run_files(
+        tmp_path, "def score(prompts, completions):\n    return [1.0 for _ in completions]\n"
+    )
     out = tmp_path / "out"
     out.mkdir()
     capsys.readouterr()  # saving the model above showed a progress bar
@@ -374,12 +371,9 @@ def test_a_diverging_rl_run_stops_in_one_line(tmp_path, capsys) -> None:
     cannot be sampled from, PPO's second update a NaN gradient norm; each stops with one line
     naming the step and the last checkpoint, exit status 2, instead of torch's error about a
     probability tensor (GRPO) or a FloatingPointError traceback (PPO)."""
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    reward = tmp_path / "reward.py"
-    reward.write_text(
-        "def score(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+    model_dir, data, reward = cli_run_files(
+        tmp_path,
+        "def score(prompts, completions):\n    return [float(len(c)) for c in completions]\n",
     )
     capsys.readouterr()  # saving the model above showed a progress bar
     common = ["--model", str(model_dir), "--data", str(data), "--no-progress", "--lr", "1e30"]

@@ -7,8 +7,7 @@ import os
 import subprocess
 import sys
 
-from rl_helpers import PROMPTS, records
-from sft_helpers import saved_model
+from rl_helpers import cli_run_files, records
 from test_trainer_ddp import PYTHON_DIR, torchrun
 
 # The reward: 1 for "five"; every call appends its rewards to a file named by the process.
@@ -23,10 +22,7 @@ def contains_five(prompts, completions):
 
 
 def test_two_processes_share_the_prompts_and_stay_in_step(tmp_path, monkeypatch) -> None:
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    (tmp_path / "reward.py").write_text(REWARD)
+    model_dir, data, reward = cli_run_files(tmp_path, REWARD)
     calls = tmp_path / "calls"
     calls.mkdir()
     monkeypatch.setenv("REWARD_LOG", str(calls))
@@ -34,7 +30,7 @@ def test_two_processes_share_the_prompts_and_stay_in_step(tmp_path, monkeypatch)
     torchrun(
         [
             "grpo", "--model", str(model_dir), "--data", str(data), "--method", "lora",
-            "--out", str(out), "--reward-function", f"{tmp_path / 'reward.py'}:contains_five",
+            "--out", str(out), "--reward-function", f"{reward}:contains_five",
             "--max-steps", "3", "--batch-size", "4", "--group-size", "3",
             "--max-new-tokens", "4", "--updates", "2", "--lr", "1e-2", "--save-every", "1",
             "--no-progress",
@@ -60,13 +56,11 @@ def test_two_processes_share_the_prompts_and_stay_in_step(tmp_path, monkeypatch)
 def test_a_reward_function_failing_in_one_process_stops_both(tmp_path) -> None:
     """Rank 1's reward function raises; both processes stop at once with one line each (rank 0
     pointing to the other's error) instead of rank 0 waiting in its next collective."""
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    (tmp_path / "reward.py").write_text(
+    model_dir, data, reward = cli_run_files(
+        tmp_path,
         "import os\n\ndef flaky(prompts, completions):\n"
         "    if os.environ['RANK'] == '1':\n        raise KeyError('only here')\n"
-        "    return [0.0] * len(completions)\n"
+        "    return [0.0] * len(completions)\n",
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
@@ -80,7 +74,7 @@ def test_a_reward_function_failing_in_one_process_stops_both(tmp_path) -> None:
     ]
     args = [
         "grpo", "--model", str(model_dir), "--data", str(data), "--method", "lora",
-        "--out", str(tmp_path / "out"), "--reward-function", f"{tmp_path / 'reward.py'}:flaky",
+        "--out", str(tmp_path / "out"), "--reward-function", f"{reward}:flaky",
         "--max-steps", "2", "--batch-size", "4", "--group-size", "2", "--max-new-tokens", "3",
         "--no-progress",
     ]  # fmt: skip

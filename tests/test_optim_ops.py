@@ -150,8 +150,7 @@ def test_8bit_requantization_multiplies_by_the_reciprocal(signed: bool) -> None:
     # 3.7 and its values lie where x * (1 / 3.7) and x / 3.7 pick different codes, so the codes
     # must be those of the reciprocal (bitsandbytes' rule) and would fail for a division.
     code = dynamic_map(signed)
-    g = scaled_midpoint_blocks(code, 3.7)
-    g = g if signed else g.abs()
+    g = scaled_midpoint_blocks(code, 3.7, signed)
     n = g.numel()
     state = _state_8bit(n)
     hyper = {**HYPER, "beta1": 0.0, "weight_decay": 0.0}

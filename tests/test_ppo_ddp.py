@@ -14,18 +14,14 @@ from lorakit.recipes import ppo
 from lorakit.train.distributed import init_group, release_group
 from lorakit.train.ppo import PPOTrainer
 from lorakit.train.rollout_loop import StepSums
-from rl_helpers import PROMPTS, contains_target, policy, records
-from sft_helpers import saved_model
+from rl_helpers import PROMPTS, cli_run_files, contains_target, policy, records
 from test_grpo_ddp import REWARD
 from test_ppo import config as ppo_config
 from test_trainer_ddp import torchrun
 
 
 def test_two_processes_share_the_prompts_and_stay_in_step(tmp_path, monkeypatch) -> None:
-    model_dir = saved_model(tmp_path / "model")
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
-    (tmp_path / "reward.py").write_text(REWARD)
+    model_dir, data, reward = cli_run_files(tmp_path, REWARD)
     calls = tmp_path / "calls"
     calls.mkdir()
     monkeypatch.setenv("REWARD_LOG", str(calls))
@@ -33,7 +29,7 @@ def test_two_processes_share_the_prompts_and_stay_in_step(tmp_path, monkeypatch)
     torchrun(
         [
             "ppo", "--model", str(model_dir), "--data", str(data), "--method", "lora",
-            "--out", str(out), "--reward-function", f"{tmp_path / 'reward.py'}:contains_five",
+            "--out", str(out), "--reward-function", f"{reward}:contains_five",
             "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "4",
             "--updates", "2", "--minibatches", "2", "--missing-eos-penalty", "0",
             "--kl-target", "0.1", "--lr", "1e-2", "--save-every", "1", "--no-progress",

@@ -156,13 +156,8 @@ def blockwise8_inputs() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, int]]
                     )
                     yield label, x, code, blocksize
         # Where scaling by 1 / absmax and dividing by absmax pick different codes.
-        x = scaled_midpoint_blocks(code, 3.7)
-        yield (
-            f"{'signed' if signed else 'unsigned'} scaled midpoints",
-            x if signed else x.abs(),
-            code,
-            256,
-        )
+        x = scaled_midpoint_blocks(code, 3.7, signed)
+        yield f"{'signed' if signed else 'unsigned'} scaled midpoints", x, code, 256
 
 
 def blockwise8_quantize_cases(emu: Emulated) -> Iterator[Case]:
