@@ -202,14 +202,51 @@ def test_unsupported_models_and_calls_are_clear_errors():
     ids = torch.randint(0, 128, (1, 4))
     with pytest.raises(ValueError, match="prefix tuning adapters cannot be merged"):
         merge_adapter(model)
-    model.gradient_checkpointing_enable()
-    model.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(input_ids=ids, labels=ids)
     with pytest.raises(ValueError, match="already has a prefix named 'default'"):
         apply_prefix_tuning(model, PrefixTuningConfig())
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         PrefixTuningConfig(num_virtual_tokens=0)
+
+
+def test_gradient_checkpointing_replays_the_prefix_and_leaves_the_layers_as_they_were():
+    # The Trainer's equal gradients and losses with and without checkpointing: test_trainer.py.
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2))
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 128, (2, 6))
+    reads = []
+    layer = model.model.layers[0]
+    hook = layer.self_attn.register_forward_hook(lambda *_: reads.append(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    hook.remove()
+    assert len(reads) == 2  # the backward ran the layer again, with the prefix (no error)
+    assert model.lorakit_prefix.embedding["default"].grad.abs().sum() > 0
+    # The layers' own rule for caches is back after the call, and after a call that raised.
+    assert "_can_checkpoint_with_cache" not in vars(layer)
+    with pytest.raises(ValueError, match="gradient-checkpointed training call takes no cache"):
+        model(input_ids=ids, cache=DynamicCache())
+    with pytest.raises(ValueError, match="batch_size"):
+        model(input_ids=ids, labels=ids[:, :3])  # labels of the wrong length
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, _: seen.append(dict(vars(m))))
+    model.eval()(input_ids=ids)
+    hook.remove()
+    assert "_can_checkpoint_with_cache" not in seen[0]
+
+
+def test_a_transformers_release_whose_checkpointed_layers_drop_the_cache_is_refused(monkeypatch):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    monkeypatch.delattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2))
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    ids = torch.randint(0, 128, (1, 4))
+    with pytest.raises(ValueError, match="drops the cache, which carries the prefix"):
+        model.train()(input_ids=ids, labels=ids)
+    with torch.no_grad():  # nothing is checkpointed without gradients
+        model(input_ids=ids)
 
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "pad_token_id": 0}

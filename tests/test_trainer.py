@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from lorakit import LoraConfig, apply_lora
+from lorakit import LoraConfig, PrefixTuningConfig, apply_lora, apply_prefix_tuning
 from lorakit.data import Row, collate, encode, to_segments
 from lorakit.train import RowBatches, TrainConfig, Trainer
 from lorakit.train.checkpoint import LATEST
@@ -124,14 +124,23 @@ def test_checkpoints_keep_only_the_latest(tmp_path) -> None:
     assert kept == ["checkpoint-5", "checkpoint-6"]
 
 
-@pytest.mark.parametrize("lora_dropout", [None, 0.1])
-def test_gradient_checkpointing_gives_the_same_gradients_and_losses(tmp_path, lora_dropout):
-    # None: full fine-tuning; 0.1: LoRA with dropout, frozen embeddings (inputs need no grad).
+# Full fine-tuning; LoRA with dropout and frozen embeddings (inputs need no grad); a prefix,
+# which reaches each attention layer through the cache that checkpointed layers drop by default.
+CHECKPOINTED_ADAPTERS = {
+    "full": lambda m: None,
+    "lora with dropout": lambda m: apply_lora(m, LoraConfig(r=4, dropout=0.1)),
+    "prefix": lambda m: apply_prefix_tuning(m, PrefixTuningConfig(num_virtual_tokens=3)),
+}
+
+
+@pytest.mark.parametrize("adapter", CHECKPOINTED_ADAPTERS)
+def test_gradient_checkpointing_gives_the_same_gradients_and_losses(tmp_path, adapter):
     data = rows(qa_rows(12))
     runs, calls = {}, []
     for checkpointing in (False, True):
         torch.manual_seed(3)
-        m = model(lora_dropout)
+        m = model()
+        CHECKPOINTED_ADAPTERS[adapter](m)
         cfg = config(tmp_path, str(checkpointing), max_steps=4, batch_size=4)
         cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing)
         trainer = sft_trainer(m, cfg, data, [], 0)

@@ -23,6 +23,36 @@ _UNREQUESTED = "lorakit_prefix_unrequested"
 _LEGACY_CACHE = "past_key_values"
 
 
+class _ReplayedPrefix(DynamicCache):
+    """The prefix for a gradient-checkpointed training call. Each layer's update returns the
+    prefix followed by the layer's new keys and values without storing them, so the layer's
+    second run in the backward pass sees what its first run saw."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.layers[layer_idx]
+        keys = torch.cat([prefix.keys, key_states], dim=-2)
+        return keys, torch.cat([prefix.values, value_states], dim=-2)
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that transformers runs under gradient checkpointing in this call of
+    ``model`` (training, with gradients, checkpointing enabled); none otherwise."""
+    if not (model.training and torch.is_grad_enabled()):
+        return []
+    return [
+        m
+        for m in model.modules()
+        if m.training and getattr(m, "gradient_checkpointing", False) is True
+    ]
+
+
 @dataclass(frozen=True)
 class PrefixShape:
     """The attention geometry a prefix must match: one key and one value per layer and KV head."""
@@ -65,7 +95,9 @@ class KVPrefix(AdapterLayer):
     feeds the whole sequence each step. ``position_ids`` always count the caller's tokens only and
     are shifted by ``T``; ``attention_mask`` may cover the caller's tokens (``T`` ones are
     prepended, as ``generate()`` needs) or the whole cache plus the input (left as it is). A
-    non-empty cache that this prefix did not start is refused.
+    non-empty cache that this prefix did not start is refused. A gradient-checkpointed training
+    call runs with a :class:`_ReplayedPrefix`, which its layers may keep (transformers drops the
+    cache of checkpointed layers otherwise) because reading it twice gives the same keys.
 
     Args:
         shape: the model's layers, KV heads and head size.
@@ -89,6 +121,8 @@ class KVPrefix(AdapterLayer):
         self.embedding = nn.ParameterDict()
         self.settings: dict[str, PrefixSettings] = {}
         self._options = {"dtype": dtype, "device": device}
+        # The layers of the running call told to keep its replayed prefix (see inject).
+        self._replay: list[nn.Module] = []
         self.add_adapter(name, settings)
 
     def add_adapter(self, name: str, settings: PrefixSettings) -> None:
@@ -131,7 +165,8 @@ class KVPrefix(AdapterLayer):
         kv = weight.view(weight.shape[0], s.num_layers * 2, s.num_kv_heads, s.head_dim)
         kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
         for layer in range(s.num_layers):
-            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+            # DynamicCache's own update: a _ReplayedPrefix stores only through it.
+            DynamicCache.update(cache, kv[2 * layer], kv[2 * layer + 1], layer)
         setattr(cache, _HOLDS_PREFIX, self.active_adapter)
         return cache
 
@@ -170,6 +205,7 @@ class KVPrefix(AdapterLayer):
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The forward pre-hook: the model's arguments with the active prefix put in."""
+        self._end_replay()
         names = list(inspect.signature(model.forward).parameters)
         call = {**dict(zip(names, args, strict=False)), **kwargs}
         # The forward's own name for the cache; the legacy name is its alias where it differs
@@ -186,22 +222,38 @@ class KVPrefix(AdapterLayer):
                     "(adapters disabled or merged, or another adapter active); start a new cache"
                 )
             return None
-        if model.training and any(
-            getattr(m, "gradient_checkpointing", False) for m in model.modules()
-        ):
-            raise ValueError(
-                "prefix tuning does not work with gradient checkpointing, which drops the cache "
-                "that carries the prefix; disable it"
-            )
         inputs = call.get("input_ids")
         if inputs is None:
             inputs = call.get("inputs_embeds")
         batch, length = inputs.shape[:2]
         tokens = self.settings[self.active_adapter].num_virtual_tokens
-        use_cache = call.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(model.config, "use_cache", True)
-        cache = self._cache_for(given, batch, use_cache, argument)
+        checkpointed = _checkpointed_layers(model)
+        if checkpointed:
+            if given is not None:
+                raise ValueError(
+                    f"prefix tuning: a gradient-checkpointed training call takes no {argument} "
+                    "(transformers drops it); pass none"
+                )
+            # A checkpointed layer runs twice (forward, then again in the backward pass), and
+            # transformers drops its cache unless the layer says it only reads it, as this
+            # cache lets it.
+            layers = [m for m in checkpointed if hasattr(m, "_can_checkpoint_with_cache")]
+            if not layers:
+                raise ValueError(
+                    "prefix tuning: this transformers release drops the cache, which carries "
+                    "the prefix, in every gradient-checkpointed layer; disable gradient "
+                    "checkpointing or upgrade transformers"
+                )
+            cache = self._start(_ReplayedPrefix(), batch)
+            setattr(cache, _UNREQUESTED, True)
+            for layer in layers:
+                layer._can_checkpoint_with_cache = True
+            self._replay = layers
+        else:
+            use_cache = call.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(model.config, "use_cache", True)
+            cache = self._cache_for(given, batch, use_cache, argument)
         call.pop(_LEGACY_CACHE, None)
         call[argument] = cache
         mask = call.get("attention_mask")
@@ -227,12 +279,20 @@ class KVPrefix(AdapterLayer):
         that asked for none (the model returns the cache it ran with whatever ``use_cache``
         says), so that, as without a prefix, ``generate(use_cache=False)`` gets no cache back.
         Works on a ``ModelOutput`` and on the tuple of ``return_dict=False``."""
+        self._end_replay()
         if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
             kept = {k: v for k, v in output.items() if not getattr(v, _UNREQUESTED, False)}
             return type(output)(**kept) if len(kept) < len(output) else output
         if isinstance(output, tuple):
             return tuple(v for v in output if not getattr(v, _UNREQUESTED, False))
         return output
+
+    def _end_replay(self) -> None:
+        """Gives the checkpointed layers of the last call back their own rule for caches (also
+        when that call raised)."""
+        for layer in self._replay:
+            vars(layer).pop("_can_checkpoint_with_cache", None)
+        self._replay = []
 
     def forward(self) -> None:
         raise TypeError("KVPrefix is not called; it feeds the model's forward through its hook")

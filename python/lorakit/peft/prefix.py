@@ -110,7 +110,7 @@ def apply_prefix_tuning(
 
     Supported: causal LMs of ``model_type`` gpt2, llama, mistral, qwen2, qwen3; full forward
     passes, ``generate()`` (with its default cache) and incremental decoding with the cache the
-    model returns; no gradient checkpointing.
+    model returns; training with gradient checkpointing.
 
     Returns:
         The module holding the prefix, and the trainable / total parameter counts.
