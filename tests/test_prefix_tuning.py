@@ -199,7 +199,6 @@ def test_unsupported_models_and_calls_are_clear_errors():
     assert_unchanged(plain, before)
     model = llama()
     apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2))
-    ids = torch.randint(0, 128, (1, 4))
     with pytest.raises(ValueError, match="prefix tuning adapters cannot be merged"):
         merge_adapter(model)
     with pytest.raises(ValueError, match="already has a prefix named 'default'"):
