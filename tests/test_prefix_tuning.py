@@ -390,6 +390,22 @@ def test_caches_without_this_prefix_are_refused():
             model(ids, past_key_values=legacy)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_generate_continuing_from_a_prefix_cache_is_refused(with_mask):
+    # generate() counts the cache's positions as input tokens; with a prefix it would feed the
+    # wrong tokens at the wrong positions. (generate() drops a mask of ones; a padded mask's
+    # length gives the call away, as the incremental-decoding tests' masks show.)
+    model = llama()
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
+    model.eval()
+    ids = torch.randint(0, 128, (1, 6))
+    mask = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    with torch.no_grad():
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="position_ids start at .* holds 4 tokens"):
+        model.generate(input_ids=ids, past_key_values=cache, **mask, **GREEDY)
+
+
 @pytest.fixture
 def saved(tmp_path):
     model = llama()

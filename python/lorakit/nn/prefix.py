@@ -270,8 +270,19 @@ class KVPrefix(AdapterLayer):
                     f"{keys - tokens} (past and new tokens) or {keys} (with the {tokens} prefix "
                     "positions)"
                 )
-        if call.get("position_ids") is not None:
-            call["position_ids"] = call["position_ids"] + tokens
+        positions = call.get("position_ids")
+        if positions is not None:
+            past = cache.get_seq_length() - tokens
+            # Without a mask no row is padded, so each row's positions continue the cache.
+            # generate() continuing from a prefix cache breaks this: it counts the prefix as
+            # input and feeds the wrong tokens at the wrong positions.
+            if mask is None and past > 0 and bool((positions[..., 0] != past).any()):
+                raise ValueError(
+                    f"prefix tuning: position_ids start at {positions[..., 0].min().item()} "
+                    f"but {argument} holds {past} tokens after the prefix (generate() cannot "
+                    "continue from a prefix cache: pass the whole sequence without a cache)"
+                )
+            call["position_ids"] = positions + tokens
         return (), call
 
     def drop_unrequested_cache(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
