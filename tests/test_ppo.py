@@ -37,6 +37,7 @@ from lorakit.train.rollout_loop import StepSums
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
     assert_resume_repeats,
+    cli_run_files,
     contains_target,
     nan_after,
     one_thread,
@@ -322,6 +323,19 @@ def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, rew
     assert main([*argv, "--reward-adapter", str(adapter), "--minibatches", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--minibatches 5 is more than the 4 completions of a step" in err[0]
+
+
+def test_a_reward_model_without_a_score_head_is_refused_before_the_policy_loads(
+    tmp_path, capsys
+) -> None:
+    """--reward-model a plain causal LM: refused in one line, exit status 2, from its files
+    alone, before the policy (here a --model that does not exist) is touched."""
+    model_dir, data, _ = cli_run_files(tmp_path, "")
+    argv = ["ppo", "--model", str(tmp_path / "no-policy"), "--data", str(data), "--method"]
+    argv += ["lora", "--out", str(tmp_path / "out"), "--reward-model", str(model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{model_dir} has no trained 'score' head" in err[0], err
 
 
 def _gae_reference(rewards, values, gamma: float, lam: float) -> tuple[list, list]:
