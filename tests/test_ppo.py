@@ -233,11 +233,12 @@ def test_roles_share_one_base_and_the_shared_reward_scores_as_its_own_model(
     assert all_roles() == expected
 
     own = reward.load_reward_model(
-        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter)))
+        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter))),
+        tok,
     )
     prompts = [p.raw for p in PROMPTS]
     completions = ["five", "one two", "the capital", "six six six"]
-    expected_scores = reward.score(*own, prompts, completions)
+    expected_scores = reward.score(own, tok, prompts, completions)
     # The same float32 computation on the same weights, the LoRA sums in another order (the
     # policy's and the value's adapters sit in the same layers, disabled): rounding only.
     assert scorer(prompts, completions) == pytest.approx(expected_scores, abs=1e-5)
@@ -255,14 +256,16 @@ def test_value_model_starts_as_the_reward_model(tmp_path, reward_adapter, value_
     model = load_model(model_config)
     cfg = config(tmp_path / "out", 1, batch=4, reward_adapter=str(adapter), value_init=value_init)
     cfg.model = model_config
-    head, _ = ppo.prepare(model, load_tokenizer(model_config), cfg)
+    tok = load_tokenizer(model_config)
+    head, _ = ppo.prepare(model, tok, cfg)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=g)
     n = 6  # completion tokens: the states before them end at positions 3 .. 8
     with torch.no_grad():
         values = token_values(model, head, "value", ids, torch.ones_like(ids), n)
-    own, _ = reward.load_reward_model(
-        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter)))
+    own = reward.load_reward_model(
+        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter))),
+        tok,
     )
     with torch.no_grad():
         scores = torch.stack(

@@ -1,6 +1,6 @@
 """`lorakit reward`: the reward model's loss equals TRL's RewardTrainer on the same weights and
 batch; PEFT loads its adapter and transformers its merged model with the same scores; exact
-resume; scoring; user mistakes get one line."""
+resume; scoring (the tokenizer loaded once); user mistakes get one line."""
 
 import json
 
@@ -14,6 +14,7 @@ from data_files import write_jsonl
 from lorakit.cli import main
 from lorakit.data import DataConfig, collate_pairs, prepare_preferences
 from lorakit.models import ModelConfig, load_sequence_classifier, load_tokenizer
+from lorakit.peft import save_adapter
 from lorakit.recipes import reward
 from lorakit.recipes.common import make_trainable
 from lorakit.train import TrainConfig
@@ -108,6 +109,24 @@ def test_trained_adapter_loads_in_peft_and_merged_model_in_transformers(base, tm
         # As above: the merged weights round differently from base + adapter.
         assert b["chosen_score"] == pytest.approx(a["chosen_score"], rel=1e-4, abs=1e-5)
         assert b["rejected_score"] == pytest.approx(a["rejected_score"], rel=1e-4, abs=1e-5)
+
+
+def test_scoring_loads_the_tokenizer_once(base, tmp_path, monkeypatch) -> None:
+    adapter = save_adapter(
+        reward.untrained(config(base, "", tmp_path / "unused"))[0], tmp_path / "adapter"
+    )
+    loads = []
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": " b"}])
+    argv = ["reward", "--score", "--model", str(base), "--adapter", str(adapter)]
+    assert main([*argv, "--data", str(rows), "--out", str(tmp_path / "scored")]) == 0
+    assert len(loads) == 1
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(base, tmp_path, monkeypatch) -> None:

@@ -97,7 +97,9 @@ class ModelReward:
 
 def own_reward_model(config: PPOConfig) -> RewardFunction:
     """``--reward-model`` (with ``--reward-adapter`` on it when given), loaded on its own."""
-    model, tokenizer = reward_recipe.load_reward_model(_reward_model_config(config))
+    reward_config = _reward_model_config(config)
+    tokenizer = load_tokenizer(reward_config.model)
+    model = reward_recipe.load_reward_model(reward_config, tokenizer)
     return ModelReward(model.requires_grad_(False), tokenizer)
 
 

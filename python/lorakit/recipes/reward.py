@@ -187,16 +187,15 @@ def check_reward_model(config: RewardConfig) -> None:
         check_trained_head(config.model)
 
 
-def load_reward_model(config: RewardConfig) -> tuple[nn.Module, Any]:
-    """A trained reward model (checked by :func:`check_reward_model`) and its tokenizer:
-    ``--model`` as a sequence classifier, with ``--adapter`` (and its score head) loaded on it
-    when given."""
+def load_reward_model(config: RewardConfig, tokenizer: Any) -> nn.Module:
+    """A trained reward model (checked by :func:`check_reward_model`): ``--model`` as a
+    sequence classifier, with ``--adapter`` (and its score head) loaded on it when given;
+    ``tokenizer`` is ``--model``'s."""
     check_reward_model(config)
-    tokenizer = load_tokenizer(config.model)
     model = load_sequence_classifier(config.model, pad_id(tokenizer))
     if config.reward.adapter:
         load_adapter(model, config.reward.adapter)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 @torch.no_grad()
@@ -270,8 +269,9 @@ def score_file(config: RewardConfig) -> str:
         raise ValueError("--score takes one --data file")
     path = config.data.data[0]
     rows = load_rows(path)
-    columns = _score_columns(path, rows, load_tokenizer(config.model))
-    model, tokenizer = load_reward_model(config)
+    tokenizer = load_tokenizer(config.model)
+    columns = _score_columns(path, rows, tokenizer)
+    model = load_reward_model(config, tokenizer)
     out = Path(config.train.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scores.jsonl"
