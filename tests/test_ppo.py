@@ -37,6 +37,7 @@ from lorakit.train.rollout_loop import StepSums
 from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     PROMPTS,
     assert_resume_repeats,
+    cli_run_files,
     contains_target,
     nan_after,
     one_thread,
@@ -164,7 +165,9 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path) -> None:
 def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
     model, tok = policy()
     with pytest.raises(
-        ValueError, match=r"step 3: the reward function returned nan .*checkpoint-2"
+        ValueError,
+        match=r"step 3: the reward function returned nan .*"
+        r"stopped before updating; the last checkpoint is .*checkpoint-2 \(a rerun",
     ):
         ppo.train(model, tok, config(tmp_path, 4, batch=4), PROMPTS, nan_after(2, at=-1))
 
@@ -232,11 +235,12 @@ def test_roles_share_one_base_and_the_shared_reward_scores_as_its_own_model(
     assert all_roles() == expected
 
     own = reward.load_reward_model(
-        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter)))
+        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter))),
+        tok,
     )
     prompts = [p.raw for p in PROMPTS]
     completions = ["five", "one two", "the capital", "six six six"]
-    expected_scores = reward.score(*own, prompts, completions)
+    expected_scores = reward.score(own, tok, prompts, completions)
     # The same float32 computation on the same weights, the LoRA sums in another order (the
     # policy's and the value's adapters sit in the same layers, disabled): rounding only.
     assert scorer(prompts, completions) == pytest.approx(expected_scores, abs=1e-5)
@@ -254,14 +258,16 @@ def test_value_model_starts_as_the_reward_model(tmp_path, reward_adapter, value_
     model = load_model(model_config)
     cfg = config(tmp_path / "out", 1, batch=4, reward_adapter=str(adapter), value_init=value_init)
     cfg.model = model_config
-    head, _ = ppo.prepare(model, load_tokenizer(model_config), cfg)
+    tok = load_tokenizer(model_config)
+    head, _ = ppo.prepare(model, tok, cfg)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=g)
     n = 6  # completion tokens: the states before them end at positions 3 .. 8
     with torch.no_grad():
         values = token_values(model, head, "value", ids, torch.ones_like(ids), n)
-    own, _ = reward.load_reward_model(
-        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter)))
+    own = reward.load_reward_model(
+        reward.RewardConfig(model=model_config, reward=reward.RewardOptions(adapter=str(adapter))),
+        tok,
     )
     with torch.no_grad():
         scores = torch.stack(
@@ -322,6 +328,19 @@ def test_cli_ppo_with_a_shared_reward_adapter_and_mistakes(tmp_path, capsys, rew
     assert main([*argv, "--reward-adapter", str(adapter), "--minibatches", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--minibatches 5 is more than the 4 completions of a step" in err[0]
+
+
+def test_a_reward_model_without_a_score_head_is_refused_before_the_policy_loads(
+    tmp_path, capsys
+) -> None:
+    """--reward-model a plain causal LM: refused in one line, exit status 2, from its files
+    alone, before the policy (here a --model that does not exist) is touched."""
+    model_dir, data, _ = cli_run_files(tmp_path, "")
+    argv = ["ppo", "--model", str(tmp_path / "no-policy"), "--data", str(data), "--method"]
+    argv += ["lora", "--out", str(tmp_path / "out"), "--reward-model", str(model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{model_dir} has no trained 'score' head" in err[0], err
 
 
 def _gae_reference(rewards, values, gamma: float, lam: float) -> tuple[list, list]:

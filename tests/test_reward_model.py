@@ -1,6 +1,6 @@
 """`lorakit reward`: the reward model's loss equals TRL's RewardTrainer on the same weights and
 batch; PEFT loads its adapter and transformers its merged model with the same scores; exact
-resume; scoring; user mistakes get one line."""
+resume; scoring (the tokenizer loaded once); user mistakes get one line."""
 
 import json
 
@@ -14,6 +14,7 @@ from data_files import write_jsonl
 from lorakit.cli import main
 from lorakit.data import DataConfig, collate_pairs, prepare_preferences
 from lorakit.models import ModelConfig, load_sequence_classifier, load_tokenizer
+from lorakit.peft import save_adapter
 from lorakit.recipes import reward
 from lorakit.recipes.common import make_trainable
 from lorakit.train import TrainConfig
@@ -100,6 +101,32 @@ def test_trained_adapter_loads_in_peft_and_merged_model_in_transformers(base, tm
         json.loads(x) for x in (tmp_path / "scored" / "scores.jsonl").read_text().split("\n") if x
     ]
     assert len(scored) == 12 and all(s["chosen_score"] > s["rejected_score"] for s in scored)
+    # The merged directory scores as a reward model of its own (its score head is found).
+    argv = ["reward", "--score", "--model", str(out), "--data", str(rows)]
+    assert main([*argv, "--out", str(tmp_path / "scored_merged")]) == 0
+    merged_scored = (tmp_path / "scored_merged" / "scores.jsonl").read_text().splitlines()
+    for a, b in zip(scored, map(json.loads, merged_scored), strict=True):
+        # As above: the merged weights round differently from base + adapter.
+        assert b["chosen_score"] == pytest.approx(a["chosen_score"], rel=1e-4, abs=1e-5)
+        assert b["rejected_score"] == pytest.approx(a["rejected_score"], rel=1e-4, abs=1e-5)
+
+
+def test_scoring_loads_the_tokenizer_once(base, tmp_path, monkeypatch) -> None:
+    adapter = save_adapter(
+        reward.untrained(config(base, "", tmp_path / "unused"))[0], tmp_path / "adapter"
+    )
+    loads = []
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": " b"}])
+    argv = ["reward", "--score", "--model", str(base), "--adapter", str(adapter)]
+    assert main([*argv, "--data", str(rows), "--out", str(tmp_path / "scored")]) == 0
+    assert len(loads) == 1
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(base, tmp_path, monkeypatch) -> None:
@@ -145,12 +172,13 @@ def test_bad_rows_get_one_line_naming_file_and_row(base, tmp_path, capsys, row, 
 
 
 def test_cli_mistakes_get_one_line(base, tmp_path, capsys) -> None:
-    missing = ["reward", "--model", str(base), "--data", str(tmp_path / "nope.jsonl")]
-    assert main(missing) == 2
+    reward_cli = ["reward", "--no-progress", "--model", str(base)]  # stderr: the errors alone
+    assert main([*reward_cli, "--data", str(tmp_path / "nope.jsonl")]) == 2
     wrong = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}])
-    assert main(["reward", "--model", str(base), "--data", str(wrong)]) == 2
-    method = ["reward", "--model", str(base), "--data", str(wrong), "--method", "ia3"]
-    assert main(method) == 2
+    assert main([*reward_cli, "--data", str(wrong)]) == 2
+    assert main([*reward_cli, "--data", str(wrong), "--method", "ia3"]) == 2
+    # A plain causal LM is no reward model: refused from its files, before it loads.
+    assert main([*reward_cli, "--score", "--data", str(wrong)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("lorakit reward: error:") for line in lines)
-    assert "ia3" in lines[2]
+    assert len(lines) == 4 and all(line.startswith("lorakit reward: error:") for line in lines)
+    assert "ia3" in lines[2] and f"{base} has no trained 'score' head" in lines[3]

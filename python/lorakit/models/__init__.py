@@ -3,6 +3,7 @@
 from lorakit.models.loading import (
     DTYPES,
     ModelConfig,
+    check_trained_head,
     load_model,
     load_sequence_classifier,
     load_tokenizer,
@@ -15,6 +16,7 @@ from lorakit.models.tiny import tiny_llama, word_tokenizer
 __all__ = [
     "DTYPES",
     "ModelConfig",
+    "check_trained_head",
     "load_model",
     "load_sequence_classifier",
     "load_tokenizer",

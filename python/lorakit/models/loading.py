@@ -134,22 +134,33 @@ def _invalid_config(path: Path, error: Exception) -> ValueError:
     return ValueError(f"{path / 'config.json'} is not a valid model configuration: {error}")
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of model directory ``path``.
+
+    Raises:
+        ValueError: it holds its weights as pickle only.
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if not files and any(path.glob("*.bin")):
+        raise ValueError(
+            f"{path} holds its weights as pickle (*.bin), which lorakit never loads (loading "
+            "pickle can run code); convert them to safetensors"
+        )
+    return files
+
+
 def _load(
     auto_class: Any, config: ModelConfig, what: str, new: str = "", **kwargs: Any
-) -> tuple[nn.Module, bool]:
-    """``auto_class.from_pretrained`` on :func:`model_dir`, safetensors only, and whether the
-    checkpoint lacked the weights of module ``new`` (started at random). A checkpoint lacking
-    any other weights is refused: transformers would start them at random and only warn."""
+) -> nn.Module:
+    """``auto_class.from_pretrained`` on :func:`model_dir`, safetensors only. The checkpoint
+    may lack the weights of module ``new`` (started at random); a checkpoint lacking any other
+    weights is refused: transformers would start them at random and only warn."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     path = model_dir(config)
     dtype = "auto" if config.dtype == "auto" else DTYPES[config.dtype]
-    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-        raise ValueError(
-            f"{path} holds its weights as pickle (*.bin), which lorakit never loads (loading "
-            "pickle can run code); convert them to safetensors"
-        )
+    _weight_files(path)  # refuses pickle weights
     try:
         # Weights from safetensors only: a pickle can run code when it is loaded.
         model, info = auto_class.from_pretrained(
@@ -164,9 +175,7 @@ def _load(
         raise _invalid_config(path, e) from None
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"cannot load a {what} from {path}: {e}") from None
-    missing = sorted(info["missing_keys"])
-    fresh = [k for k in missing if k.split(".")[0] == new]
-    missing = [k for k in missing if k not in fresh]
+    missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] != new)
     if missing:
         raise ValueError(
             f"{path} has no weights for {len(missing)} of the {what}'s tensors ({missing[0]}"
@@ -176,7 +185,7 @@ def _load(
     # What adapters record as their base (base_model_name_or_path): the hub id, for a model
     # taken from the cache, as transformers records it.
     model.config._name_or_path = config.model
-    return model.to(resolve_device(config.device)), bool(fresh)
+    return model.to(resolve_device(config.device))
 
 
 def load_model(config: ModelConfig) -> nn.Module:
@@ -188,24 +197,17 @@ def load_model(config: ModelConfig) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, config, "causal LM")[0]
+    return _load(AutoModelForCausalLM, config, "causal LM")
 
 
-def load_sequence_classifier(
-    config: ModelConfig, pad_token_id: int, trained_head: bool = False
-) -> nn.Module:
+def load_sequence_classifier(config: ModelConfig, pad_token_id: int) -> nn.Module:
     """A causal LM backbone with a scalar head ``score`` (hidden -> 1) on the last non-pad
     token: transformers' ``*ForSequenceClassification`` with one label, the layout reward
     models are saved and served in. The head is the checkpoint's when it has one, else freshly
-    initialised.
-
-    Args:
-        trained_head: refuse a checkpoint without the head (a plain causal LM), whose scores
-            would come from random weights.
+    initialised (:func:`check_trained_head` refuses the latter beforehand where it matters).
 
     Raises:
-        ValueError: the directory does not exist, its architecture has no such class, or
-            ``trained_head`` and it has no head.
+        ValueError: the directory does not exist or its architecture has no such class.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
@@ -215,7 +217,7 @@ def load_sequence_classifier(
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        model, fresh = _load(
+        return _load(
             AutoModelForSequenceClassification,
             config,
             "sequence classifier (reward model)",
@@ -225,13 +227,33 @@ def load_sequence_classifier(
         )
     finally:
         logging.set_verbosity(verbosity)
-    if trained_head and fresh:
+
+
+def check_trained_head(config: ModelConfig) -> None:
+    """Refuses a model whose checkpoint holds no ``score`` head (a plain causal LM), whose
+    scores would come from random weights; reads the weights' names from the safetensors
+    headers only, so that it is cheap enough to run before anything else loads.
+
+    Raises:
+        ValueError: the directory does not exist, holds pickle weights, a safetensors file
+            cannot be read, or no weight belongs to the head.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = model_dir(config)
+    names: set[str] = set()
+    for file in _weight_files(path):
+        try:
+            with safe_open(file, "pt") as weights:  # the header: names, dtypes, shapes
+                names.update(weights.keys())
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"cannot read the weights {file}: {e}") from None
+    if not any(name.split(".")[0] == SCORE_HEAD for name in names):
         raise ValueError(
-            f"{model_dir(config)} has no trained {SCORE_HEAD!r} head, so it is no reward model "
+            f"{path} has no trained {SCORE_HEAD!r} head, so it is no reward model "
             "and its scores would come from random weights: use one that lorakit reward "
             "--method full or lorakit merge wrote, or its base with the reward adapter"
         )
-    return model
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -63,8 +63,19 @@ def _check(config: PPOConfig) -> None:
             "give one reward: --reward-function module:function, or --reward-adapter and / or "
             "--reward-model (a reward model from lorakit reward)"
         )
-    if opts.reward_adapter:
+    if opts.reward_model:
+        reward_recipe.check_reward_model(_reward_model_config(config))
+    elif opts.reward_adapter:
         check_reward_adapter(opts.reward_adapter)
+
+
+def _reward_model_config(config: PPOConfig) -> reward_recipe.RewardConfig:
+    """``--reward-model`` (with ``--reward-adapter`` on it when given) as ``lorakit reward
+    --score`` would load it."""
+    return reward_recipe.RewardConfig(
+        model=replace(config.model, model=config.ppo.reward_model, method="lora"),
+        reward=reward_recipe.RewardOptions(adapter=config.ppo.reward_adapter),
+    )
 
 
 class ModelReward:
@@ -86,11 +97,9 @@ class ModelReward:
 
 def own_reward_model(config: PPOConfig) -> RewardFunction:
     """``--reward-model`` (with ``--reward-adapter`` on it when given), loaded on its own."""
-    reward_config = reward_recipe.RewardConfig(
-        model=replace(config.model, model=config.ppo.reward_model, method="lora"),
-        reward=reward_recipe.RewardOptions(adapter=config.ppo.reward_adapter),
-    )
-    model, tokenizer = reward_recipe.load_reward_model(reward_config)
+    reward_config = _reward_model_config(config)
+    tokenizer = load_tokenizer(reward_config.model)
+    model = reward_recipe.load_reward_model(reward_config, tokenizer)
     return ModelReward(model.requires_grad_(False), tokenizer)
 
 

@@ -29,7 +29,7 @@ from lorakit.data import (
     pair_segments,
     prepare_preferences,
 )
-from lorakit.models import load_sequence_classifier, load_tokenizer, pad_id
+from lorakit.models import check_trained_head, load_sequence_classifier, load_tokenizer, pad_id
 from lorakit.models.heads import check_reward_adapter
 from lorakit.models.loading import SCORE_HEAD
 from lorakit.models.positions import check_positions
@@ -172,17 +172,30 @@ def pairwise_accuracy(model: nn.Module, tokenizer: Any, rows: Sequence[Mapping[s
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(rows))
 
 
-def load_reward_model(config: RewardConfig) -> tuple[nn.Module, Any]:
-    """A trained reward model and its tokenizer: ``--model`` as a sequence classifier, with
-    ``--adapter`` (and its score head) loaded on it when given."""
-    adapter = config.reward.adapter
-    if adapter:
-        check_reward_adapter(adapter)
-    tokenizer = load_tokenizer(config.model)
-    model = load_sequence_classifier(config.model, pad_id(tokenizer), trained_head=not adapter)
-    if adapter:
-        load_adapter(model, adapter)
-    return model.eval(), tokenizer
+def check_reward_model(config: RewardConfig) -> None:
+    """Refuses, from its files alone (before anything loads), a reward model whose scores
+    would come from a random head: ``--adapter`` without a trained score head, or ``--model``
+    without one when no adapter is given.
+
+    Raises:
+        FileNotFoundError: the adapter folder has no ``adapter_config.json``.
+        ValueError: the head is missing (see :func:`lorakit.models.check_trained_head`).
+    """
+    if config.reward.adapter:
+        check_reward_adapter(config.reward.adapter)
+    else:
+        check_trained_head(config.model)
+
+
+def load_reward_model(config: RewardConfig, tokenizer: Any) -> nn.Module:
+    """A trained reward model (checked by :func:`check_reward_model`): ``--model`` as a
+    sequence classifier, with ``--adapter`` (and its score head) loaded on it when given;
+    ``tokenizer`` is ``--model``'s."""
+    check_reward_model(config)
+    model = load_sequence_classifier(config.model, pad_id(tokenizer))
+    if config.reward.adapter:
+        load_adapter(model, config.reward.adapter)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -256,8 +269,9 @@ def score_file(config: RewardConfig) -> str:
         raise ValueError("--score takes one --data file")
     path = config.data.data[0]
     rows = load_rows(path)
-    columns = _score_columns(path, rows, load_tokenizer(config.model))
-    model, tokenizer = load_reward_model(config)
+    tokenizer = load_tokenizer(config.model)
+    columns = _score_columns(path, rows, tokenizer)
+    model = load_reward_model(config, tokenizer)
     out = Path(config.train.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scores.jsonl"

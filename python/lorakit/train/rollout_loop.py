@@ -236,7 +236,7 @@ class RolloutLoop:
             except Exception as e:  # the user's code: its error and where it arose, one line
                 raise ValueError(
                     f"step {step + 1}: the reward function raised {raised_in_user_code(e)}; "
-                    f"{self._stopped()}"
+                    f"stopped before updating; {last_checkpoint(self.out)}"
                 ) from e
             rewards = _rewards(values, len(completions))
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
@@ -249,13 +249,9 @@ class RolloutLoop:
             raise ValueError(
                 f"step {step + 1}: the reward function returned {rewards[bad[0]].item()} for "
                 f"completion {bad[0]} ({completions[bad[0]]!r}) and {len(bad) - 1} other(s); "
-                f"{self._stopped()}"
+                f"stopped before updating; {last_checkpoint(self.out)}"
             )
         return rewards
-
-    def _stopped(self) -> str:
-        last = checkpoint.latest(self.out)
-        return f"stopped before updating; last checkpoint: {last or 'none'}"
 
     # ---- what a subclass provides
 
