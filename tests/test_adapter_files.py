@@ -137,6 +137,11 @@ def rename_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def set_targets(folder: Path, targets: list[str] | str | None) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": targets}))
+
+
 def widen_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     key = next(k for k in tensors if "layers.1.self_attn.v_proj.lora_B" in k)
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
@@ -171,8 +176,18 @@ def widen_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             ValueError,
             "use_dora=True is not supported",
         ),
+        (lambda d: set_targets(d, None), ValueError, "target_modules is missing"),
     ],
-    ids=["no-weights", "no-config", "corrupt", "unknown-module", "wrong-shape", "bad-json", "dora"],
+    ids=[
+        "no-weights",
+        "no-config",
+        "corrupt",
+        "unknown-module",
+        "wrong-shape",
+        "bad-json",
+        "dora",
+        "no-targets",
+    ],
 )
 def test_bad_adapter_files_are_clear_errors_and_leave_the_model_as_it_was(
     saved, damage, error, match
@@ -184,11 +199,6 @@ def test_bad_adapter_files_are_clear_errors_and_leave_the_model_as_it_was(
     with pytest.raises(error, match=match):
         load_adapter(model, saved)
     assert_unchanged(model, before)
-
-
-def set_targets(folder: Path, targets: list[str] | str) -> None:
-    path = folder / "adapter_config.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": targets}))
 
 
 def drop_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
