@@ -71,6 +71,36 @@ def test_adapter_trained_and_saved_by_peft_loads_with_the_same_logits(tmp_path):
     assert_logits_close(logits(ours, ids), logits(theirs, ids))
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"target_modules": ["q_proj", "v_proj", "down_proj"], "modules_to_save": ["lm_head"]},
+        {
+            "target_modules": r"model\.layers\.1\.(self_attn|mlp)\.\w+_proj|lm_head",
+            "modules_to_save": ["lm_head"],  # trained whole, so PEFT puts no LoRA on it
+        },
+        {"target_modules": "all-linear", "exclude_modules": ["o_proj"]},
+    ],
+    ids=["list", "regex", "all-linear"],
+)
+def test_peft_saved_target_modules_of_each_kind_load_with_the_same_logits(tmp_path, options):
+    """PEFT's matching (suffixes, re.fullmatch, all-linear less exclude_modules, no adapter on
+    modules_to_save) picks what its files hold: the target check must accept them all."""
+    base = llama()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **options)
+    )
+    ids = torch.randint(0, 128, (2, 12))
+    train(theirs, ids, steps=3)  # moves B off zero and, for modules_to_save, lm_head
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    loaded = load_adapter(ours, tmp_path)
+    wrapped = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert set(loaded) == wrapped
+    theirs.eval()
+    assert_logits_close(logits(ours, ids), logits(theirs, ids))
+
+
 def test_round_trip_through_lorakit_files(tmp_path):
     base = llama()
     ours = copy.deepcopy(base)
@@ -107,6 +137,11 @@ def rename_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def set_targets(folder: Path, targets: list[str] | str | None) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": targets}))
+
+
 def widen_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     key = next(k for k in tensors if "layers.1.self_attn.v_proj.lora_B" in k)
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
@@ -141,8 +176,18 @@ def widen_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             ValueError,
             "use_dora=True is not supported",
         ),
+        (lambda d: set_targets(d, None), ValueError, "target_modules is missing"),
     ],
-    ids=["no-weights", "no-config", "corrupt", "unknown-module", "wrong-shape", "bad-json", "dora"],
+    ids=[
+        "no-weights",
+        "no-config",
+        "corrupt",
+        "unknown-module",
+        "wrong-shape",
+        "bad-json",
+        "dora",
+        "no-targets",
+    ],
 )
 def test_bad_adapter_files_are_clear_errors_and_leave_the_model_as_it_was(
     saved, damage, error, match
@@ -153,6 +198,49 @@ def test_bad_adapter_files_are_clear_errors_and_leave_the_model_as_it_was(
     before = snapshot(model)
     with pytest.raises(error, match=match):
         load_adapter(model, saved)
+    assert_unchanged(model, before)
+
+
+def drop_one(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if "layers.1.self_attn.v_proj" not in k}
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (
+            lambda d: set_targets(d, ["q_proj"]),
+            "it has weights for model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj, "
+            "which target_modules does not name",
+        ),
+        (
+            lambda d: set_targets(d, r".*\.q_proj"),
+            "it has weights for model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj, "
+            "which target_modules does not name",
+        ),
+        (
+            lambda d: rewrite_tensors(d, drop_one),
+            "target_modules names model.layers.1.self_attn.v_proj, which it has no weights for",
+        ),
+        (
+            lambda d: set_targets(d, "all-linear"),
+            "target_modules names model.layers.0.mlp.down_proj, model.layers.0.mlp.gate_proj, "
+            "model.layers.0.mlp.up_proj and 7 more, which it has no weights for",
+        ),
+    ],
+    ids=["unnamed-weights", "unnamed-by-regex", "missing-weights", "missing-by-all-linear"],
+)
+def test_weights_that_disagree_with_target_modules_are_refused(saved, damage, says):
+    """PEFT would drop weights that target_modules do not pick, and leave picked layers without
+    weights at their initial values: a model other than the one trained."""
+    damage(saved)
+    model = llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError) as refused:
+        load_adapter(model, saved)
+    message = str(refused.value)
+    assert message.startswith(f"{saved}: adapter_model.safetensors disagrees with ")
+    assert says in message and "\n" not in message
     assert_unchanged(model, before)
 
 

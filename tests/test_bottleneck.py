@@ -248,6 +248,18 @@ def edit_config(folder: Path, **changes) -> None:
             ValueError,
             "is not a bottleneck weight",
         ),
+        (
+            lambda d: edit_config(d, target_modules=["model.layers.0.self_attn"]),
+            ValueError,
+            "adapter: adapter_model.safetensors disagrees with adapter_config.json: it has weights "
+            "for model.layers.0.mlp, model.layers.1.mlp, model.layers.1.self_attn, which",
+        ),
+        (
+            lambda d: rewrite(d, lambda t: {k: v for k, v in t.items() if ".1.mlp." not in k}),
+            ValueError,
+            "adapter: adapter_model.safetensors disagrees with adapter_config.json: "
+            "target_modules names model.layers.1.mlp, which it has no weights for",
+        ),
     ],
 )
 def test_bad_files_are_clear_errors_and_leave_the_model_unchanged(saved, damage, error, match):

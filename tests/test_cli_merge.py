@@ -1,10 +1,12 @@
 """`lorakit merge`: a saved LoRA / IA3 adapter merged into a tiny saved Llama gives a plain
 Hugging Face model with the adapted model's logits; user mistakes are one line and exit 2."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lorakit
@@ -112,6 +114,23 @@ def _a_file(tmp_path: Path, base_dir: Path) -> Path:
     return tmp_path / "adapter" / "adapter_model.safetensors"
 
 
+def _targets_q_only(tmp_path: Path, base_dir: Path) -> Path:
+    """target_modules name fewer layers than the file holds weights for."""
+    save_lora(base_dir, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": ["q_proj"]}))
+    return tmp_path / "adapter"
+
+
+def _no_up_proj_weights(tmp_path: Path, base_dir: Path) -> Path:
+    """target_modules name a layer that the file holds no weights for."""
+    save_lora(base_dir, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    kept = {k: v for k, v in load_file(path).items() if "layers.1.mlp.up_proj" not in k}
+    save_file(kept, path)
+    return tmp_path / "adapter"
+
+
 def _no_config(tmp_path: Path, base_dir: Path) -> Path:
     (tmp_path / "empty").mkdir()
     return tmp_path / "empty"
@@ -125,6 +144,16 @@ def _no_config(tmp_path: Path, base_dir: Path) -> Path:
         (_no_config, "adapter_config.json does not exist"),
         (_corrupt, "not a readable safetensors file"),
         (_mismatched, "do not fit"),
+        (
+            _targets_q_only,
+            "adapter: adapter_model.safetensors disagrees with adapter_config.json: it has weights "
+            "for model.layers.0.mlp.down_proj",
+        ),
+        (
+            _no_up_proj_weights,
+            "adapter: adapter_model.safetensors disagrees with adapter_config.json: "
+            "target_modules names model.layers.1.mlp.up_proj, which it has no weights for",
+        ),
     ],
 )
 def test_bad_adapter_is_one_line_and_exit_2(tmp_path, base_dir, make, message, capsys) -> None:

@@ -226,8 +226,28 @@ def set_config(folder, **changes) -> None:
         (lambda d: set_config(d, feedforward_modules=[]), r"\[1, 128\] does not fit an output"),
         (lambda d: set_config(d, peft_type="ADALORA"), "peft_type 'ADALORA' is not one lorakit"),
         (lambda d: set_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
+        (
+            lambda d: set_config(d, target_modules=["k_proj", "down_proj"]),
+            "ia3: adapter_model.safetensors disagrees with adapter_config.json: it has weights for "
+            "model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj, which",
+        ),
+        (
+            lambda d: rewrite(
+                d, lambda t: {k: v for k, v in t.items() if ".1.self_attn.k" not in k}
+            ),
+            "ia3: adapter_model.safetensors disagrees with adapter_config.json: target_modules "
+            "names model.layers.1.self_attn.k_proj, which it has no weights for",
+        ),
     ],
-    ids=["wrong-shape", "unknown-module", "feedforward-mismatch", "other-method", "extra-modules"],
+    ids=[
+        "wrong-shape",
+        "unknown-module",
+        "feedforward-mismatch",
+        "other-method",
+        "extra-modules",
+        "weights-not-targeted",
+        "target-without-weights",
+    ],
 )
 def test_bad_files_are_clear_errors_and_leave_the_model_as_it_was(saved, damage, match):
     damage(saved)

@@ -40,6 +40,7 @@ from lorakit.peft.files import (
     write_json,
     write_tensors,
 )
+from lorakit.peft.target_check import check_targets_match
 
 PEFT_TYPE = "LORAKIT_BOTTLENECK"
 PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
@@ -85,8 +86,9 @@ def load_bottleneck(
 
     Raises:
         ValueError: the config is not a bottleneck config, a key matches no attention or MLP
-            sub-block of ``model``, a tensor's shape does not fit, or a sub-block already has an
-            adapter called ``name``.
+            sub-block of ``model``, a tensor's shape does not fit, a sub-block already has an
+            adapter called ``name``, or ``target_modules`` name other sub-blocks than the file
+            holds weights for.
     """
     _check_config(config, folder / CONFIG_NAME)
     path = folder / WEIGHTS_NAME
@@ -99,6 +101,7 @@ def load_bottleneck(
             raise ValueError(f"{path}: {module!r} matches no attention or MLP sub-block")
         check_can_wrap(model, module, name)
         _check_shapes(module, parts, hidden, settings.size, path)
+    check_targets_match(model, folder, config, groups, allowed)
     previous = active_adapter(model)
     loaded = []
     for module, parts in groups.items():

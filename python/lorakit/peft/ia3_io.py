@@ -34,6 +34,7 @@ from lorakit.peft.inject import (
     put_adapter,
     target_names,
 )
+from lorakit.peft.target_check import check_targets_match
 
 _KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.ia3_l")
 # PEFT options that change what the files mean; lorakit refuses them rather than misread them.
@@ -90,8 +91,9 @@ def load_ia3(
 
     Raises:
         ValueError: the config is not an IA3 config lorakit supports, a key matches no linear
-            layer of ``model``, a layer already has adapter ``name``, or a vector's shape does
-            not fit its layer.
+            layer of ``model``, a layer already has adapter ``name``, a vector's shape does
+            not fit its layer, or ``target_modules`` pick other layers than the file holds
+            vectors for (:func:`~lorakit.peft.target_check.check_targets_match`).
     """
     path = folder / CONFIG_NAME
     feedforward = config.get("feedforward_modules")
@@ -111,6 +113,7 @@ def load_ia3(
             raise ValueError(f"{folder / WEIGHTS_NAME}: key {key!r} is not an IA3 vector")
         module = match["module"]
         plan[module] = _plan(model, adaptable, module, vector, feedforward, name)
+    check_targets_match(model, folder, config, plan, adaptable)
     previous = active_adapter(model)
     loaded = []
     for module, (settings, vector) in plan.items():

@@ -53,7 +53,9 @@ def _is_linear(module: nn.Module) -> bool:
     )
 
 
-def _matches(name: str, targets: list[str] | str) -> bool:
+def matches_targets(name: str, targets: list[str] | str) -> bool:
+    """PEFT's ``target_modules`` rule for module ``name``: a string is a regular expression that
+    must match the full name; a list entry must equal the name or its last components."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith(f".{t}") for t in targets)
@@ -87,13 +89,8 @@ def find_targets(
     """
     adaptable = adaptable_layers(model, wrapper)
     if target_modules == ALL_LINEAR:
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        # A classifier's head (a reward model's score) trains whole, as PEFT's SEQ_CLS does.
-        heads = {"score", "classifier"} if is_sequence_classifier(model) else set()
-        return sorted(
-            n for n in adaptable if model.get_submodule(n) is not output and n not in heads
-        )
-    matched = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
+        return all_linear(model, adaptable)
+    matched = [n for n, _ in model.named_modules() if n and matches_targets(n, target_modules)]
     if not matched:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
         raise ValueError(
@@ -109,6 +106,15 @@ def find_targets(
             "(a layer holds adapters of one method only)"
         )
     return matched
+
+
+def all_linear(model: nn.Module, adaptable: set[str]) -> list[str]:
+    """The layers among ``adaptable`` that ``target_modules="all-linear"`` picks: all but the
+    output projection (lm_head) and a sequence classifier's head."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # A classifier's head (a reward model's score) trains whole, as PEFT's SEQ_CLS does.
+    heads = {"score", "classifier"} if is_sequence_classifier(model) else set()
+    return sorted(n for n in adaptable if model.get_submodule(n) is not output and n not in heads)
 
 
 def target_names(model: nn.Module, modules: set[str]) -> list[str]:

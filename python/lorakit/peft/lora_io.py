@@ -35,6 +35,7 @@ from lorakit.peft.inject import (
     put_adapter,
     target_names,
 )
+from lorakit.peft.target_check import check_targets_match
 from lorakit.peft.whole_modules import load_whole, saved_names, split_whole, whole_tensors
 
 _KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
@@ -103,8 +104,9 @@ def load_lora(
 
     Raises:
         ValueError: the config is not a LoRA config lorakit supports, a key matches no linear
-            layer of ``model``, a layer already has adapter ``name``, or a tensor's shape does
-            not fit its layer.
+            layer of ``model``, a layer already has adapter ``name``, a tensor's shape does
+            not fit its layer, or ``target_modules`` pick other layers than the file holds
+            weights for (:func:`~lorakit.peft.target_check.check_targets_match`).
     """
     _check_config(config, folder / CONFIG_NAME)
     whole_names = list(config.get("modules_to_save") or [])
@@ -114,6 +116,7 @@ def load_lora(
     pairs = _pairs(tensors, folder / WEIGHTS_NAME)
     adaptable = adaptable_layers(model)
     plan = {m: _plan(model, adaptable, m, a, b, config, name) for m, (a, b) in pairs.items()}
+    check_targets_match(model, folder, config, plan, adaptable)
     previous = active_adapter(model)
     loaded = []
     for module, (settings, a, b) in plan.items():
