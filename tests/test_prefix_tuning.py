@@ -402,7 +402,7 @@ def test_generate_continuing_from_a_prefix_cache_is_refused(with_mask):
     mask = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
     with torch.no_grad():
         cache = model(ids[:, :4], use_cache=True).past_key_values
-    with pytest.raises(ValueError, match="position_ids start at .* holds 4 tokens"):
+    with pytest.raises(ValueError, match=r"position_ids start at .* holds 4 tokens"):
         model.generate(input_ids=ids, past_key_values=cache, **mask, **GREEDY)
 
 
