@@ -192,7 +192,7 @@ def reward_adapter(tmp_path_factory):
         model=ModelConfig(model=str(model_dir), method="lora"),
         train=TrainConfig(out=str(root / "unused"), seed=1),
     )
-    model, _, _ = reward.untrained(cfg)
+    model, _ = reward.untrained(cfg, load_tokenizer(cfg.model))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -111,10 +111,11 @@ def test_trained_adapter_loads_in_peft_and_merged_model_in_transformers(base, tm
         assert b["rejected_score"] == pytest.approx(a["rejected_score"], rel=1e-4, abs=1e-5)
 
 
-def test_scoring_loads_the_tokenizer_once(base, tmp_path, monkeypatch) -> None:
-    adapter = save_adapter(
-        reward.untrained(config(base, "", tmp_path / "unused"))[0], tmp_path / "adapter"
-    )
+@pytest.mark.parametrize("task", ["score", "train"])
+def test_a_run_loads_the_tokenizer_once(base, tmp_path, monkeypatch, task) -> None:
+    untrained = config(base, "", tmp_path / "unused")
+    model, _ = reward.untrained(untrained, load_tokenizer(untrained.model))
+    adapter = save_adapter(model, tmp_path / "adapter")
     loads = []
     load = transformers.AutoTokenizer.from_pretrained
 
@@ -123,9 +124,13 @@ def test_scoring_loads_the_tokenizer_once(base, tmp_path, monkeypatch) -> None:
         return load(*args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counted)
-    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": " b"}])
-    argv = ["reward", "--score", "--model", str(base), "--adapter", str(adapter)]
-    assert main([*argv, "--data", str(rows), "--out", str(tmp_path / "scored")]) == 0
+    if task == "score":
+        rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": " b"}])
+        argv = ["reward", "--score", "--model", str(base), "--adapter", str(adapter)]
+    else:
+        rows = write_jsonl(tmp_path / "rows.jsonl", pair_rows(4))
+        argv = ["reward", "--model", str(base), "--max-steps", "1", "--no-progress"]
+    assert main([*argv, "--data", str(rows), "--out", str(tmp_path / task)]) == 0
     assert len(loads) == 1
 
 

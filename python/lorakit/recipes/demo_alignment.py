@@ -126,7 +126,8 @@ def run(
         train=_train_config(out / "reward", epochs[0], 1e-3, seed, progress),
         lora=lora,
     )
-    model, tokenizer, report = reward.untrained(reward_config)
+    tokenizer = load_tokenizer(reward_config.model)
+    model, report = reward.untrained(reward_config, tokenizer)
     reward_before = reward.pairwise_accuracy(model, tokenizer, heldout_pairs)
     pairs = prepare_preferences(data, tokenizer, seed)
     rewarded = reward.train(model, tokenizer, report, reward_config, pairs)

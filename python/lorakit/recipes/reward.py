@@ -101,11 +101,10 @@ def _check(config: RewardConfig) -> None:
         )
 
 
-def untrained(config: RewardConfig) -> tuple[nn.Module, Any, AdapterReport]:
+def untrained(config: RewardConfig, tokenizer: Any) -> tuple[nn.Module, AdapterReport]:
     """The backbone of ``config.model`` with a new score head (seeded), made trainable: the
-    reward model before training, and its tokenizer."""
+    reward model before training. ``tokenizer`` is ``config.model``'s (its pad token)."""
     _check(config)
-    tokenizer = load_tokenizer(config.model)
     torch.manual_seed(config.train.seed)  # the new score head's initialisation
     model = load_sequence_classifier(config.model, pad_id(tokenizer))
     report = make_trainable(model, config)
@@ -113,7 +112,7 @@ def untrained(config: RewardConfig) -> tuple[nn.Module, Any, AdapterReport]:
         train_whole(model, [SCORE_HEAD])
         trainable, total = count_parameters(model)
         report = AdapterReport(report.replaced, trainable, total)
-    return model, tokenizer, report
+    return model, report
 
 
 def train(
@@ -151,8 +150,9 @@ def run(config: RewardConfig) -> RunResult:
         )
     if not config.data.data:
         raise ValueError("missing --data")
-    data = prepare_preferences(config.data, load_tokenizer(config.model), config.train.seed)
-    model, tokenizer, report = untrained(config)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_preferences(config.data, tokenizer, config.train.seed)
+    model, report = untrained(config, tokenizer)
     return train(model, tokenizer, report, config, data)
 
 
