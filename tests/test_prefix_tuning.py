@@ -207,31 +207,48 @@ def test_unsupported_models_and_calls_are_clear_errors():
         PrefixTuningConfig(num_virtual_tokens=0)
 
 
-def test_gradient_checkpointing_replays_the_prefix_and_leaves_the_layers_as_they_were():
-    # The Trainer's equal gradients and losses with and without checkpointing: test_trainer.py.
+def loss_and_prefix_grad(model, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    torch.manual_seed(0)  # GPT-2's dropout: the same masks in both runs
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    return loss.detach(), model.lorakit_prefix.embedding["default"].grad.clone()
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(arch):
+    # The Trainer's runs with and without checkpointing agree too: test_trainer.py.
+    model = tiny(arch)
+    apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=3))
+    ids, mask = left_padded(2, 6)
+    expected = loss_and_prefix_grad(model.train(), ids, mask)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    layer = next(m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache"))
+    runs = []
+    # Inside the checkpointed layer (transformers checkpoints its forward, not its hooks).
+    hook = next(layer.children()).register_forward_hook(lambda *_: runs.append(1))
+    got = loss_and_prefix_grad(model, ids, mask)
+    hook.remove()
+    assert len(runs) == 2  # the backward ran the layer again, with the prefix
+    # The recomputed layer repeats the same float operations: the same loss and gradient.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert expected[1].abs().sum() > 0
+
+
+def test_a_checkpointed_call_leaves_the_model_as_it_was_even_when_it_raises():
     model = llama()
     apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=2))
     model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     ids = torch.randint(0, 128, (2, 6))
-    reads = []
-    layer = model.model.layers[0]
-    hook = layer.self_attn.register_forward_hook(lambda *_: reads.append(1))
+    layer, backbone = model.model.layers[0], model.model
     model(input_ids=ids, labels=ids).loss.backward()
-    hook.remove()
-    assert len(reads) == 2  # the backward ran the layer again, with the prefix (no error)
-    assert model.lorakit_prefix.embedding["default"].grad.abs().sum() > 0
-    # The layers' own rule for caches is back after the call, and after a call that raised.
-    assert "_can_checkpoint_with_cache" not in vars(layer)
-    with pytest.raises(ValueError, match="gradient-checkpointed training call takes no cache"):
-        model(input_ids=ids, cache=DynamicCache())
     with pytest.raises(ValueError, match="batch_size"):
         model(input_ids=ids, labels=ids[:, :3])  # labels of the wrong length
-    seen = []
-    hook = layer.register_forward_pre_hook(lambda m, _: seen.append(dict(vars(m))))
-    model.eval()(input_ids=ids)
-    hook.remove()
-    assert "_can_checkpoint_with_cache" not in seen[0]
+    assert "_can_checkpoint_with_cache" not in vars(layer)
+    assert backbone.gradient_checkpointing is True
+    with pytest.raises(ValueError, match="gradient-checkpointed training call takes no cache"):
+        model(input_ids=ids, cache=DynamicCache())
 
 
 def test_a_transformers_release_whose_checkpointed_layers_drop_the_cache_is_refused(monkeypatch):
@@ -390,20 +407,21 @@ def test_caches_without_this_prefix_are_refused():
             model(ids, past_key_values=legacy)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_generate_continuing_from_a_prefix_cache_is_refused(with_mask):
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_continuing_from_a_prefix_cache_is_refused(padded):
     # generate() counts the cache's positions as input tokens; with a prefix it would feed the
-    # wrong tokens at the wrong positions. (generate() drops a mask of ones; a padded mask's
-    # length gives the call away, as the incremental-decoding tests' masks show.)
+    # wrong tokens at the wrong positions. Unpadded, generate() drops the mask of ones; padded,
+    # the row without padding gives the call away. (12 tokens: the mask then covers the prefix
+    # too, as a caller's own mask may, so its width alone says nothing.)
     model = llama()
     apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=TOKENS))
     model.eval()
-    ids = torch.randint(0, 128, (1, 6))
-    mask = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    ids, mask = left_padded(2, 12) if padded else (torch.randint(0, 128, (1, 12)), None)
     with torch.no_grad():
-        cache = model(ids[:, :4], use_cache=True).past_key_values
+        start = {} if mask is None else {"attention_mask": mask[:, :4]}
+        cache = model(ids[:, :4], use_cache=True, **start).past_key_values
     with pytest.raises(ValueError, match=r"position_ids start at .* holds 4 tokens"):
-        model.generate(input_ids=ids, past_key_values=cache, **mask, **GREEDY)
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GREEDY)
 
 
 @pytest.fixture

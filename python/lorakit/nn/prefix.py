@@ -21,6 +21,8 @@ _UNREQUESTED = "lorakit_prefix_unrequested"
 # The name of the cache argument of transformers' models before 5.24, which renamed it to
 # ``cache`` and still accepts the old name as a deprecated alias.
 _LEGACY_CACHE = "past_key_values"
+# The switch of transformers' GradientCheckpointingLayer that keeps its cache under checkpointing.
+_KEEPS_CACHE = "_can_checkpoint_with_cache"
 
 
 class _ReplayedPrefix(DynamicCache):
@@ -41,9 +43,10 @@ class _ReplayedPrefix(DynamicCache):
         return keys, torch.cat([prefix.values, value_states], dim=-2)
 
 
-def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers that transformers runs under gradient checkpointing in this call of
-    ``model`` (training, with gradients, checkpointing enabled); none otherwise."""
+def _checkpointed_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules (layers, and backbones that hold the switch) whose gradient checkpointing
+    this call of ``model`` uses (training, with gradients, checkpointing enabled); none
+    otherwise."""
     if not (model.training and torch.is_grad_enabled()):
         return []
     return [
@@ -51,6 +54,30 @@ def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
         for m in model.modules()
         if m.training and getattr(m, "gradient_checkpointing", False) is True
     ]
+
+
+def _check_positions(
+    positions: torch.Tensor, mask: torch.Tensor | None, tokens: int, past: int, argument: str
+) -> None:
+    """Refuses positions that do not continue a cache holding ``past`` tokens after the
+    ``tokens`` prefix positions, in the rows that no padding shifts (every row without a mask;
+    with one, ``mask`` covering the prefix too, the rows of ones over the cache). This is what
+    generate() continuing from a prefix cache does: it counts the prefix as input, so it feeds
+    the wrong tokens at the wrong positions."""
+    if past <= 0:
+        return
+    first = positions[..., 0]  # [batch], or [3, batch] for multimodal rotary positions
+    unshifted = torch.ones_like(first, dtype=torch.bool)
+    if mask is not None:
+        unshifted = unshifted & mask[:, : tokens + past].bool().all(dim=1)
+    wrong = unshifted & (first != past)
+    if bool(wrong.any()):
+        raise ValueError(
+            f"prefix tuning: position_ids start at {first[wrong][0].item()} in a row without "
+            f"padding, but {argument} holds {past} tokens after the prefix, so they should start "
+            f"at {past} (generate() cannot continue from a prefix cache: give it the whole "
+            "sequence without a cache)"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,8 +148,8 @@ class KVPrefix(AdapterLayer):
         self.embedding = nn.ParameterDict()
         self.settings: dict[str, PrefixSettings] = {}
         self._options = {"dtype": dtype, "device": device}
-        # The layers of the running call told to keep its replayed prefix (see inject).
-        self._replay: list[nn.Module] = []
+        # The running call's checkpointed layers and backbones changed by _keep_cache_in.
+        self._replay: tuple[list[nn.Module], list[nn.Module]] = ([], [])
         self.add_adapter(name, settings)
 
     def add_adapter(self, name: str, settings: PrefixSettings) -> None:
@@ -205,7 +232,6 @@ class KVPrefix(AdapterLayer):
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The forward pre-hook: the model's arguments with the active prefix put in."""
-        self._end_replay()
         names = list(inspect.signature(model.forward).parameters)
         call = {**dict(zip(names, args, strict=False)), **kwargs}
         # The forward's own name for the cache; the legacy name is its alias where it differs
@@ -227,18 +253,14 @@ class KVPrefix(AdapterLayer):
             inputs = call.get("inputs_embeds")
         batch, length = inputs.shape[:2]
         tokens = self.settings[self.active_adapter].num_virtual_tokens
-        checkpointed = _checkpointed_layers(model)
+        checkpointed = _checkpointed_modules(model)
         if checkpointed:
             if given is not None:
                 raise ValueError(
                     f"prefix tuning: a gradient-checkpointed training call takes no {argument} "
                     "(transformers drops it); pass none"
                 )
-            # A checkpointed layer runs twice (forward, then again in the backward pass), and
-            # transformers drops its cache unless the layer says it only reads it, as this
-            # cache lets it.
-            layers = [m for m in checkpointed if hasattr(m, "_can_checkpoint_with_cache")]
-            if not layers:
+            if not any(hasattr(m, _KEEPS_CACHE) for m in checkpointed):
                 raise ValueError(
                     "prefix tuning: this transformers release drops the cache, which carries "
                     "the prefix, in every gradient-checkpointed layer; disable gradient "
@@ -246,9 +268,6 @@ class KVPrefix(AdapterLayer):
                 )
             cache = self._start(_ReplayedPrefix(), batch)
             setattr(cache, _UNREQUESTED, True)
-            for layer in layers:
-                layer._can_checkpoint_with_cache = True
-            self._replay = layers
         else:
             use_cache = call.get("use_cache")
             if use_cache is None:
@@ -273,17 +292,25 @@ class KVPrefix(AdapterLayer):
         positions = call.get("position_ids")
         if positions is not None:
             past = cache.get_seq_length() - tokens
-            # Without a mask no row is padded, so each row's positions continue the cache.
-            # generate() continuing from a prefix cache breaks this: it counts the prefix as
-            # input and feeds the wrong tokens at the wrong positions.
-            if mask is None and past > 0 and bool((positions[..., 0] != past).any()):
-                raise ValueError(
-                    f"prefix tuning: position_ids start at {positions[..., 0].min().item()} "
-                    f"but {argument} holds {past} tokens after the prefix (generate() cannot "
-                    "continue from a prefix cache: pass the whole sequence without a cache)"
-                )
+            _check_positions(positions, call.get("attention_mask"), tokens, past, argument)
             call["position_ids"] = positions + tokens
+        if checkpointed:  # last, so that no check above can leave the modules changed
+            self._keep_cache_in(checkpointed)
         return (), call
+
+    def _keep_cache_in(self, checkpointed: list[nn.Module]) -> None:
+        """Lets this call's replayed prefix reach the checkpointed layers, which run twice
+        (forward, then again in the backward pass): transformers drops a checkpointed layer's
+        cache unless the layer says it only reads it, and some backbones (GPT-2's) drop it for
+        all their layers while their own ``gradient_checkpointing`` is set; their layers still
+        checkpoint themselves. :meth:`drop_unrequested_cache` puts both back after the call."""
+        layers = [m for m in checkpointed if hasattr(m, _KEEPS_CACHE)]
+        backbones = [m for m in checkpointed if not hasattr(m, _KEEPS_CACHE)]
+        for layer in layers:
+            setattr(layer, _KEEPS_CACHE, True)
+        for backbone in backbones:
+            backbone.gradient_checkpointing = False
+        self._replay = (layers, backbones)
 
     def drop_unrequested_cache(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         """The forward hook: the output without a cache that :meth:`inject` made for a call
@@ -299,11 +326,13 @@ class KVPrefix(AdapterLayer):
         return output
 
     def _end_replay(self) -> None:
-        """Gives the checkpointed layers of the last call back their own rule for caches (also
-        when that call raised)."""
-        for layer in self._replay:
-            vars(layer).pop("_can_checkpoint_with_cache", None)
-        self._replay = []
+        """Undoes :meth:`_keep_cache_in` (the forward hook runs when the call raised too)."""
+        layers, backbones = self._replay
+        for layer in layers:
+            vars(layer).pop(_KEEPS_CACHE, None)
+        for backbone in backbones:
+            backbone.gradient_checkpointing = True
+        self._replay = ([], [])
 
     def forward(self) -> None:
         raise TypeError("KVPrefix is not called; it feeds the model's forward through its hook")

@@ -94,7 +94,8 @@ def attach_prefix(model: nn.Module, name: str, settings: PrefixSettings) -> KVPr
     model.add_module(PREFIX_ATTRIBUTE, prefix)
     # Bound methods of the prefix: deepcopy(model) then hooks the copy's own prefix.
     model.register_forward_pre_hook(prefix.inject, with_kwargs=True)
-    model.register_forward_hook(prefix.drop_unrequested_cache)
+    # always_call: it also undoes what the pre-hook changed for a call that then raised.
+    model.register_forward_hook(prefix.drop_unrequested_cache, always_call=True)
     return prefix
 
 
