@@ -430,6 +430,15 @@ def test_scoring_needs_a_trained_score_head(tmp_path, model_dir, adapter_dir, da
     assert not out.exists()
 
 
+def test_a_stray_file_with_a_score_head_is_not_the_models(tmp_path, model_dir, data, capsys):
+    # transformers loads model.safetensors (or the files its index names), never this one.
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    save_file({"score.weight": torch.zeros(1, 32)}, model / "extra.safetensors")
+    argv = ["reward", "--score", "--model", str(model), "--data", data, "--no-progress"]
+    one_line_error(capsys, [*argv, "--out", str(tmp_path / "scores")], "no trained 'score' head")
+
+
 def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapter_dir, capsys):
     argv = ["ppo", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
     expected = f"{adapter_dir} is no reward adapter"

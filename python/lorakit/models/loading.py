@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,18 +136,29 @@ def _invalid_config(path: Path, error: Exception) -> ValueError:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of model directory ``path``.
+    """The safetensors files that transformers loads from model directory ``path``: those its
+    ``model.safetensors.index.json`` names, else ``model.safetensors`` (none if neither is
+    there; other files in the directory are not the model's).
 
     Raises:
-        ValueError: it holds its weights as pickle only.
+        ValueError: the index cannot be read, or the weights are pickle only.
     """
-    files = sorted(path.glob("*.safetensors"))
-    if not files and any(path.glob("*.bin")):
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return sorted(
+                {path / name for name in json.loads(index.read_text())["weight_map"].values()}
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"cannot read the weights' index {index}: {e!r}") from None
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if any(path.glob("*.bin")):
         raise ValueError(
             f"{path} holds its weights as pickle (*.bin), which lorakit never loads (loading "
             "pickle can run code); convert them to safetensors"
         )
-    return files
+    return []
 
 
 def _load(
@@ -252,7 +264,8 @@ def check_trained_head(config: ModelConfig) -> None:
         raise ValueError(
             f"{path} has no trained {SCORE_HEAD!r} head, so it is no reward model "
             "and its scores would come from random weights: use one that lorakit reward "
-            "--method full or lorakit merge wrote, or its base with the reward adapter"
+            "--method full or lorakit merge wrote, or its base with the reward adapter "
+            "(--adapter in lorakit reward --score, --reward-adapter in lorakit ppo)"
         )
 
 

@@ -47,7 +47,9 @@ def check_targets_match(
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     if not targets:
-        raise ValueError(f"{path}: target_modules is missing; it names the adapted modules")
+        raise ValueError(
+            f"{path}: target_modules is missing or empty; it names the adapted modules"
+        )
     saved = config.get("modules_to_save") or []
     picked_all = set(all_linear(model, candidates)) if targets == ALL_LINEAR else set()
 

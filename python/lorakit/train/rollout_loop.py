@@ -236,22 +236,25 @@ class RolloutLoop:
             except Exception as e:  # the user's code: its error and where it arose, one line
                 raise ValueError(
                     f"step {step + 1}: the reward function raised {raised_in_user_code(e)}; "
-                    f"stopped before updating; {last_checkpoint(self.out)}"
+                    f"{self._stopped_before_update()}"
                 ) from e
             rewards = _rewards(values, len(completions))
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
         if distributed.sum_across([float(len(bad))])[0] and not bad:
             raise ValueError(
                 f"step {step + 1}: the reward function returned a non-finite value in another "
-                "process; stopped before updating"
+                f"process; {self._stopped_before_update()}"
             )
         if bad:
             raise ValueError(
                 f"step {step + 1}: the reward function returned {rewards[bad[0]].item()} for "
                 f"completion {bad[0]} ({completions[bad[0]]!r}) and {len(bad) - 1} other(s); "
-                f"stopped before updating; {last_checkpoint(self.out)}"
+                f"{self._stopped_before_update()}"
             )
         return rewards
+
+    def _stopped_before_update(self) -> str:
+        return f"stopped before updating; {last_checkpoint(self.out)}"
 
     # ---- what a subclass provides
 
