@@ -8,10 +8,12 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
 import lorakit
 from adapter_models import (
     PROJECTIONS,
+    SMALL_LLAMA,
     assert_logits_close,
     assert_unchanged,
     llama,
@@ -99,6 +101,28 @@ def test_peft_saved_target_modules_of_each_kind_load_with_the_same_logits(tmp_pa
     assert set(loaded) == wrapped
     theirs.eval()
     assert_logits_close(logits(ours, ids), logits(theirs, ids))
+
+
+def test_a_sequence_classifier_adapter_saved_by_peft_loads_with_the_same_scores(tmp_path):
+    # PEFT's SEQ_CLS task lists modules_to_save ["classifier", "score"] whatever the model has;
+    # a Llama classifier has only "score", and PEFT skips the other name.
+    config = transformers.LlamaConfig(**SMALL_LLAMA, num_labels=1, pad_token_id=0)
+    base = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, task_type="SEQ_CLS", target_modules=PROJECTIONS)
+    )
+    assert set(theirs.peft_config["default"].modules_to_save) == {"classifier", "score"}
+    with torch.no_grad():  # B off zero and a head other than the base's
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.normal_(std=0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path)
+    ids = torch.randint(1, 128, (2, 12))
+    theirs.eval()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-6)
+    assert (logits(ours, ids) - logits(base, ids)).abs().max() > 1e-3
 
 
 def test_round_trip_through_lorakit_files(tmp_path):

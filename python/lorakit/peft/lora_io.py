@@ -36,7 +36,13 @@ from lorakit.peft.inject import (
     target_names,
 )
 from lorakit.peft.target_check import check_targets_match
-from lorakit.peft.whole_modules import load_whole, saved_names, split_whole, whole_tensors
+from lorakit.peft.whole_modules import (
+    load_whole,
+    present_names,
+    saved_names,
+    split_whole,
+    whole_tensors,
+)
 
 _KEY = re.compile(rf"{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 # PEFT options that change what the files mean; lorakit refuses them rather than misread them.
@@ -109,7 +115,7 @@ def load_lora(
             weights for (:func:`~lorakit.peft.target_check.check_targets_match`).
     """
     _check_config(config, folder / CONFIG_NAME)
-    whole_names = list(config.get("modules_to_save") or [])
+    whole_names = present_names(model, list(config.get("modules_to_save") or []))
     tensors, whole = split_whole(
         model, read_tensors(folder / WEIGHTS_NAME), whole_names, folder / WEIGHTS_NAME
     )

@@ -40,6 +40,14 @@ def train_whole(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+def present_names(model: nn.Module, names: list[str]) -> list[str]:
+    """The ``names`` (an adapter config's ``modules_to_save``) that match a module of
+    ``model``. PEFT skips the others: its sequence-classification task lists both
+    ``classifier`` and ``score`` whatever the model has. Weights saved under a skipped name
+    are left over for the adapter's own checks to refuse."""
+    return [name for name in names if _matching(model, name)]
+
+
 def saved_names(model: nn.Module) -> list[str]:
     """The names :func:`train_whole` marked (PEFT's ``modules_to_save``), else empty."""
     return list(getattr(model, _ATTRIBUTE, []))
@@ -59,17 +67,14 @@ def split_whole(
     model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], path: Path
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Splits an adapter file's tensors into the adapter's and those of the modules ``names``
-    (checked against ``model``: every parameter present, shapes equal).
+    (:func:`present_names`; checked against ``model``: every parameter present, shapes equal).
 
     Raises:
-        ValueError: a name matches no module, or a module's tensors are missing or do not fit.
+        ValueError: a module's tensors are missing or do not fit.
     """
     whole: dict[str, torch.Tensor] = {}
     for name in names:
-        modules = _matching(model, name)
-        if not modules:
-            raise ValueError(f"{path}: modules_to_save {name!r} matches no module of the model")
-        for full in modules:
+        for full in _matching(model, name):
             for param, value in model.get_submodule(full).named_parameters():
                 key = f"{PREFIX}{full}.{param}"
                 if key not in tensors:
