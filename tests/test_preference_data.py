@@ -426,7 +426,7 @@ def test_completions_with_nothing_to_train_on_are_refused(tmp_path) -> None:
     bad(
         tmp_path,
         {"chosen": [USER, silent], "rejected": [USER, GREEN]},
-        "an assistant message renders to no text",
+        "the tokenizer's chat template renders no text for message 1 \\(assistant\\)",
         tok,
     )
     blank = {"role": "assistant", "content": "  "}  # text, but no token

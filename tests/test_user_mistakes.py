@@ -14,13 +14,14 @@ from transformers import LlamaConfig
 from lorakit.cli import build_parser, main
 from lorakit.config_args import build
 from lorakit.data import DataConfig
+from lorakit.data.prompts import load_prompts
 from lorakit.models.positions import check_positions
 from lorakit.models.tiny import check_width
 from lorakit.peft import IA3Config, LoraConfig
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
 from preference_helpers import pair_rows
-from sft_helpers import qa_rows, saved_model
+from sft_helpers import qa_rows, saved_model, tokenizer
 
 FAST = ["--max-steps", "2", "--batch-size", "4", "--no-progress"]
 
@@ -465,3 +466,48 @@ def test_nothing_left_to_train_on_says_what_dropped_it(tmp_path, model_dir, caps
     argv = ["dpo", "--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "o")]
     expected = f"left after filtering and the split ({path}: read 6, chosen identical to rejected"
     one_line_error(capsys, [*argv, *FAST], expected)
+
+
+# ---- chat templates that fail or render nothing ------------------------------------------------
+
+TURNS = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+NOT_JINJA = "{% for m in messages %}{{ m.content }{% endfor %}"
+REFUSES_SYSTEM = (
+    "{% for m in messages %}{% if m.role == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + TURNS
+)
+SKIPS_ASSISTANT = (
+    "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}"
+)
+SYSTEM_CHAT = [{"role": "system", "content": "one"}, {"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (NOT_JINJA, "chat template is not valid Jinja: unexpected '}'"),
+        (REFUSES_SYSTEM, "chat template fails on this conversation: System role not supported"),
+        # It trained on nothing: a loss of 0 and an adapter that learned nothing.
+        (SKIPS_ASSISTANT, "chat template renders no text for message 2 (assistant)"),
+    ],
+)
+def test_a_chat_template_that_fails_is_one_line(
+    tmp_path, model_dir, capsys, template, expected
+) -> None:
+    templated = tmp_path / "templated"
+    shutil.copytree(model_dir, templated)
+    (templated / "chat_template.jinja").write_text(template)
+    messages = [*SYSTEM_CHAT, {"role": "assistant", "content": "world"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    argv = sft(templated, str(path), tmp_path / "out", "--method", "lora", *FAST)
+    one_line_error(capsys, argv, f"{path}: row 0: the tokenizer's {expected}")
+
+
+def test_rollout_prompts_name_the_row_a_chat_template_refuses(tmp_path) -> None:
+    tok = tokenizer()
+    tok.chat_template = REFUSES_SYSTEM
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": SYSTEM_CHAT}))
+    with pytest.raises(ValueError, match=r"prompts\.jsonl: row 1: .* System role not supported"):
+        load_prompts([str(path)], tok)
