@@ -511,3 +511,24 @@ def test_rollout_prompts_name_the_row_a_chat_template_refuses(tmp_path) -> None:
     path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": SYSTEM_CHAT}))
     with pytest.raises(ValueError, match=r"prompts\.jsonl: row 1: .* System role not supported"):
         load_prompts([str(path)], tok)
+
+
+# ---- one file given twice --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "files", "expected"),
+    [
+        # Deduplication works within a file: every row trained on twice, silently.
+        ("sft", ["--data", "d.jsonl", "./d.jsonl"], "data names ./d.jsonl twice"),
+        # A validation loss over training rows, silently.
+        ("dpo", ["--data", "d.jsonl", "--val-data", "d.jsonl"], "val_data d.jsonl is also a"),
+        (
+            "grpo",
+            ["--data", "d.jsonl", "d.jsonl", "--reward-function", "r.py:f"],
+            "names d.jsonl twice",
+        ),
+    ],
+)
+def test_a_file_given_twice_is_one_line(model_dir, capsys, command, files, expected) -> None:
+    one_line_error(capsys, [command, "--model", str(model_dir), *files], expected)
