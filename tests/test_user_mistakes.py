@@ -268,6 +268,20 @@ def test_target_modules_of_another_type_are_one_line(config) -> None:
             config(target_modules=bad)
 
 
+def test_one_layer_name_as_a_yaml_string_says_it_is_a_regex(
+    tmp_path, model_dir, data, capsys
+) -> None:
+    # PEFT's rule: one string is a regular expression for the full name. The message listed
+    # 'q_proj' among the layer names without saying why 'q_proj' matched none.
+    config = write_yaml(tmp_path, "lora_target_modules: q_proj\n")
+    argv = [*sft(model_dir, data, tmp_path / "out", "--method", "lora", *FAST), "--config", config]
+    expected = (
+        "one string is a regular expression for the full name, such as "
+        "'model.layers.0.mlp.down_proj'; the list ['q_proj'] matches name endings"
+    )
+    one_line_error(capsys, argv, expected)
+
+
 def test_all_linear_trains_from_the_command_line(tmp_path, model_dir, data) -> None:
     out = tmp_path / "out"
     argv = sft(model_dir, data, out, "--method", "lora", "--lora-target-modules", "all-linear")
