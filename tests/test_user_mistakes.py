@@ -147,6 +147,31 @@ def test_yaml_values_of_the_wrong_type_name_the_option_and_file(
         assert "run.yaml" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # PyYAML kept the last value, so the file's order decided silently.
+        ("lr: 0.1\nlr: 0.2", "run.yaml: the key 'lr' is repeated (line 2)"),
+        ("lora: {r: 4, r: 8}", "run.yaml: the key 'r' is repeated (line 1)"),
+        ("train: {lr: 0.1}\nlr: 0.2", "run.yaml gives the option lr twice"),
+        ("lora-r: 4\nlora_r: 8", "run.yaml gives the option lora_r twice"),
+        ("lora: {r: 4}\nlora-r: 8", "run.yaml gives the option lora_r twice"),
+        # A value PyYAML cannot build was a bare "month must be in 1..12".
+        ("seed: 2020-13-01", "run.yaml: month must be in 1..12"),
+    ],
+)
+def test_an_option_given_twice_in_yaml_is_one_line(tmp_path, capsys, text, expected) -> None:
+    config = write_yaml(tmp_path, text + "\n")
+    one_line_error(
+        capsys, ["sft", "--model", "m", "--data", "x.jsonl", "--config", config], expected
+    )
+
+
+def test_dashed_options_nested_in_a_group_are_read_as_flat_ones(tmp_path) -> None:
+    config = write_yaml(tmp_path, "lora: {target-modules: [q_proj]}\n")
+    assert sft_config("--config", config, "--data", "a").lora.target_modules == ["q_proj"]
+
+
 # ---- numeric options: refused where the value means nothing ------------------------------------
 
 
