@@ -476,6 +476,24 @@ def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapte
     one_line_error(capsys, [*argv, "--reward-adapter", str(adapter_dir)], expected)
 
 
+@pytest.mark.parametrize(
+    ("command", "peft_type", "task_type"),
+    [("grpo", "IA3", "CAUSAL_LM"), ("grpo", "LORA", "SEQ_CLS"), ("ppo", "PREFIX_TUNING", None)],
+)
+def test_an_init_adapter_of_another_kind_is_one_line(
+    tmp_path, model_dir, capsys, command, peft_type, task_type
+) -> None:
+    # An IA3 or prefix adapter trained in the LoRA policy's place without a word.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": peft_type, "task_type": task_type}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    argv = [command, "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path / "o")]
+    argv += ["--reward-function", "r.py:f", "--init-adapter", str(adapter)]
+    expected = f"--init-adapter {adapter} holds peft_type {peft_type!r}, task_type {task_type!r}"
+    one_line_error(capsys, argv, expected)
+
+
 def test_a_reward_adapter_without_score_is_one_line(tmp_path, model_dir, adapter_dir, capsys):
     # It was ignored: a new reward model trained from the bare base instead.
     argv = ["reward", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
