@@ -359,6 +359,20 @@ def test_a_base_model_missing_weights_is_one_line(tmp_path, model_dir, data, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path, model_dir, capsys) -> None:
+    # Tokens added to the tokenizer, the model not resized: an IndexError in the first batch
+    # that held one (a device-side assert on a GPU).
+    grown = tmp_path / "grown"
+    shutil.copytree(model_dir, grown)
+    tokenizer("seven eight").save_pretrained(grown)
+    rows = [{"prompt": "what is six ?", "completion": " seven"}] * 4
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vocab = json.loads((grown / "config.json").read_text())["vocab_size"]
+    expected = f"the tokenizer of {grown} has {vocab + 2} tokens, more than the {vocab} embeddings"
+    one_line_error(capsys, sft(grown, str(path), tmp_path / "out", *FAST), expected)
+
+
 # ---- adapters with NaN, Inf or integers --------------------------------------------------------
 
 
