@@ -603,3 +603,14 @@ def test_rollout_prompts_name_the_row_a_chat_template_refuses(tmp_path) -> None:
 )
 def test_a_file_given_twice_is_one_line(model_dir, capsys, command, files, expected) -> None:
     one_line_error(capsys, [command, "--model", str(model_dir), *files], expected)
+
+
+def test_sft_on_preference_pairs_names_the_commands_that_take_them(
+    tmp_path, model_dir, capsys
+) -> None:
+    # It pointed a command-line user to a Python function.
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(4)))
+    expected = f"{path}: row 0: the rows are preference pairs (chosen / rejected): train on them "
+    expected += "with lorakit dpo or lorakit reward"
+    one_line_error(capsys, sft(model_dir, str(path), tmp_path / "out", *FAST), expected)

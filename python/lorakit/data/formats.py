@@ -52,8 +52,8 @@ def detect(row: Mapping[str, Any]) -> str:
     """The format of a row from its columns (see the module docstring)."""
     if "chosen" in row and "rejected" in row:
         raise ValueError(
-            "the rows are preference pairs (chosen / rejected): prepare them with "
-            "lorakit.data.prepare_preferences, for a reward or DPO recipe"
+            "the rows are preference pairs (chosen / rejected): train on them with lorakit dpo "
+            "or lorakit reward (in Python: lorakit.data.prepare_preferences)"
         )
     if "messages" in row:
         return "chat"
