@@ -148,6 +148,12 @@ def pair_segments(row: Mapping[str, Any], tokenizer: ChatTokenizer) -> PairSegme
     chosen, rejected = check_messages(values[1], "chosen"), check_messages(values[2], "rejected")
     if not isinstance(values[0], list):
         prompt, chosen, rejected = split_prompt(chosen, rejected)
+        if not prompt and isinstance(values[0], str):
+            raise ValueError(
+                "a string 'prompt' beside message lists is ignored (as TRL ignores it), and "
+                "'chosen' and 'rejected' share no first messages to hold the prompt: give "
+                "'prompt' as a list of messages"
+            )
     else:
         prompt = check_messages(values[0], "prompt")
     return PairSegments(*_chat_pair(prompt, chosen, rejected, tokenizer), margin)
