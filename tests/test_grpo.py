@@ -333,6 +333,10 @@ def test_a_resume_with_other_options_or_processes_is_refused(tmp_path, capsys) -
     refused(["--lr", "0.5"], "checkpoint-2 was trained with other options (train.lr")
     refused(["--group-size", "3"], "grpo.group_size 2 -> 3")
     refused(["--max-new-tokens", "4"], "sampling.max_new_tokens 3 -> 4")
+    prompts = data.read_text()
+    data.write_text(prompts.replace("one", "two"))  # the same file, other prompts
+    refused([], "checkpoint-2 was trained on other rows (a data file or the tokenizer changed")
+    data.write_text(prompts)
     state_file = out / "checkpoint-2" / "trainer.json"
     state = json.loads(state_file.read_text())
     assert state["world_size"] == 1 and state["config"]["grpo"]["group_size"] == 2

@@ -392,6 +392,8 @@ def test_a_bad_row_is_named_with_its_reason(tmp_path, row, reason) -> None:
         ({"prompt": "p0", "chosen": "c0", "rejected": [GREEN]}, "must be all strings or all"),
         ({"prompt": 3, "chosen": [BLUE], "rejected": [GREEN]}, "must be all strings or all"),
         ({"prompt": [USER], "chosen": "c0", "rejected": "d0"}, "'prompt' must be a string"),
+        # The prompt was dropped and the message said only that the two sides share none.
+        ({"prompt": "p0", "chosen": [BLUE], "rejected": [GREEN]}, "a string 'prompt' beside"),
     ],
 )
 def test_mixed_layouts_are_refused(row, reason) -> None:
@@ -426,7 +428,7 @@ def test_completions_with_nothing_to_train_on_are_refused(tmp_path) -> None:
     bad(
         tmp_path,
         {"chosen": [USER, silent], "rejected": [USER, GREEN]},
-        "an assistant message renders to no text",
+        "the tokenizer's chat template renders no text for message 1 \\(assistant\\)",
         tok,
     )
     blank = {"role": "assistant", "content": "  "}  # text, but no token

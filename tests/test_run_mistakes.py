@@ -272,6 +272,18 @@ def test_other_data_is_refused_and_no_resume_starts_afresh(
     assert state["config"]["train"]["lr"] == 1e-3
 
 
+def test_a_data_file_changed_under_its_path_is_refused(
+    checkpointed, model_dir, data, capsys
+) -> None:
+    # The options were the same, so the run continued the checkpoint's position in other rows.
+    rows = [{**r, "completion": " six"} for r in qa_rows(12)]
+    with open(data, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    expected = "checkpoint-2 was trained on other rows (a data file or the tokenizer changed since)"
+    err = one_line_error(capsys, resume(model_dir, data, checkpointed), expected)
+    assert "--no-resume" in err
+
+
 def test_options_that_cannot_change_the_result_may_change(checkpointed, model_dir, data) -> None:
     extra = ["--log-every", "2", "--keep-checkpoints", "3", "--save-every", "1", "--progress"]
     argv = run(model_dir, data, checkpointed, "--max-steps", "4", *extra)

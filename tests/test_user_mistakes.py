@@ -14,13 +14,14 @@ from transformers import LlamaConfig
 from lorakit.cli import build_parser, main
 from lorakit.config_args import build
 from lorakit.data import DataConfig
+from lorakit.data.prompts import load_prompts
 from lorakit.models.positions import check_positions
 from lorakit.models.tiny import check_width
 from lorakit.peft import IA3Config, LoraConfig
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import TrainConfig
 from preference_helpers import pair_rows
-from sft_helpers import qa_rows, saved_model
+from sft_helpers import qa_rows, saved_model, tokenizer
 
 FAST = ["--max-steps", "2", "--batch-size", "4", "--no-progress"]
 
@@ -146,6 +147,31 @@ def test_yaml_values_of_the_wrong_type_name_the_option_and_file(
         assert "run.yaml" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # PyYAML kept the last value, so the file's order decided silently.
+        ("lr: 0.1\nlr: 0.2", "run.yaml: the key 'lr' is repeated (line 2)"),
+        ("lora: {r: 4, r: 8}", "run.yaml: the key 'r' is repeated (line 1)"),
+        ("train: {lr: 0.1}\nlr: 0.2", "run.yaml gives the option lr twice"),
+        ("lora-r: 4\nlora_r: 8", "run.yaml gives the option lora_r twice"),
+        ("lora: {r: 4}\nlora-r: 8", "run.yaml gives the option lora_r twice"),
+        # A value PyYAML cannot build was a bare "month must be in 1..12".
+        ("seed: 2020-13-01", "run.yaml: month must be in 1..12"),
+    ],
+)
+def test_an_option_given_twice_in_yaml_is_one_line(tmp_path, capsys, text, expected) -> None:
+    config = write_yaml(tmp_path, text + "\n")
+    one_line_error(
+        capsys, ["sft", "--model", "m", "--data", "x.jsonl", "--config", config], expected
+    )
+
+
+def test_dashed_options_nested_in_a_group_are_read_as_flat_ones(tmp_path) -> None:
+    config = write_yaml(tmp_path, "lora: {target-modules: [q_proj]}\n")
+    assert sft_config("--config", config, "--data", "a").lora.target_modules == ["q_proj"]
+
+
 # ---- numeric options: refused where the value means nothing ------------------------------------
 
 
@@ -267,6 +293,20 @@ def test_target_modules_of_another_type_are_one_line(config) -> None:
             config(target_modules=bad)
 
 
+def test_one_layer_name_as_a_yaml_string_says_it_is_a_regex(
+    tmp_path, model_dir, data, capsys
+) -> None:
+    # PEFT's rule: one string is a regular expression for the full name. The message listed
+    # 'q_proj' among the layer names without saying why 'q_proj' matched none.
+    config = write_yaml(tmp_path, "lora_target_modules: q_proj\n")
+    argv = [*sft(model_dir, data, tmp_path / "out", "--method", "lora", *FAST), "--config", config]
+    expected = (
+        "one string is a regular expression for the full name, such as "
+        "'model.layers.0.mlp.down_proj'; the list ['q_proj'] matches name endings"
+    )
+    one_line_error(capsys, argv, expected)
+
+
 def test_all_linear_trains_from_the_command_line(tmp_path, model_dir, data) -> None:
     out = tmp_path / "out"
     argv = sft(model_dir, data, out, "--method", "lora", "--lora-target-modules", "all-linear")
@@ -317,6 +357,20 @@ def test_a_base_model_missing_weights_is_one_line(tmp_path, model_dir, data, cap
     expected = f"{partial} has no weights for {len(weights) - len(kept)} of the causal LM's"
     one_line_error(capsys, sft(partial, data, tmp_path / "o", *FAST), expected)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path, model_dir, capsys) -> None:
+    # Tokens added to the tokenizer, the model not resized: an IndexError in the first batch
+    # that held one (a device-side assert on a GPU).
+    grown = tmp_path / "grown"
+    shutil.copytree(model_dir, grown)
+    tokenizer("seven eight").save_pretrained(grown)
+    rows = [{"prompt": "what is six ?", "completion": " seven"}] * 4
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vocab = json.loads((grown / "config.json").read_text())["vocab_size"]
+    expected = f"the tokenizer of {grown} has {vocab + 2} tokens, more than the {vocab} embeddings"
+    one_line_error(capsys, sft(grown, str(path), tmp_path / "out", *FAST), expected)
 
 
 # ---- adapters with NaN, Inf or integers --------------------------------------------------------
@@ -445,6 +499,24 @@ def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapte
     one_line_error(capsys, [*argv, "--reward-adapter", str(adapter_dir)], expected)
 
 
+@pytest.mark.parametrize(
+    ("command", "peft_type", "task_type"),
+    [("grpo", "IA3", "CAUSAL_LM"), ("grpo", "LORA", "SEQ_CLS"), ("ppo", "PREFIX_TUNING", None)],
+)
+def test_an_init_adapter_of_another_kind_is_one_line(
+    tmp_path, model_dir, capsys, command, peft_type, task_type
+) -> None:
+    # An IA3 or prefix adapter trained in the LoRA policy's place without a word.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": peft_type, "task_type": task_type}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    argv = [command, "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path / "o")]
+    argv += ["--reward-function", "r.py:f", "--init-adapter", str(adapter)]
+    expected = f"--init-adapter {adapter} holds peft_type {peft_type!r}, task_type {task_type!r}"
+    one_line_error(capsys, argv, expected)
+
+
 def test_a_reward_adapter_without_score_is_one_line(tmp_path, model_dir, adapter_dir, capsys):
     # It was ignored: a new reward model trained from the bare base instead.
     argv = ["reward", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path)]
@@ -474,3 +546,80 @@ def test_nothing_left_to_train_on_says_what_dropped_it(tmp_path, model_dir, caps
     argv = ["dpo", "--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "o")]
     expected = f"left after filtering and the split ({path}: read 6, chosen identical to rejected"
     one_line_error(capsys, [*argv, *FAST], expected)
+
+
+# ---- chat templates that fail or render nothing ------------------------------------------------
+
+TURNS = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+NOT_JINJA = "{% for m in messages %}{{ m.content }{% endfor %}"
+REFUSES_SYSTEM = (
+    "{% for m in messages %}{% if m.role == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + TURNS
+)
+SKIPS_ASSISTANT = (
+    "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}"
+)
+SYSTEM_CHAT = [{"role": "system", "content": "one"}, {"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (NOT_JINJA, "chat template is not valid Jinja: unexpected '}'"),
+        (REFUSES_SYSTEM, "chat template fails on this conversation: System role not supported"),
+        # It trained on nothing: a loss of 0 and an adapter that learned nothing.
+        (SKIPS_ASSISTANT, "chat template renders no text for message 2 (assistant)"),
+    ],
+)
+def test_a_chat_template_that_fails_is_one_line(
+    tmp_path, model_dir, capsys, template, expected
+) -> None:
+    templated = tmp_path / "templated"
+    shutil.copytree(model_dir, templated)
+    (templated / "chat_template.jinja").write_text(template)
+    messages = [*SYSTEM_CHAT, {"role": "assistant", "content": "world"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    argv = sft(templated, str(path), tmp_path / "out", "--method", "lora", *FAST)
+    one_line_error(capsys, argv, f"{path}: row 0: the tokenizer's {expected}")
+
+
+def test_rollout_prompts_name_the_row_a_chat_template_refuses(tmp_path) -> None:
+    tok = tokenizer()
+    tok.chat_template = REFUSES_SYSTEM
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": SYSTEM_CHAT}))
+    with pytest.raises(ValueError, match=r"prompts\.jsonl: row 1: .* System role not supported"):
+        load_prompts([str(path)], tok)
+
+
+# ---- one file given twice --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "files", "expected"),
+    [
+        # Deduplication works within a file: every row trained on twice, silently.
+        ("sft", ["--data", "d.jsonl", "./d.jsonl"], "data names ./d.jsonl twice"),
+        # A validation loss over training rows, silently.
+        ("dpo", ["--data", "d.jsonl", "--val-data", "d.jsonl"], "val_data d.jsonl is also a"),
+        (
+            "grpo",
+            ["--data", "d.jsonl", "d.jsonl", "--reward-function", "r.py:f"],
+            "names d.jsonl twice",
+        ),
+    ],
+)
+def test_a_file_given_twice_is_one_line(model_dir, capsys, command, files, expected) -> None:
+    one_line_error(capsys, [command, "--model", str(model_dir), *files], expected)
+
+
+def test_sft_on_preference_pairs_names_the_commands_that_take_them(
+    tmp_path, model_dir, capsys
+) -> None:
+    # It pointed a command-line user to a Python function.
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(4)))
+    expected = f"{path}: row 0: the rows are preference pairs (chosen / rejected): train on them "
+    expected += "with lorakit dpo or lorakit reward"
+    one_line_error(capsys, sft(model_dir, str(path), tmp_path / "out", *FAST), expected)

@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+import yaml
+
 T = TypeVar("T")
 
 # Groups whose field names are prefixed on the command line (their names clash or are vague).
@@ -106,15 +108,33 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, required: set[str]
             )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last one,
+    so which value a config meant would be an accident of its order)."""
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(
+                    f"the key {key!r} is repeated (line {key_node.start_mark.line + 1})"
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
+    except ValueError as e:  # a repeated key, or a value PyYAML cannot build (a 13th month)
+        raise ValueError(f"{path}: {e}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} must hold a mapping of options, not a {type(loaded).__name__}")
     return loaded
@@ -124,12 +144,20 @@ def _flatten(cls: type, loaded: dict[str, Any], source: str) -> dict[str, Any]:
     leaves = {name: tp for _, name, _, tp in _leaf_fields(cls)}
     groups = {g for g, *_ in _leaf_fields(cls)}
     flat: dict[str, Any] = {}
+
+    def put(name: str, value: Any) -> None:
+        # Nested and flat, or dashed and underscored, spellings of one option: which one wins
+        # would be an accident of the file's order.
+        if name in flat:
+            raise ValueError(f"{source} gives the option {name} twice")
+        flat[name] = value
+
     for key, value in loaded.items():
         if key in groups and isinstance(value, dict):
             for sub, v in value.items():
-                flat[f"{key}_{sub}" if key in PREFIXED else sub] = v
+                put(str(f"{key}_{sub}" if key in PREFIXED else sub).replace("-", "_"), v)
         else:
-            flat[str(key).replace("-", "_")] = value
+            put(str(key).replace("-", "_"), value)
     unknown = sorted(set(flat) - set(leaves))
     if unknown:
         raise ValueError(f"{source}: unknown options {unknown}")

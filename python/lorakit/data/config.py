@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -63,9 +64,9 @@ class DataConfig:
     dedup: Dedup = field(
         default="near",
         metadata={
-            "help": "Drop rows whose text repeats an earlier row exactly (exact), or also rows "
-            "that nearly repeat one (near: MinHash estimate of word 5-gram Jaccard similarity "
-            ">= near_dup_threshold)."
+            "help": "Drop rows whose text repeats an earlier row of their file exactly (exact), "
+            "or also rows that nearly repeat one (near: MinHash estimate of word 5-gram "
+            "Jaccard similarity >= near_dup_threshold)."
         },
     )
     near_dup_threshold: float = field(
@@ -91,6 +92,7 @@ class DataConfig:
                 raise ValueError(f"mix has {len(self.mix)} shares for {len(self.data)} files")
             for share in self.mix:
                 check_number("mix shares", share, low=0, low_open=True)
+        self._check_files_distinct()
         check_number("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
         check_number("seq_len", self.seq_len, integer=True, low=2)
         check_number("near_dup_threshold", self.near_dup_threshold, low=0, high=1, low_open=True)
@@ -100,4 +102,19 @@ class DataConfig:
             raise ValueError(
                 f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}: "
                 "every row would be dropped"
+            )
+
+    def _check_files_distinct(self) -> None:
+        # Deduplication works within each file, so a file named twice would train on each of
+        # its rows twice, and a validation file that is also training data measures nothing new.
+        seen: set[str] = set()
+        for path in self.data:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise ValueError(f"data names {path} twice: each of its rows would count twice")
+            seen.add(real)
+        if self.val_data is not None and os.path.realpath(self.val_data) in seen:
+            raise ValueError(
+                f"val_data {self.val_data} is also a training file: validation would score rows "
+                "the model trains on"
             )

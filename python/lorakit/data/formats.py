@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
+from jinja2 import TemplateError, TemplateSyntaxError
+
 Format = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 FORMATS: tuple[str, ...] = ("auto", "chat", "alpaca", "prompt_completion", "text")
 Segment = tuple[str, bool]  # (text, trained on)
@@ -50,8 +52,8 @@ def detect(row: Mapping[str, Any]) -> str:
     """The format of a row from its columns (see the module docstring)."""
     if "chosen" in row and "rejected" in row:
         raise ValueError(
-            "the rows are preference pairs (chosen / rejected): prepare them with "
-            "lorakit.data.prepare_preferences, for a reward or DPO recipe"
+            "the rows are preference pairs (chosen / rejected): train on them with lorakit dpo "
+            "or lorakit reward (in Python: lorakit.data.prepare_preferences)"
         )
     if "messages" in row:
         return "chat"
@@ -97,6 +99,27 @@ def check_messages(messages: Any, name: str = "messages") -> list[dict[str, str]
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def render_chat(
+    messages: list[dict[str, str]], tokenizer: ChatTokenizer, generation_prompt: bool
+) -> str:
+    """``messages`` rendered with the tokenizer's chat template, as text.
+
+    Raises:
+        ValueError: the template does not parse, or refuses the conversation (templates raise
+            for roles they do not support, e.g. a system turn, or turns that do not alternate).
+    """
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateSyntaxError as e:
+        raise ValueError(
+            f"the tokenizer's chat template is not valid Jinja: {e} (line {e.lineno})"
+        ) from None
+    except TemplateError as e:
+        raise ValueError(f"the tokenizer's chat template fails on this conversation: {e}") from None
+
+
 def _chat_builtin(messages: list[dict[str, str]], eos: str) -> list[Segment]:
     segments: list[Segment] = []
     for m in messages:
@@ -115,9 +138,7 @@ def _chat_template(messages: list[dict[str, str]], tokenizer: ChatTokenizer) -> 
     # and the conversation before it with the generation prompt: the template's own markup for
     # the turn's end is trained on (so the model learns to stop), its header is not.
     def render(upto: int, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-        )
+        return render_chat(messages[:upto], tokenizer, generation_prompt)
 
     segments: list[Segment] = []
     done = ""
@@ -129,6 +150,10 @@ def _chat_template(messages: list[dict[str, str]], tokenizer: ChatTokenizer) -> 
             raise ValueError(
                 "the tokenizer's chat template does not render conversations as growing "
                 "prefixes, so assistant turns cannot be located; use a prompt/completion file"
+            )
+        if through == prefix:
+            raise ValueError(
+                f"the tokenizer's chat template renders no text for message {i} (assistant)"
             )
         segments += [(prefix[len(done) :], False), (through[len(prefix) :], True)]
         done = through

@@ -103,8 +103,6 @@ def _chat_pair(
         messages = prompt + completion
         segments = chat_segments(messages, tokenizer)
         trained = [i for i, (_, t) in enumerate(segments) if t]
-        if len(trained) != sum(m["role"] == "assistant" for m in messages):
-            raise ValueError("an assistant message renders to no text with this chat template")
         # Segments before the completion's first assistant turn form the prompt; assistant turns
         # inside the prompt are context here, not trained on.
         cut = trained[assistant_turns]
@@ -150,6 +148,12 @@ def pair_segments(row: Mapping[str, Any], tokenizer: ChatTokenizer) -> PairSegme
     chosen, rejected = check_messages(values[1], "chosen"), check_messages(values[2], "rejected")
     if not isinstance(values[0], list):
         prompt, chosen, rejected = split_prompt(chosen, rejected)
+        if not prompt and isinstance(values[0], str):
+            raise ValueError(
+                "a string 'prompt' beside message lists is ignored (as TRL ignores it), and "
+                "'chosen' and 'rejected' share no first messages to hold the prompt: give "
+                "'prompt' as a list of messages"
+            )
     else:
         prompt = check_messages(values[0], "prompt")
     return PairSegments(*_chat_pair(prompt, chosen, rejected, tokenizer), margin)

@@ -22,6 +22,7 @@ from lorakit.data.formats import (
     ChatTokenizer,
     RowError,
     check_messages,
+    render_chat,
     text_field,
 )
 from lorakit.data.load import load_rows
@@ -42,7 +43,7 @@ class Prompt:
 def render_messages(messages: list[dict[str, str]], tokenizer: ChatTokenizer) -> str:
     """The conversation rendered up to where the assistant's answer begins."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(messages, tokenizer, generation_prompt=True)
     turns = (
         BUILTIN_CHAT_TEMPLATE.format(role=m["role"], content=m["content"], end="") for m in messages
     )

@@ -93,9 +93,22 @@ def find_targets(
     matched = [n for n, _ in model.named_modules() if n and matches_targets(n, target_modules)]
     if not matched:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in adaptable})
+        # PEFT's rule: a string is a regular expression for the whole name, so 'q_proj' alone
+        # matches no layer although the list ['q_proj'] matches every q_proj.
+        regex = ""
+        if (
+            adaptable
+            and isinstance(target_modules, str)
+            and re.fullmatch(r"[\w.]+", target_modules)
+        ):
+            deepest = min(adaptable, key=lambda n: (-n.count("."), n))
+            regex = (
+                f" (one string is a regular expression for the full name, such as {deepest!r}; "
+                f"the list ['{target_modules}'] matches name endings)"
+            )
         raise ValueError(
             f"target_modules {target_modules!r} match no module of "
-            f"{type(model).__name__}; its linear layers are named {leaf_names}"
+            f"{type(model).__name__}; its linear layers are named {leaf_names}{regex}"
         )
     wrong = [n for n in matched if n not in adaptable]
     if wrong:

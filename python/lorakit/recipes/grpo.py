@@ -23,6 +23,7 @@ from lorakit.data.prompts import Prompt, load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import load_model, load_tokenizer
 from lorakit.peft import AdapterReport, load_adapter
+from lorakit.peft.files import CONFIG_NAME, read_json
 from lorakit.peft.inject import count_parameters
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
 from lorakit.train import distributed, out_dir
@@ -90,6 +91,27 @@ def load_reward_function(spec: str) -> RewardFunction:
     return function
 
 
+def check_init_adapter(options: InitOptions) -> None:
+    """Refuses an ``--init-adapter`` that is no causal LM's LoRA adapter: another method's
+    adapter would train in the LoRA policy's place, and a reward adapter's score head has no
+    place on a causal LM.
+
+    Raises:
+        FileNotFoundError: the adapter folder has no ``adapter_config.json``.
+        ValueError: naming the folder and what it holds.
+    """
+    if not options.init_adapter:
+        return
+    config = read_json(Path(options.init_adapter) / CONFIG_NAME)
+    kind, task = config.get("peft_type"), config.get("task_type")
+    if kind != "LORA" or task not in (None, "CAUSAL_LM"):
+        raise ValueError(
+            f"--init-adapter {options.init_adapter} holds peft_type {kind!r}, task_type "
+            f"{task!r}; the policy continues a causal LM's LoRA adapter (peft_type 'LORA', as "
+            "lorakit sft --method lora or qlora writes)"
+        )
+
+
 def _check(config: GRPOConfig) -> None:
     if config.model.method not in METHODS:
         raise ValueError(
@@ -98,6 +120,7 @@ def _check(config: GRPOConfig) -> None:
         )
     if not config.grpo.reward_function:
         raise ValueError("missing --reward-function (module:function)")
+    check_init_adapter(config.init)
 
 
 def prepare_policy(model: nn.Module, config: GRPOConfig) -> AdapterReport:

@@ -31,7 +31,13 @@ from lorakit.models.heads import (
 )
 from lorakit.recipes import reward as reward_recipe
 from lorakit.recipes.common import RunConfig, result_path, save_result
-from lorakit.recipes.grpo import METHODS, GRPOResult, InitOptions, load_reward_function
+from lorakit.recipes.grpo import (
+    METHODS,
+    GRPOResult,
+    InitOptions,
+    check_init_adapter,
+    load_reward_function,
+)
 from lorakit.recipes.grpo import prepare_policy as prepare_grpo_policy
 from lorakit.train import distributed, out_dir
 from lorakit.train.ppo import PPOOptions, PPOTrainer
@@ -57,6 +63,7 @@ def _check_method(config: PPOConfig) -> None:
 
 def _check(config: PPOConfig) -> None:
     _check_method(config)
+    check_init_adapter(config.init)
     opts = config.ppo
     if bool(opts.reward_function) == bool(opts.reward_adapter or opts.reward_model):
         raise ValueError(

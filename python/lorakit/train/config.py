@@ -82,8 +82,8 @@ class TrainConfig:
         default=True,
         metadata={
             "help": "Continue from the latest checkpoint in out, if there is one (refused if an "
-            "option that changes the result differs from the checkpoint's); --no-resume starts "
-            "afresh and deletes out's checkpoints."
+            "option that changes the result, or the rows the data files give, differ from the "
+            "checkpoint's); --no-resume starts afresh and deletes out's checkpoints."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data order, dropout and init."})

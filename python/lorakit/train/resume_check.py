@@ -16,6 +16,10 @@ An option the checkpoint does not store at all (one added to lorakit after it wa
 taken to have had its default (:func:`option_defaults`), so a run resumed by a newer lorakit is
 refused only when the new option is set to something else.
 
+The rows themselves are compared too, by :func:`data_digest`: a data file rewritten under the
+same path (or another tokenizer) would give a run that continues the checkpoint's position in
+other rows.
+
 Everything else is compared, including ``max_steps`` and ``epochs`` (they set the length of the
 learning-rate schedule, so a longer run is not the shorter one continued) and ``eval_every`` /
 ``patience`` (they decide when early stopping ends the run). To train on with other options,
@@ -25,8 +29,9 @@ start afresh with ``--no-resume``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +96,31 @@ def changed_options(
     return changed
 
 
+def data_digest(*row_sets: Sequence[Any]) -> str:
+    """SHA-256 of the rows a run takes (prepared rows or prompts: dataclasses of lists, numbers
+    and strings, whose ``repr`` is exact), set by set and in order."""
+    digest = hashlib.sha256()
+    for rows in row_sets:
+        digest.update(f"{len(rows)} rows\n".encode())
+        for row in rows:
+            digest.update(repr(row).encode())
+            digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def check_resume(
     path: Path,
     stored: dict[str, Any],
     run_config: dict[str, Any],
     defaults: Mapping[str, Any],
     world_size: int,
+    data: str,
 ) -> None:
     """Refuses to resume from checkpoint ``path`` (its trainer state ``stored``) a run with other
     options (:func:`changed_options` against ``run_config``, options newer than the checkpoint
-    taken at their ``defaults``) or another number of processes (the data each rank takes and
-    its random stream depend on it).
+    taken at their ``defaults``), another number of processes (the data each rank takes and
+    its random stream depend on it) or other rows (``data``, a :func:`data_digest`; checkpoints
+    written before they stored one are not compared).
 
     Raises:
         ValueError: naming the checkpoint and every difference.
@@ -117,4 +136,9 @@ def check_resume(
         raise ValueError(
             f"{path} was trained with other options ({'; '.join(changed)}): rerun with the "
             "same options, or start afresh with --no-resume"
+        )
+    if stored.get("data", data) != data:
+        raise ValueError(
+            f"{path} was trained on other rows (a data file or the tokenizer changed since): "
+            "rerun on the same data, or start afresh with --no-resume"
         )

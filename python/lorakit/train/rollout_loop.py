@@ -32,7 +32,12 @@ from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
-from lorakit.train.resume_check import check_resume, option_defaults, stored_options
+from lorakit.train.resume_check import (
+    check_resume,
+    data_digest,
+    option_defaults,
+    stored_options,
+)
 from lorakit.train.schedule import scheduler
 from lorakit.train.trainer import Diverged, Interrupted, TrainResult, last_checkpoint
 from lorakit.user_code import raised_in_user_code
@@ -167,6 +172,7 @@ class RolloutLoop:
         self.sampling, self.reward, self.kl_warn = sampling, reward, kl_warn
         self.trained = model if trained is None else trained
         self.prompts = RowBatches(list(prompts), config.batch_size, list, config.seed)
+        self.data_digest = data_digest(self.prompts.rows)
         self.out = Path(config.out)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -345,7 +351,8 @@ class RolloutLoop:
             stored = {**stored, "config": {"train": stored.get("config", {})}}
             stored.setdefault("world_size", distributed.world_size())
             current = {"train": current["train"]}
-        check_resume(path, stored, current, self.option_defaults, distributed.world_size())
+        world = distributed.world_size()
+        check_resume(path, stored, current, self.option_defaults, world, self.data_digest)
         state = checkpoint.load(path, self.trained, self.optimizer, distributed.rank())
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))
@@ -360,6 +367,7 @@ class RolloutLoop:
             "world_size": distributed.world_size(),
             "scheduler": self.scheduler.state_dict(),
             "config": self.run_config,
+            "data": self.data_digest,
             self.kind: self.options_state(),
             "extra": self.extra_state(),
         }

@@ -24,7 +24,12 @@ from lorakit.train.batches import Batch, RowBatches
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import MetricsLog, peak_memory_mib, plot_metrics, read, rewrite
 from lorakit.train.objective import Objective
-from lorakit.train.resume_check import check_resume, option_defaults, stored_options
+from lorakit.train.resume_check import (
+    check_resume,
+    data_digest,
+    option_defaults,
+    stored_options,
+)
 from lorakit.train.schedule import scheduler
 
 # torch 2.14 renamed DDP's broadcast_buffers (the old name now warns); the lent GPU machines
@@ -132,6 +137,9 @@ class Trainer:
         self.option_defaults = option_defaults(options)
         self.train_batches = train
         self.val_batches = val if val is not None and val.rows else None
+        self.data_digest = data_digest(
+            train.rows, self.val_batches.rows if self.val_batches else []
+        )
         self.out = Path(config.out)
         self.device = next(model.parameters()).device
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -257,7 +265,9 @@ class Trainer:
                 checkpoint.remove_all(self.out)
             return {"step": 0, "best_val": None, "bad_evals": 0}
         stored = checkpoint.read_state(path)
-        check_resume(path, stored, self.run_config, self.option_defaults, self.world)
+        check_resume(
+            path, stored, self.run_config, self.option_defaults, self.world, self.data_digest
+        )
         if self.fsdp:
             sharded_checkpoint.load(path, self.model, self.optimizer)
             checkpoint.load_rng(path, self.rank)
@@ -284,6 +294,7 @@ class Trainer:
             "world_size": self.world,
             "scheduler": self.scheduler.state_dict(),
             "config": self.run_config,
+            "data": self.data_digest,
         }
         rng = distributed.gather_to_main(checkpoint.rng_state())
         if self.fsdp:
