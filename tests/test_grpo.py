@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from lorakit.cli import main
 from lorakit.data.prompts import load_prompts
 from lorakit.generation import SamplingOptions, sample
-from lorakit.models import ModelConfig
-from lorakit.peft import disable_adapters
+from lorakit.models import ModelConfig, load_model
+from lorakit.nn import NF4Linear
+from lorakit.peft import LoraConfig, apply_lora, disable_adapters, save_adapter
 from lorakit.recipes import grpo
 from lorakit.train import Diverged, TrainConfig
 from lorakit.train.grpo import GRPOOptions, GRPOTrainer
@@ -34,7 +35,7 @@ from rl_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     policy,
     records,
 )
-from sft_helpers import tokenizer
+from sft_helpers import saved_model, tokenizer
 
 # A reward module whose function scores every completion 1.
 SCORE_ONE = "def score(prompts, completions):\n    return [1.0 for _ in completions]\n"
@@ -396,3 +397,25 @@ def test_a_diverging_rl_run_stops_in_one_line(tmp_path, capsys) -> None:
         assert main([command, *common, "--out", str(tmp_path / command)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "training diverged: " in err[0] and message in err[0], err
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_an_init_adapter_continues_on_the_base_it_was_trained_on(tmp_path, method) -> None:
+    # lorakit sft --method qlora trains its adapter against the NF4 base: continued on the dense
+    # one, the policy would start as another model than the one SFT left.
+    model_dir = saved_model(tmp_path / "model")
+    trained = load_model(ModelConfig(model=str(model_dir)))
+    apply_lora(trained, LoraConfig(r=4, quantize="nf4" if method == "qlora" else None))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    adapter = save_adapter(trained, tmp_path / "adapter")
+    policy = load_model(ModelConfig(model=str(model_dir)))
+    options = grpo.InitOptions(init_adapter=str(adapter))
+    grpo.prepare_policy(policy, grpo.GRPOConfig(model=ModelConfig(method=method), init=options))
+    bases = [m.base for n, m in policy.named_modules() if n.endswith("q_proj")]
+    assert all(isinstance(b, NF4Linear) == (method == "qlora") for b in bases)
+    ids = torch.randint(0, 20, (2, 6))  # the word tokenizer's vocabulary
+    with torch.no_grad():
+        torch.testing.assert_close(policy(ids).logits, trained(ids).logits, rtol=0, atol=0)

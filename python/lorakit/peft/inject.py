@@ -262,6 +262,16 @@ def frozen_base(
     return base
 
 
+def quantize_layers(
+    model: nn.Module, targets: list[str], blocksize: int, double_quant: bool
+) -> None:
+    """Puts the NF4 copy of each layer ``targets`` names in its place (QLoRA's frozen base),
+    so that an adapter loaded afterwards wraps the quantized layer."""
+    for target in targets:
+        base = frozen_base(model.get_submodule(target), "nf4", blocksize, double_quant)
+        replace_module(model, target, base)
+
+
 def check_can_add(
     target: str, layer: LoRALinear | IA3Linear, name: str, quantize: str | None
 ) -> None:

@@ -23,8 +23,9 @@ from lorakit.data.prompts import Prompt, load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import load_model, load_tokenizer
 from lorakit.peft import AdapterReport, load_adapter
+from lorakit.peft.config import normalize_targets
 from lorakit.peft.files import CONFIG_NAME, read_json
-from lorakit.peft.inject import count_parameters
+from lorakit.peft.inject import count_parameters, find_targets, quantize_layers
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
 from lorakit.train import distributed, out_dir
 from lorakit.train.grpo import GRPOOptions, GRPOTrainer, RewardFunction
@@ -43,7 +44,8 @@ class InitOptions:
         default="",
         metadata={
             "help": "Continue this LoRA adapter (e.g. lorakit sft's out/adapter) instead of a "
-            "new one, on the base as loaded (not quantized); the reference is the base without it."
+            "new one: on the base in NF4 with --method qlora (as lorakit sft --method qlora "
+            "trained it), as loaded with --method lora; the reference is that base without it."
         },
     )
 
@@ -126,9 +128,14 @@ def _check(config: GRPOConfig) -> None:
 def prepare_policy(model: nn.Module, config: GRPOConfig) -> AdapterReport:
     """Makes ``model`` a trainable policy: a new adapter (``config.model.method``) or the one
     ``--init-adapter`` names, loaded trainable."""
-    if not config.init.init_adapter:
+    folder = config.init.init_adapter
+    if not folder:
         return make_trainable(model, config)
-    load_adapter(model, config.init.init_adapter, trainable=True)
+    if config.model.method == "qlora":  # the layers it adapts in NF4, as a new adapter's are
+        targets = normalize_targets(read_json(Path(folder) / CONFIG_NAME).get("target_modules"))
+        lora = config.lora
+        quantize_layers(model, find_targets(model, targets), lora.blocksize, lora.double_quant)
+    load_adapter(model, folder, trainable=True)
     trainable, total = count_parameters(model)
     return AdapterReport([], trainable, total)
 
