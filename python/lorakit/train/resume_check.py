@@ -28,6 +28,7 @@ start afresh with ``--no-resume``.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import json
@@ -97,15 +98,36 @@ def changed_options(
 
 
 def data_digest(*row_sets: Sequence[Any]) -> str:
-    """SHA-256 of the rows a run takes (prepared rows or prompts: dataclasses of lists, numbers
-    and strings, whose ``repr`` is exact), set by set and in order."""
+    """SHA-256 of the rows a run takes (prepared rows, pairs or prompts), set by set and in
+    order."""
     digest = hashlib.sha256()
     for rows in row_sets:
         digest.update(f"{len(rows)} rows\n".encode())
         for row in rows:
-            digest.update(repr(row).encode())
-            digest.update(b"\n")
+            _hash_value(digest, row)
     return digest.hexdigest()
+
+
+def _hash_value(digest: Any, value: Any) -> None:
+    """Feeds ``value`` to ``digest``: a dataclass field by field, a list of token ids as
+    64-bit integers (3x faster than its ``repr``), anything else (numbers, strings, messages)
+    by its ``repr``, which is exact for them. Each part is framed by its kind and length."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(f"{type(value).__name__}(".encode())
+        for field in dataclasses.fields(value):
+            _hash_value(digest, getattr(value, field.name))
+        digest.update(b")")
+        return
+    if isinstance(value, list):
+        try:
+            ids = array.array("q", value).tobytes()
+        except (TypeError, OverflowError):
+            pass
+        else:
+            digest.update(f"ids {len(value)}:".encode() + ids)
+            return
+    text = repr(value).encode()
+    digest.update(f"{len(text)}:".encode() + text)
 
 
 def check_resume(
