@@ -359,18 +359,26 @@ def test_a_base_model_missing_weights_is_one_line(tmp_path, model_dir, data, cap
     assert not (tmp_path / "o").exists()
 
 
-def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path, model_dir, capsys) -> None:
+def test_tokens_past_the_embeddings_are_one_line(tmp_path, model_dir, capsys) -> None:
     # Tokens added to the tokenizer, the model not resized: an IndexError in the first batch
-    # that held one (a device-side assert on a GPU).
+    # that held one (a device-side assert on a GPU). Unused, they are harmless (Gemma 3's
+    # tokenizer lists an image token past its text model's embeddings).
     grown = tmp_path / "grown"
     shutil.copytree(model_dir, grown)
-    tokenizer("seven eight").save_pretrained(grown)
-    rows = [{"prompt": "what is six ?", "completion": " seven"}] * 4
-    path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grown_tokenizer = tokenizer()
+    grown_tokenizer.add_tokens(["seven", "eight"])  # ids past the model's embeddings
+    grown_tokenizer.save_pretrained(grown)
     vocab = json.loads((grown / "config.json").read_text())["vocab_size"]
-    expected = f"the tokenizer of {grown} has {vocab + 2} tokens, more than the {vocab} embeddings"
-    one_line_error(capsys, sft(grown, str(path), tmp_path / "out", *FAST), expected)
+    for name, completion in (("unused", " six"), ("used", " seven")):
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"prompt": "what is five ?", "completion": completion}] * 4
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv = sft(grown, str(path), tmp_path / name, *FAST)
+        if name == "unused":
+            assert main(argv) == 0
+        else:
+            expected = f"the data holds token id {vocab}, but the model has only {vocab} input"
+            one_line_error(capsys, argv, expected)
 
 
 # ---- adapters with NaN, Inf or integers --------------------------------------------------------

@@ -122,35 +122,11 @@ def load_tokenizer(config: ModelConfig) -> Any:
 
     path = model_dir(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except StrictDataclassError as e:
         raise _invalid_config(path, e) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
-    _check_vocab(path, len(tokenizer))
-    return tokenizer
-
-
-def _check_vocab(path: Path, tokens: int) -> None:
-    """Refuses a tokenizer with more tokens than the model has embeddings (tokens added without
-    resizing the model): their ids would index past the embedding table, an IndexError on the
-    CPU and a device-side assert on a GPU, at the first batch that holds one."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except StrictDataclassError as e:
-        raise _invalid_config(path, e) from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a model configuration from {path}: {e}") from None
-    vocab = getattr(model_config.get_text_config(), "vocab_size", None)
-    if isinstance(vocab, int) and tokens > vocab:
-        raise ValueError(
-            f"the tokenizer of {path} has {tokens} tokens, more than the {vocab} embeddings of "
-            "its model (vocab_size in config.json): resize the model's embeddings to the "
-            "tokenizer (resize_token_embeddings) and save it, or use the model's own tokenizer"
-        )
 
 
 def _invalid_config(path: Path, error: Exception) -> ValueError:

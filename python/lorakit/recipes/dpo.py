@@ -26,6 +26,7 @@ from lorakit.losses import DPOLossType
 from lorakit.losses.dpo import check_options
 from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.models.positions import check_positions
+from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
 from lorakit.recipes.common import (
@@ -153,6 +154,8 @@ def train(
     """Trains a ``model`` that :func:`make_trainable` prepared (``report``) with DPO on
     ``data`` (prepared from ``config.data``) and saves it."""
     check_positions(model, map(len, (*data.train, *data.val)))
+    check_token_ids(model, (p.chosen.input_ids for p in (*data.train, *data.val)))
+    check_token_ids(model, (p.rejected.input_ids for p in (*data.train, *data.val)))
     pad = pad_id(tokenizer)
     options = config.dpo
     loss: dict[str, Any] = {

@@ -33,6 +33,7 @@ from lorakit.models import check_trained_head, load_sequence_classifier, load_to
 from lorakit.models.heads import check_reward_adapter
 from lorakit.models.loading import SCORE_HEAD
 from lorakit.models.positions import check_positions
+from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
 from lorakit.peft.whole_modules import train_whole
@@ -125,6 +126,8 @@ def train(
     """Trains a reward model from :func:`untrained` on ``data`` (prepared from ``config.data``)
     and saves it."""
     check_positions(model, map(len, (*data.train, *data.val)))
+    check_token_ids(model, (p.chosen.input_ids for p in (*data.train, *data.val)))
+    check_token_ids(model, (p.rejected.input_ids for p in (*data.train, *data.val)))
     pairs = partial(collate_pairs, pad_id=pad_id(tokenizer))
     objective = RewardObjective(config.reward.center_coefficient, config.reward.use_margin)
     return train_and_save(

@@ -12,6 +12,7 @@ from torch import nn
 from lorakit.data import PreparedData, collate, prepare
 from lorakit.models import load_model, load_tokenizer, pad_id
 from lorakit.models.positions import check_positions
+from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport
 from lorakit.recipes.common import (
     RunConfig,
@@ -35,6 +36,7 @@ def train_causal_lm(
     prediction over ``data`` (prepared from ``config.data``); saves the result."""
     packed = (*data.train, *data.val)
     check_positions(model, (row.position_ids[-1] + 1 for row in packed if row.position_ids))
+    check_token_ids(model, (row.input_ids for row in packed))
     pad = pad_id(tokenizer)
     rows = partial(collate, pad_id=pad)
     return train_and_save(

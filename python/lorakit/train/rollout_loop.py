@@ -27,6 +27,7 @@ from lorakit.data.prompts import Prompt
 from lorakit.generation import NonFiniteLogits, Rollout, SamplingOptions, sample
 from lorakit.models.modes import evaluating
 from lorakit.models.positions import check_generation, position_limit
+from lorakit.models.vocab import check_token_ids
 from lorakit.optim import AdamW
 from lorakit.train import checkpoint, distributed
 from lorakit.train.batches import RowBatches
@@ -178,20 +179,23 @@ class RolloutLoop:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("the tokenizer needs an EOS and a pad token to sample completions")
-        self._check_positions(prompts)
+        self._check_prompts(prompts)
         _check_reward_call(reward, list(prompts[0].columns) if prompts else [])
         self.optimizer = optimizer
         self.total_steps = max(1, config.max_steps or math.ceil(config.epochs * len(self.prompts)))
         updates = self.total_steps * updates_per_step
         self.scheduler = scheduler(self.optimizer, config.schedule, updates, config.warmup)
 
-    def _check_positions(self, prompts: Sequence[Prompt]) -> None:
+    def _check_prompts(self, prompts: Sequence[Prompt]) -> None:
         """Refuses, before any step, a prompt whose completion could run past the model's
-        positions (``sample`` would refuse it only when its batch comes)."""
-        if not prompts or position_limit(self.model) is None:
+        positions or that holds a token the model has no embedding for (``sample`` would fail
+        only when its batch comes)."""
+        if not prompts:
             return
         encoded = self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
-        check_generation(self.model, max(map(len, encoded)), self.sampling.max_new_tokens)
+        check_token_ids(self.model, encoded)
+        if position_limit(self.model) is not None:
+            check_generation(self.model, max(map(len, encoded)), self.sampling.max_new_tokens)
 
     # ---- sampling and scoring
 
