@@ -136,6 +136,20 @@ def test_resumed_run_repeats_the_uninterrupted_losses(
         assert stored.stat().st_mtime_ns == written
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_a_resume_on_other_pairs_is_refused(base, tmp_path, precompute) -> None:
+    # With the reference precomputed the Trainer's rows are indices into the pairs: the pairs,
+    # not the indices, must be what the checkpoint remembers.
+    rows = pair_rows(16)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    options = {"max_steps": 2, "save_every": 2, "precompute_ref": precompute}
+    dpo.run(config(base, data, tmp_path / "out", **options))
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    write_jsonl(tmp_path / "pairs.jsonl", swapped)  # as many pairs, each the other way round
+    with pytest.raises(ValueError, match="checkpoint-2 was trained on other rows"):
+        dpo.run(config(base, data, tmp_path / "out", **options))
+
+
 def test_precomputed_reference_equals_the_per_step_reference(base, data, tmp_path) -> None:
     on_the_fly = dpo.run(config(base, data, tmp_path / "a", max_steps=3))
     stored = dpo.run(config(base, data, tmp_path / "b", max_steps=3, precompute_ref=True))

@@ -105,10 +105,11 @@ def train_and_save(
     val: RowBatches[Any],
     report: AdapterReport,
     data_report: object,
+    rows_digest: str | None = None,
 ) -> RunResult:
     """Trains a model that :func:`make_trainable` prepared on ``objective`` and saves the result
     (under torchrun rank 0 saves; every rank returns the path). ``data_report`` is printed first
-    when progress is shown."""
+    when progress is shown; ``rows_digest`` goes to the :class:`~lorakit.train.Trainer`."""
     if config.train.progress and distributed.is_main():
         print(data_report)
         bf16 = precision.describe(config.train.autocast, next(model.parameters()).device)
@@ -116,7 +117,7 @@ def train_and_save(
             print(bf16)
     # The lock spans training and saving, so no other run writes out between them.
     with out_dir.claim(Path(config.train.out)):
-        trainer = Trainer(model, config.train, objective, train, val, config)
+        trainer = Trainer(model, config.train, objective, train, val, config, rows_digest)
         result = trainer.fit()
         # Under FSDP every rank gathers the trained parameters; rank 0 writes them once.
         with fsdp.whole_trainable(model):

@@ -11,7 +11,6 @@ so that the reference is the SFT model.
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,6 +38,7 @@ from lorakit.recipes.common import (
 from lorakit.train import RowBatches, distributed, out_dir
 from lorakit.train.batches import Batch
 from lorakit.train.objectives.dpo import ADAPTERS_OFF, PRECOMPUTED, DPOObjective
+from lorakit.train.resume_check import data_digest
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -81,14 +81,6 @@ class DPOConfig(RunConfig):
     dpo: DPOOptions = field(default_factory=DPOOptions)
 
 
-def _fingerprint(pairs: list[Pair]) -> str:
-    digest = hashlib.sha256()
-    for p in pairs:
-        for ids in (p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels):
-            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def _reference_table(
     objective: DPOObjective, model: nn.Module, pairs: list[Pair], pad: int, size: int
@@ -111,7 +103,7 @@ def precomputed_reference(
     adapters disabled (or, fully fine-tuned, as it is before training), or read back from
     ``out/reference_logps.safetensors`` when that file was written for the same pairs."""
     path = Path(config.train.out) / REFERENCE_FILE
-    fingerprint = {"train": _fingerprint(train), "val": _fingerprint(val)}
+    fingerprint = {"train": data_digest(train), "val": data_digest(val)}
     if config.train.resume and path.is_file():
         stored = read_tensors(path, weights=False)  # the fingerprints are bytes
         meta = {k: bytes(stored.pop(f"{k}_fingerprint").tolist()).decode() for k in fingerprint}
@@ -180,7 +172,11 @@ def train(
             objective = DPOObjective(reference, **loss)
             pairs = partial(collate_pairs, pad_id=pad)
             train, val = batches(config, data.train, pairs), batches(config, data.val, pairs)
-        return train_and_save(model, tokenizer, config, objective, train, val, report, data.report)
+        # With the reference precomputed the batches hold indices: the pairs are the data.
+        digest = data_digest(data.train, data.val)
+        return train_and_save(
+            model, tokenizer, config, objective, train, val, report, data.report, digest
+        )
 
 
 def run(config: DPOConfig) -> RunResult:

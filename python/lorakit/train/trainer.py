@@ -118,6 +118,9 @@ class Trainer:
         run_config: every option of the run, a dataclass (a recipe's config; default
             ``config``), stored in each checkpoint: a resume with other options is refused
             (see :func:`lorakit.train.resume_check.check_resume`).
+        rows_digest: the :func:`~lorakit.train.resume_check.data_digest` of the data the
+            batches come from, also stored and compared on resume; default: of ``train``'s and
+            ``val``'s rows (give it where those are indices into the data).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Trainer:
         train: RowBatches[Any],
         val: RowBatches[Any] | None = None,
         run_config: Any = None,
+        rows_digest: str | None = None,
     ) -> None:
         if not train.rows:
             raise ValueError("no training rows")
@@ -137,7 +141,7 @@ class Trainer:
         self.option_defaults = option_defaults(options)
         self.train_batches = train
         self.val_batches = val if val is not None and val.rows else None
-        self.data_digest = data_digest(
+        self.data_digest = rows_digest or data_digest(
             train.rows, self.val_batches.rows if self.val_batches else []
         )
         self.out = Path(config.out)
