@@ -302,6 +302,7 @@ def test_writes_are_atomic(saved, monkeypatch):
     assert sorted(p.name for p in saved.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "lorakit_base.json",
     ]
 
 

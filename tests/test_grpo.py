@@ -405,7 +405,9 @@ def test_an_init_adapter_continues_on_the_base_it_was_trained_on(tmp_path, metho
     # one, the policy would start as another model than the one SFT left.
     model_dir = saved_model(tmp_path / "model")
     trained = load_model(ModelConfig(model=str(model_dir)))
-    apply_lora(trained, LoraConfig(r=4, quantize="nf4" if method == "qlora" else None))
+    # Blocks of 32, not the policy's default 64: the record in the adapter says how to quantize.
+    quantize = "nf4" if method == "qlora" else None
+    apply_lora(trained, LoraConfig(r=4, quantize=quantize, blocksize=32))
     with torch.no_grad():
         for name, p in trained.named_parameters():
             if "lora_B" in name:
@@ -419,3 +421,6 @@ def test_an_init_adapter_continues_on_the_base_it_was_trained_on(tmp_path, metho
     ids = torch.randint(0, 20, (2, 6))  # the word tokenizer's vocabulary
     with torch.no_grad():
         torch.testing.assert_close(policy(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    other = "lora" if method == "qlora" else "qlora"
+    with pytest.raises(ValueError, match=f"continue it with --method {method}, not --method"):
+        grpo.check_init_adapter(options, other)

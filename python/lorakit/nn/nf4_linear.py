@@ -123,15 +123,25 @@ class NF4Linear(nn.Module):
         weight = NF4Weight.from_float(linear.weight.detach(), blocksize, double_quant)
         return cls(weight, linear.bias)
 
+    @property
+    def blocksize(self) -> int:
+        """Values per scale; readable under FSDP too (the weight is not)."""
+        return self._meta[2]
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the scales are 8-bit (double quantization); readable under FSDP too."""
+        return self._nested is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         no_adapter = x.new_empty((0, self.in_features)), x.new_empty((self.out_features, 0))
         return nf4_lora_linear(x, self.weight, self.bias, *no_adapter, 0.0)
 
     def extra_repr(self) -> str:
-        w = self.weight
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, blocksize={w.blocksize}, double_quant={w.double_quant}"
+            f"bias={self.bias is not None}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}"
         )
 
     # The uint8 storage is a parameter (moved by nn.Module, never cast); the second level of

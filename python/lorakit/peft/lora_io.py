@@ -19,6 +19,7 @@ from torch import nn
 from lorakit.nn import LoRALinear, NF4Linear
 from lorakit.nn.lora_linear import LoraSettings
 from lorakit.peft.adapters import active_adapter, finish_load, lora_layers
+from lorakit.peft.base_record import write_base_record
 from lorakit.peft.files import (
     CONFIG_NAME,
     PREFIX,
@@ -73,6 +74,7 @@ def save_lora(model: nn.Module, out: Path, name: str) -> None:
     config = peft_config(model, {n: layer.settings[name] for n, layer in layers.items()})
     write_tensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, config)
+    write_base_record(out, [layer.base for layer in layers.values()])
 
 
 def peft_config(model: nn.Module, settings: dict[str, LoraSettings]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from lorakit.data.prompts import Prompt, load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import load_model, load_tokenizer
 from lorakit.peft import AdapterReport, load_adapter
+from lorakit.peft.base_record import BASE_NAME, read_base_record
 from lorakit.peft.config import normalize_targets
 from lorakit.peft.files import CONFIG_NAME, read_json
 from lorakit.peft.inject import count_parameters, find_targets, quantize_layers
@@ -44,8 +45,9 @@ class InitOptions:
         default="",
         metadata={
             "help": "Continue this LoRA adapter (e.g. lorakit sft's out/adapter) instead of a "
-            "new one: on the base in NF4 with --method qlora (as lorakit sft --method qlora "
-            "trained it), as loaded with --method lora; the reference is that base without it."
+            "new one: on the base in NF4 with --method qlora, as loaded with --method lora. An "
+            "adapter lorakit wrote records its base (lorakit_base.json): another --method is "
+            "refused, and NF4 is quantized as recorded. The reference is that base without it."
         },
     )
 
@@ -93,10 +95,11 @@ def load_reward_function(spec: str) -> RewardFunction:
     return function
 
 
-def check_init_adapter(options: InitOptions) -> None:
-    """Refuses an ``--init-adapter`` that is no causal LM's LoRA adapter: another method's
+def check_init_adapter(options: InitOptions, method: str) -> None:
+    """Refuses an ``--init-adapter`` that is no causal LM's LoRA adapter (another method's
     adapter would train in the LoRA policy's place, and a reward adapter's score head has no
-    place on a causal LM.
+    place on a causal LM), or whose recorded base (:mod:`lorakit.peft.base_record`) is not the
+    one ``method`` gives: a QLoRA adapter learned against the NF4-rounded weights.
 
     Raises:
         FileNotFoundError: the adapter folder has no ``adapter_config.json``.
@@ -112,6 +115,13 @@ def check_init_adapter(options: InitOptions) -> None:
             f"{task!r}; the policy continues a causal LM's LoRA adapter (peft_type 'LORA', as "
             "lorakit sft --method lora or qlora writes)"
         )
+    record = read_base_record(Path(options.init_adapter))
+    if record is not None and (record["quantize"] == "nf4") != (method == "qlora"):
+        trained, fits = ("an NF4", "qlora") if record["quantize"] else ("a dense", "lora")
+        raise ValueError(
+            f"--init-adapter {options.init_adapter} was trained on {trained} base "
+            f"({BASE_NAME}); continue it with --method {fits}, not --method {method}"
+        )
 
 
 def _check(config: GRPOConfig) -> None:
@@ -122,7 +132,7 @@ def _check(config: GRPOConfig) -> None:
         )
     if not config.grpo.reward_function:
         raise ValueError("missing --reward-function (module:function)")
-    check_init_adapter(config.init)
+    check_init_adapter(config.init, config.model.method)
 
 
 def prepare_policy(model: nn.Module, config: GRPOConfig) -> AdapterReport:
@@ -133,8 +143,10 @@ def prepare_policy(model: nn.Module, config: GRPOConfig) -> AdapterReport:
         return make_trainable(model, config)
     if config.model.method == "qlora":  # the layers it adapts in NF4, as a new adapter's are
         targets = normalize_targets(read_json(Path(folder) / CONFIG_NAME).get("target_modules"))
-        lora = config.lora
-        quantize_layers(model, find_targets(model, targets), lora.blocksize, lora.double_quant)
+        record = read_base_record(Path(folder)) or {}
+        blocksize = record.get("blocksize", config.lora.blocksize)
+        double_quant = record.get("double_quant", config.lora.double_quant)
+        quantize_layers(model, find_targets(model, targets), blocksize, double_quant)
     load_adapter(model, folder, trainable=True)
     trainable, total = count_parameters(model)
     return AdapterReport([], trainable, total)

@@ -63,7 +63,7 @@ def _check_method(config: PPOConfig) -> None:
 
 def _check(config: PPOConfig) -> None:
     _check_method(config)
-    check_init_adapter(config.init)
+    check_init_adapter(config.init, config.model.method)
     opts = config.ppo
     if bool(opts.reward_function) == bool(opts.reward_adapter or opts.reward_model):
         raise ValueError(
