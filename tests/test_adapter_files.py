@@ -123,6 +123,9 @@ def test_a_sequence_classifier_adapter_saved_by_peft_loads_with_the_same_scores(
     theirs.eval()
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-6)
     assert (logits(ours, ids) - logits(base, ids)).abs().max() > 1e-3
+    # On a causal LM its score head has no place: skipped as a name, refused as weights.
+    with pytest.raises(ValueError, match="'score' matches no module of LlamaForCausalLM, but"):
+        load_adapter(llama(), tmp_path)
 
 
 def test_round_trip_through_lorakit_files(tmp_path):

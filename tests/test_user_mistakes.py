@@ -575,6 +575,8 @@ SYSTEM_CHAT = [{"role": "system", "content": "one"}, {"role": "user", "content":
     [
         (NOT_JINJA, "chat template is not valid Jinja: unexpected '}'"),
         (REFUSES_SYSTEM, "chat template fails on this conversation: System role not supported"),
+        ("{{ 1 / 0 }}", "chat template fails on this conversation: ZeroDivisionError"),
+        ("{{ messages[0].content + 1 }}", "chat template fails on this conversation: TypeError"),
         # It trained on nothing: a loss of 0 and an adapter that learned nothing.
         (SKIPS_ASSISTANT, "chat template renders no text for message 2 (assistant)"),
     ],

@@ -116,8 +116,12 @@ def render_chat(
         raise ValueError(
             f"the tokenizer's chat template is not valid Jinja: {e} (line {e.lineno})"
         ) from None
-    except TemplateError as e:
-        raise ValueError(f"the tokenizer's chat template fails on this conversation: {e}") from None
+    # Jinja expressions run Python operations: `content + 1` or `1 / 0` raise Python's errors.
+    except (TemplateError, TypeError, ArithmeticError, LookupError) as e:
+        raise ValueError(
+            f"the tokenizer's chat template fails on this conversation: "
+            f"{e if isinstance(e, TemplateError) else repr(e)}"
+        ) from None
 
 
 def _chat_builtin(messages: list[dict[str, str]], eos: str) -> list[Segment]:

@@ -39,7 +39,6 @@ from lorakit.peft.inject import (
 from lorakit.peft.target_check import check_targets_match
 from lorakit.peft.whole_modules import (
     load_whole,
-    present_names,
     saved_names,
     split_whole,
     whole_tensors,
@@ -117,9 +116,11 @@ def load_lora(
             weights for (:func:`~lorakit.peft.target_check.check_targets_match`).
     """
     _check_config(config, folder / CONFIG_NAME)
-    whole_names = present_names(model, list(config.get("modules_to_save") or []))
-    tensors, whole = split_whole(
-        model, read_tensors(folder / WEIGHTS_NAME), whole_names, folder / WEIGHTS_NAME
+    tensors, whole, whole_names = split_whole(
+        model,
+        read_tensors(folder / WEIGHTS_NAME),
+        list(config.get("modules_to_save") or []),
+        folder / WEIGHTS_NAME,
     )
     pairs = _pairs(tensors, folder / WEIGHTS_NAME)
     adaptable = adaptable_layers(model)

@@ -40,14 +40,6 @@ def train_whole(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
-def present_names(model: nn.Module, names: list[str]) -> list[str]:
-    """The ``names`` (an adapter config's ``modules_to_save``) that match a module of
-    ``model``. PEFT skips the others: its sequence-classification task lists both
-    ``classifier`` and ``score`` whatever the model has. Weights saved under a skipped name
-    are left over for the adapter's own checks to refuse."""
-    return [name for name in names if _matching(model, name)]
-
-
 def saved_names(model: nn.Module) -> list[str]:
     """The names :func:`train_whole` marked (PEFT's ``modules_to_save``), else empty."""
     return list(getattr(model, _ATTRIBUTE, []))
@@ -65,16 +57,31 @@ def whole_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def split_whole(
     model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], path: Path
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
     """Splits an adapter file's tensors into the adapter's and those of the modules ``names``
-    (:func:`present_names`; checked against ``model``: every parameter present, shapes equal).
+    (an adapter config's ``modules_to_save``; checked against ``model``: every parameter
+    present, shapes equal), and returns the names that matched. A name that matches no module
+    is skipped, as PEFT skips it (its sequence-classification task lists both ``classifier``
+    and ``score`` whatever the model has), unless the file holds weights under it.
 
     Raises:
-        ValueError: a module's tensors are missing or do not fit.
+        ValueError: weights of a module the model lacks, or a module's tensors are missing or
+            do not fit.
     """
     whole: dict[str, torch.Tensor] = {}
+    present = []
     for name in names:
-        for full in _matching(model, name):
+        modules = _matching(model, name)
+        if not modules:
+            held = [k for k in tensors if f".{name}." in f".{k.removeprefix(PREFIX)}"]
+            if held:
+                raise ValueError(
+                    f"{path}: modules_to_save {name!r} matches no module of "
+                    f"{type(model).__name__}, but the file holds its weights ({held[0]})"
+                )
+            continue
+        present.append(name)
+        for full in modules:
             for param, value in model.get_submodule(full).named_parameters():
                 key = f"{PREFIX}{full}.{param}"
                 if key not in tensors:
@@ -85,7 +92,7 @@ def split_whole(
                         f"{full}.{param} {list(value.shape)}"
                     )
                 whole[key] = tensors[key]
-    return {k: v for k, v in tensors.items() if k not in whole}, whole
+    return {k: v for k, v in tensors.items() if k not in whole}, whole, present
 
 
 def load_whole(
