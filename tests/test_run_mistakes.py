@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.cli import main
+from lorakit.data.packing import Row
 from lorakit.recipes.ppo import PPOConfig
 from lorakit.recipes.sft import SFTConfig
 from lorakit.train import Diverged, Interrupted, Trainer
@@ -17,7 +18,12 @@ from lorakit.train import metrics as metrics_module
 from lorakit.train.metrics import read, rewrite
 from lorakit.train.objectives import CausalLMObjective
 from lorakit.train.out_dir import LOCK
-from lorakit.train.resume_check import changed_options, option_defaults
+from lorakit.train.resume_check import (
+    DIGEST_VERSION,
+    changed_options,
+    data_digest,
+    option_defaults,
+)
 from sft_helpers import qa_rows, saved_model
 from test_user_mistakes import one_line_error
 
@@ -282,6 +288,16 @@ def test_a_data_file_changed_under_its_path_is_refused(
     expected = "checkpoint-2 was trained on other rows (a data file or the tokenizer changed since)"
     err = one_line_error(capsys, resume(model_dir, data, checkpointed), expected)
     assert "--no-resume" in err
+
+
+def test_the_data_digest_is_pinned_to_its_version() -> None:
+    # Checkpoints keep the digest: an encoding that changes without a new DIGEST_VERSION would
+    # refuse every resume from an older checkpoint as "trained on other rows".
+    rows = [Row([5, 7], [-100, 7], [0, 1])]
+    expected = "5931b29e08ef1ff0672399a648298ef8aa20311cee6494b28a002868b1670997"
+    assert data_digest(rows, []) == f"{DIGEST_VERSION}:{expected}"
+    assert data_digest(rows) != data_digest(rows, [])  # the sets are framed
+    assert data_digest([Row([5, 7], [-100, 8], [0, 1])], []) != data_digest(rows, [])
 
 
 def test_options_that_cannot_change_the_result_may_change(checkpointed, model_dir, data) -> None:
