@@ -499,6 +499,8 @@ def test_a_stray_file_with_a_score_head_is_not_the_models(tmp_path, model_dir, d
     save_file({"score.weight": torch.zeros(1, 32)}, model / "extra.safetensors")
     argv = ["reward", "--score", "--model", str(model), "--data", data, "--no-progress"]
     one_line_error(capsys, [*argv, "--out", str(tmp_path / "scores")], "no trained 'score' head")
+    (model / "model.safetensors").unlink()
+    one_line_error(capsys, [*argv, "--out", str(tmp_path / "scores")], "holds no model weights")
 
 
 def test_ppo_refuses_a_reward_adapter_without_a_head(tmp_path, model_dir, adapter_dir, capsys):

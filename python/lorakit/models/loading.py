@@ -253,8 +253,14 @@ def check_trained_head(config: ModelConfig) -> None:
     from safetensors import SafetensorError, safe_open
 
     path = model_dir(config)
+    files = _weight_files(path)
+    if not files:
+        raise ValueError(
+            f"{path} holds no model weights (model.safetensors, or the shards its "
+            "model.safetensors.index.json names)"
+        )
     names: set[str] = set()
-    for file in _weight_files(path):
+    for file in files:
         try:
             with safe_open(file, "pt") as weights:  # the header: names, dtypes, shapes
                 names.update(weights.keys())
