@@ -24,6 +24,7 @@ from adapter_models import (
 )
 from lorakit import LoraConfig, apply_lora, load_adapter, save_adapter
 from lorakit.nn import LoRALinear
+from lorakit.peft.base_record import BASE_NAME, read_base_record
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -307,6 +308,25 @@ def test_writes_are_atomic(saved, monkeypatch):
         "adapter_model.safetensors",
         "lorakit_base.json",
     ]
+
+
+def test_the_base_record_says_how_the_base_was_held(tmp_path):
+    # lorakit grpo / ppo --init-adapter follow it (tests/test_grpo.py).
+    qlora = llama()
+    apply_lora(qlora, LoraConfig(r=4, quantize="nf4", blocksize=32, double_quant=False))
+    record = json.loads((save_adapter(qlora, tmp_path) / BASE_NAME).read_text())
+    assert record == {"quantize": "nf4", "blocksize": 32, "double_quant": False}
+    assert read_base_record(tmp_path) == record
+    dense = llama()
+    apply_lora(dense, LoraConfig(r=4))
+    assert read_base_record(save_adapter(dense, tmp_path)) == {"quantize": None}
+    ia3 = llama()
+    lorakit.apply_ia3(ia3, lorakit.IA3Config())
+    save_adapter(ia3, tmp_path)  # another method into the same folder: no record left over
+    assert not (tmp_path / BASE_NAME).exists()
+    (tmp_path / BASE_NAME).write_text('{"quantize": "nf4"}')
+    with pytest.raises(ValueError, match="is not a base record lorakit wrote"):
+        read_base_record(tmp_path)
 
 
 def test_a_model_without_adapters_has_nothing_to_save(tmp_path):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig
+from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from lorakit.cli import build_parser, main
 from lorakit.config_args import build
@@ -379,6 +379,26 @@ def test_tokens_past_the_embeddings_are_one_line(tmp_path, model_dir, capsys) ->
         else:
             expected = f"the data holds token id {vocab}, but the model has only {vocab} input"
             one_line_error(capsys, argv, expected)
+    # lorakit reward --score tokenizes rows too (a traceback, as in training).
+    argv = ["reward", "--score", "--model", str(grown), "--data", str(tmp_path / "used.jsonl")]
+    argv += ["--out", str(tmp_path / "scores"), "--no-progress"]
+    # A reward model (a score head in its weights) with the grown tokenizer.
+    AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(
+        grown
+    )
+    one_line_error(capsys, argv, f"the data holds token id {vocab}, but the model has only")
+
+
+def test_a_pad_token_past_the_embeddings_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    # The data never holds it, but every padded batch does.
+    padded = tmp_path / "padded"
+    shutil.copytree(model_dir, padded)
+    padded_tokenizer = tokenizer()
+    padded_tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    padded_tokenizer.save_pretrained(padded)
+    vocab = json.loads((padded / "config.json").read_text())["vocab_size"]
+    argv = sft(padded, data, tmp_path / "out", "--no-pack", *FAST)
+    one_line_error(capsys, argv, f"the pad token's id {vocab} is past the model's {vocab} input")
 
 
 # ---- adapters with NaN, Inf or integers --------------------------------------------------------
@@ -579,6 +599,7 @@ SYSTEM_CHAT = [{"role": "system", "content": "one"}, {"role": "user", "content":
         (REFUSES_SYSTEM, "chat template fails on this conversation: System role not supported"),
         ("{{ 1 / 0 }}", "chat template fails on this conversation: ZeroDivisionError"),
         ("{{ messages[0].content + 1 }}", "chat template fails on this conversation: TypeError"),
+        ("{{ 'abc'.index('z') }}", "chat template fails on this conversation: ValueError"),
         # It trained on nothing: a loss of 0 and an adapter that learned nothing.
         (SKIPS_ASSISTANT, "chat template renders no text for message 2 (assistant)"),
     ],

@@ -116,8 +116,16 @@ def render_chat(
         raise ValueError(
             f"the tokenizer's chat template is not valid Jinja: {e} (line {e.lineno})"
         ) from None
-    # Jinja expressions run Python operations: `content + 1` or `1 / 0` raise Python's errors.
-    except (TemplateError, TypeError, ArithmeticError, LookupError) as e:
+    # Jinja expressions run Python operations: `content + 1`, `1 / 0`, `'a'.index('z')` or a
+    # macro calling itself raise Python's errors.
+    except (
+        TemplateError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+        RecursionError,
+    ) as e:
         raise ValueError(
             f"the tokenizer's chat template fails on this conversation: "
             f"{e if isinstance(e, TemplateError) else repr(e)}"

@@ -20,6 +20,7 @@ from torch import nn
 from lorakit.nn import AdapterLayer, BottleneckBlock, IA3Linear, LoRALinear
 from lorakit.nn.prefix import KVPrefix
 from lorakit.peft.adapters import active_adapter, adapter_layers, adapter_names
+from lorakit.peft.base_record import BASE_NAME
 from lorakit.peft.bottleneck_io import PEFT_TYPE as BOTTLENECK_TYPE
 from lorakit.peft.bottleneck_io import load_bottleneck, save_bottleneck
 from lorakit.peft.files import CONFIG_NAME, read_json
@@ -99,6 +100,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str | None = None)
             "one method's adapter"
         )
     owners[0].save(model, out, name)
+    if owners[0] is not FORMATS["LORA"]:  # a LoRA adapter's record, left by an earlier save
+        (out / BASE_NAME).unlink(missing_ok=True)
     return out
 
 

@@ -30,6 +30,7 @@ from lorakit.data.prompts import load_prompts
 from lorakit.generation import SamplingOptions
 from lorakit.models import ModelConfig, load_model, load_tokenizer
 from lorakit.models.positions import position_limit
+from lorakit.models.vocab import check_token_ids
 from lorakit.peft import load_adapter
 
 REQUIRED = frozenset({"model", "data", "out"})
@@ -169,6 +170,9 @@ def run(config: ConstitutionalConfig) -> dict[str, Any]:
     if source.adapter:
         load_adapter(model, source.adapter)
     generator = ModelGenerator(model, tokenizer, config.sampling, options.batch_size)
+    texts = [m["content"] for _, messages in prompts for m in messages]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    check_token_ids(model, encoded, {"pad": generator.pad_id, "eos": generator.eos_id})
     shape = LoopShape(
         principles,
         options.revisions,

@@ -146,8 +146,8 @@ def train(
     """Trains a ``model`` that :func:`make_trainable` prepared (``report``) with DPO on
     ``data`` (prepared from ``config.data``) and saves it."""
     check_positions(model, map(len, (*data.train, *data.val)))
-    check_token_ids(model, (p.chosen.input_ids for p in (*data.train, *data.val)))
-    check_token_ids(model, (p.rejected.input_ids for p in (*data.train, *data.val)))
+    sides = (side.input_ids for p in (*data.train, *data.val) for side in (p.chosen, p.rejected))
+    check_token_ids(model, sides, {"pad": pad_id(tokenizer)})
     pad = pad_id(tokenizer)
     options = config.dpo
     loss: dict[str, Any] = {

@@ -126,8 +126,8 @@ def train(
     """Trains a reward model from :func:`untrained` on ``data`` (prepared from ``config.data``)
     and saves it."""
     check_positions(model, map(len, (*data.train, *data.val)))
-    check_token_ids(model, (p.chosen.input_ids for p in (*data.train, *data.val)))
-    check_token_ids(model, (p.rejected.input_ids for p in (*data.train, *data.val)))
+    sides = (side.input_ids for p in (*data.train, *data.val) for side in (p.chosen, p.rejected))
+    check_token_ids(model, sides, {"pad": pad_id(tokenizer)})
     pairs = partial(collate_pairs, pad_id=pad_id(tokenizer))
     objective = RewardObjective(config.reward.center_coefficient, config.reward.use_margin)
     return train_and_save(
@@ -221,6 +221,7 @@ def score(
             )
             for p, c in zip(prompts[i : i + batch], completions[i : i + batch], strict=True)
         ]
+        check_token_ids(model, (p.chosen.input_ids for p in pairs), {"pad": pad})
         rows = collate_pairs(pairs, pad)
         n = len(pairs)
         out = model(

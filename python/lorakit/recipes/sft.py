@@ -36,8 +36,8 @@ def train_causal_lm(
     prediction over ``data`` (prepared from ``config.data``); saves the result."""
     packed = (*data.train, *data.val)
     check_positions(model, (row.position_ids[-1] + 1 for row in packed if row.position_ids))
-    check_token_ids(model, (row.input_ids for row in packed))
     pad = pad_id(tokenizer)
+    check_token_ids(model, (row.input_ids for row in packed), {"pad": pad})
     rows = partial(collate, pad_id=pad)
     return train_and_save(
         model,

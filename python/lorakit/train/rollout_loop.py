@@ -193,7 +193,7 @@ class RolloutLoop:
         if not prompts:
             return
         encoded = self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
-        check_token_ids(self.model, encoded)
+        check_token_ids(self.model, encoded, {"pad": self.pad_id, "eos": self.eos_id})
         if position_limit(self.model) is not None:
             check_generation(self.model, max(map(len, encoded)), self.sampling.max_new_tokens)
 
