@@ -255,19 +255,7 @@ class KVPrefix(AdapterLayer):
         tokens = self.settings[self.active_adapter].num_virtual_tokens
         checkpointed = _checkpointed_modules(model)
         if checkpointed:
-            if given is not None:
-                raise ValueError(
-                    f"prefix tuning: a gradient-checkpointed training call takes no {argument} "
-                    "(transformers drops it); pass none"
-                )
-            if not any(hasattr(m, _KEEPS_CACHE) for m in checkpointed):
-                raise ValueError(
-                    "prefix tuning: this transformers release drops the cache, which carries "
-                    "the prefix, in every gradient-checkpointed layer; disable gradient "
-                    "checkpointing or upgrade transformers"
-                )
-            cache = self._start(_ReplayedPrefix(), batch)
-            setattr(cache, _UNREQUESTED, True)
+            cache = self._replayed_prefix(checkpointed, given, batch, argument)
         else:
             use_cache = call.get("use_cache")
             if use_cache is None:
@@ -297,6 +285,26 @@ class KVPrefix(AdapterLayer):
         if checkpointed:  # last, so that no check above can leave the modules changed
             self._keep_cache_in(checkpointed)
         return (), call
+
+    def _replayed_prefix(
+        self, checkpointed: list[nn.Module], given: Any, batch: int, argument: str
+    ) -> _ReplayedPrefix:
+        """The cache a gradient-checkpointed training call runs with (see
+        :meth:`_keep_cache_in`); ``given`` is the caller's cache, ``argument`` its name."""
+        if given is not None:
+            raise ValueError(
+                f"prefix tuning: a gradient-checkpointed training call takes no {argument} "
+                "(transformers drops it); pass none"
+            )
+        if not any(hasattr(m, _KEEPS_CACHE) for m in checkpointed):
+            raise ValueError(
+                "prefix tuning: this transformers release drops the cache, which carries the "
+                "prefix, in every gradient-checkpointed layer; disable gradient checkpointing "
+                "or upgrade transformers"
+            )
+        cache = self._start(_ReplayedPrefix(), batch)
+        setattr(cache, _UNREQUESTED, True)
+        return cache
 
     def _keep_cache_in(self, checkpointed: list[nn.Module]) -> None:
         """Lets this call's replayed prefix reach the checkpointed layers, which run twice

@@ -4,7 +4,7 @@ objective, and saving the result."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lorakit.data import DataConfig
+from lorakit.data import DataConfig, Pair
 from lorakit.models import ModelConfig
+from lorakit.models.positions import check_positions
+from lorakit.models.vocab import check_token_ids
 from lorakit.peft import (
     AdapterReport,
     BottleneckConfig,
@@ -94,6 +96,15 @@ def batches(
 ) -> RowBatches[RowT]:
     """``rows`` in micro-batches of ``config.train.batch_size``, shuffled with its seed."""
     return RowBatches(rows, config.train.batch_size, collate, config.train.seed)
+
+
+def check_pairs_fit(model: nn.Module, pairs: Iterable[Pair], pad: int) -> None:
+    """Refuses preference ``pairs`` (DPO's, a reward model's) longer than the model's positions
+    or holding a token, the ``pad`` that batches add included, it has no embedding for."""
+    pairs = list(pairs)
+    check_positions(model, map(len, pairs))
+    sides = (side.input_ids for p in pairs for side in (p.chosen, p.rejected))
+    check_token_ids(model, sides, {"pad": pad})
 
 
 def train_and_save(

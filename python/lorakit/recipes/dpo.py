@@ -24,14 +24,13 @@ from lorakit.data import Pair, PreparedPairs, collate_pairs, prepare_preferences
 from lorakit.losses import DPOLossType
 from lorakit.losses.dpo import check_options
 from lorakit.models import load_model, load_tokenizer, pad_id
-from lorakit.models.positions import check_positions
-from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport
 from lorakit.peft.files import read_tensors, write_tensors
 from lorakit.recipes.common import (
     RunConfig,
     RunResult,
     batches,
+    check_pairs_fit,
     make_trainable,
     train_and_save,
 )
@@ -145,9 +144,7 @@ def train(
 ) -> RunResult:
     """Trains a ``model`` that :func:`make_trainable` prepared (``report``) with DPO on
     ``data`` (prepared from ``config.data``) and saves it."""
-    check_positions(model, map(len, (*data.train, *data.val)))
-    sides = (side.input_ids for p in (*data.train, *data.val) for side in (p.chosen, p.rejected))
-    check_token_ids(model, sides, {"pad": pad_id(tokenizer)})
+    check_pairs_fit(model, (*data.train, *data.val), pad_id(tokenizer))
     pad = pad_id(tokenizer)
     options = config.dpo
     loss: dict[str, Any] = {

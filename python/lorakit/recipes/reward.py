@@ -32,7 +32,6 @@ from lorakit.data import (
 from lorakit.models import check_trained_head, load_sequence_classifier, load_tokenizer, pad_id
 from lorakit.models.heads import check_reward_adapter
 from lorakit.models.loading import SCORE_HEAD
-from lorakit.models.positions import check_positions
 from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.inject import count_parameters
@@ -41,6 +40,7 @@ from lorakit.recipes.common import (
     RunConfig,
     RunResult,
     batches,
+    check_pairs_fit,
     make_trainable,
     summary,
     train_and_save,
@@ -125,9 +125,7 @@ def train(
 ) -> RunResult:
     """Trains a reward model from :func:`untrained` on ``data`` (prepared from ``config.data``)
     and saves it."""
-    check_positions(model, map(len, (*data.train, *data.val)))
-    sides = (side.input_ids for p in (*data.train, *data.val) for side in (p.chosen, p.rejected))
-    check_token_ids(model, sides, {"pad": pad_id(tokenizer)})
+    check_pairs_fit(model, (*data.train, *data.val), pad_id(tokenizer))
     pairs = partial(collate_pairs, pad_id=pad_id(tokenizer))
     objective = RewardObjective(config.reward.center_coefficient, config.reward.use_margin)
     return train_and_save(
