@@ -17,6 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from lorakit import staging_dirs
+from lorakit.peft.files import WRITE_ERRORS, write_error
 
 MARKER = "config.json"
 # What save_pretrained writes for a model and its tokenizer.
@@ -93,7 +94,10 @@ def replaced_atomically(out: Path, overwrite: bool, inputs: Sequence[Path] = ())
     check_replaceable(out, overwrite, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     with staging_dirs.staging_dir(path) as staging:
-        yield staging / "new"
+        try:
+            yield staging / "new"
+        except WRITE_ERRORS as e:  # a full disk: one line naming --out
+            raise write_error(out, e) from e
         check_replaceable(out, overwrite, inputs)
         old = staging / staging_dirs.OLD
         moved = staging_dirs.present(path)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lorakit.data import DataConfig, Pair
+from lorakit.model_dirs import replaced_atomically
 from lorakit.models import ModelConfig
 from lorakit.models.positions import check_positions
 from lorakit.models.vocab import check_token_ids
@@ -85,8 +86,10 @@ def save_result(model: nn.Module, tokenizer: Any, config: RunConfig) -> Path:
     ``base_model_name_or_path`` is the model directory the run loaded."""
     target = result_path(config)
     if config.model.method == "full":
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        # Atomically: a failed write (a full disk) keeps an earlier run's model whole.
+        with replaced_atomically(target, overwrite=True) as new:
+            model.save_pretrained(new)
+            tokenizer.save_pretrained(new)
         return target
     return save_adapter(model, target)
 
