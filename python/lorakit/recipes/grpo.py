@@ -44,10 +44,11 @@ class InitOptions:
     init_adapter: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "Continue this LoRA adapter (e.g. lorakit sft's out/adapter) instead of a "
             "new one: on the base in NF4 with --method qlora, as loaded with --method lora. An "
             "adapter lorakit wrote records its base (lorakit_base.json): another --method is "
-            "refused, and NF4 is quantized as recorded. The reference is that base without it."
+            "refused, and NF4 is quantized as recorded. The reference is that base without it.",
         },
     )
 

@@ -39,17 +39,22 @@ class MergeConfig:
     model: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "Local directory of the base causal LM and its tokenizer (the one the adapter "
             "was trained on; for a QLoRA adapter the dense checkpoint, which is what "
-            "base_model_name_or_path names, so the merge goes into the unquantized weights)."
+            "base_model_name_or_path names, so the merge goes into the unquantized weights).",
         },
     )
     adapter: str = field(
         default="",
-        metadata={"help": "Adapter directory (adapter_config.json + adapter_model.safetensors)."},
+        metadata={
+            "path": True,
+            "help": "Adapter directory (adapter_config.json + adapter_model.safetensors).",
+        },
     )
     out: str = field(
-        default="", metadata={"help": "Directory to write the merged model and tokenizer to."}
+        default="",
+        metadata={"path": True, "help": "Directory to write the merged model and tokenizer to."},
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",

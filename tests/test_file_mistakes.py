@@ -1,0 +1,245 @@
+"""A user's mistake with files and the environment: paths that are no file of the kind asked
+for, permissions, text encodings, ``~`` and relative paths, a full disk, LORAKIT_CPU_ISA. Each
+is exit status 2 and one line naming the file or option; what an editor writes (a byte-order
+mark, CRLF, blank lines) trains as the plain file does."""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors
+import transformers
+from safetensors.torch import load_file
+
+from data_files import as_written_on_windows, write_as
+from lorakit.cli import main
+from lorakit.train import checkpoint
+from sft_helpers import qa_rows, saved_model
+from test_user_mistakes import FAST, one_line_error, sft, sft_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ["--method", "lora", "--lora-r", "2", "--val-fraction", "0", "--batch-size", "4"]
+TRAIN += ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def data(tmp_path):
+    return str(write_as(tmp_path / "data.jsonl", qa_rows(12), "jsonl"))
+
+
+def denied(path: Path) -> bool:
+    """Whether this process is refused ``path`` after a chmod (root, or CAP_DAC_OVERRIDE, is not:
+    the permission cases are then untestable and skipped)."""
+    return not os.access(path, os.R_OK | os.W_OK)
+
+
+def adapter(out: Path) -> dict:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+# ---- paths that are no file of the kind asked for -----------------------------------------------
+
+
+def test_a_model_that_is_a_file_says_what_model_takes(tmp_path, data, capsys) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    expected = f"--model {weights} is a file: give a model directory (with config.json) or a "
+    one_line_error(capsys, sft(weights, data, tmp_path / "out", *FAST), expected)
+
+
+def test_a_config_that_is_a_directory_is_one_line(tmp_path, capsys) -> None:
+    one_line_error(capsys, ["sft", "--config", str(tmp_path)], f"config file {tmp_path} is a dir")
+
+
+def test_a_data_symlink_loop_says_so(tmp_path, model_dir, capsys) -> None:
+    loop = tmp_path / "a.jsonl"
+    loop.symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(loop)
+    expected = f"data path {loop} is a symlink to nothing (broken, or a loop)"
+    one_line_error(capsys, sft(model_dir, str(loop), tmp_path / "out", *FAST), expected)
+
+
+def test_an_out_below_a_file_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    out = Path(data) / "out"
+    one_line_error(capsys, sft(model_dir, data, out, *FAST), f"cannot write to {out}: ")
+
+
+def test_an_out_in_a_read_only_directory_is_one_line(tmp_path, model_dir, data, capsys) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if not denied(locked):
+        pytest.skip("this process may write anywhere (root)")
+    out = locked / "out"
+    one_line_error(capsys, sft(model_dir, data, out, *FAST), f"cannot write to {out}: ")
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_a_data_file_without_read_permission_is_one_line(tmp_path, model_dir, capsys, suffix):
+    path = write_as(tmp_path / f"data.{suffix}", qa_rows(4), suffix)
+    path.chmod(0)
+    if not denied(path):
+        pytest.skip("this process may read anything (root)")
+    err = one_line_error(capsys, sft(model_dir, str(path), tmp_path / "out", *FAST), str(path))
+    assert "Permission denied" in err
+
+
+# ---- text encodings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("command", "suffix"), [("sft", "jsonl"), ("sft", "json"),
+                         ("sft", "csv"), ("pretrain", "txt")])  # fmt: skip
+def test_a_file_saved_with_bom_crlf_and_blank_lines_trains_as_the_plain_one(
+    tmp_path, model_dir, command, suffix
+) -> None:
+    plain = tmp_path / f"plain.{suffix}"
+    if suffix == "txt":
+        plain.write_text("".join(r["prompt"] + r["completion"] + "\n" for r in qa_rows(12)))
+    else:
+        write_as(plain, qa_rows(12), suffix)
+    messy = tmp_path / f"messy.{suffix}"
+    messy.write_bytes(as_written_on_windows(plain.read_bytes(), suffix))
+    for path in (plain, messy):
+        argv = [command, "--model", str(model_dir), "--data", str(path), *TRAIN]
+        assert main([*argv, "--max-steps", "2", "--out", str(tmp_path / path.stem)]) == 0
+    # The same rows in the same order: the same computation, bit for bit.
+    expected = adapter(tmp_path / "plain")
+    assert adapter(tmp_path / "messy").keys() == expected.keys()
+    for name, tensor in adapter(tmp_path / "messy").items():
+        assert tensor.equal(expected[name]), name
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_a_yaml_config_with_a_byte_order_mark_is_read(tmp_path, encoding) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes("lr: 3.0e-4\nmodel: {method: lora}\n".encode(encoding))
+    config = sft_config("--config", str(path))
+    assert (config.train.lr, config.model.method) == (3e-4, "lora")
+
+
+# ---- ~ and relative paths -----------------------------------------------------------------------
+
+
+def test_a_tilde_in_paths_is_the_home_directory(tmp_path, model_dir, monkeypatch) -> None:
+    # A shell leaves --out=~/run and YAML values as they are; lorakit expands them.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    write_as(tmp_path / "data.jsonl", qa_rows(12), "jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text("data: [~/data.jsonl]\n")
+    argv = ["sft", "--config=~/run.yaml", f"--model={model_dir}", "--out=~/run", *TRAIN]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    assert (tmp_path / "run" / "adapter").is_dir()
+    assert not (tmp_path / "~").exists()
+    assert sft_config("--config=~/run.yaml").data.data == [str(tmp_path / "data.jsonl")]
+
+
+def test_relative_paths_in_yaml_are_relative_to_the_current_directory(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text("data: [data.jsonl]\nout: run\n")
+    monkeypatch.chdir(tmp_path)
+    config = sft_config("--config", "configs/run.yaml")
+    assert (config.data.data, config.train.out) == (["data.jsonl"], "run")
+
+
+# ---- a full disk --------------------------------------------------------------------------------
+
+# What each writer raises on a full disk: safetensors its own error, which is no OSError.
+DISK_FULL = [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    ),
+]
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden files and folders under ``out`` but the run's lock: unfinished writes."""
+    return [str(p) for p in out.rglob(".*") if p.name != ".lorakit.lock"]
+
+
+@pytest.mark.parametrize("error", DISK_FULL, ids=type)
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one(
+    tmp_path, model_dir, data, capsys, monkeypatch, error
+) -> None:
+    out = tmp_path / "out"
+    argv = sft(model_dir, data, out, *TRAIN, "--save-every", "1", "--max-steps", "2")
+    write = checkpoint.save_file
+    before = {}
+
+    def full_after_the_first(tensors, path, *args, **kwargs):
+        if (out / "latest").exists():  # checkpoint-1 is complete: the disk is full now
+            before.update({p.name: p.read_bytes() for p in (out / "checkpoint-1").iterdir()})
+            raise error
+        write(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_after_the_first)
+    err = one_line_error(capsys, argv, f"cannot write {out}/checkpoint-2: ")
+    assert "No space left on device" in err
+    assert (out / "latest").read_text() == "checkpoint-1"
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint-1").iterdir()} == before
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("error", DISK_FULL, ids=type)
+def test_a_full_disk_at_the_adapter_leaves_no_partial_file(
+    tmp_path, model_dir, data, capsys, monkeypatch, error
+) -> None:
+    def full(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    expected = f"cannot write {out}/adapter/adapter_model.safetensors: "
+    one_line_error(capsys, sft(model_dir, data, out, *TRAIN, "--max-steps", "1"), expected)
+    assert not (out / "adapter" / "adapter_model.safetensors").exists()
+    assert leftovers(out) == []
+
+
+def test_a_full_disk_at_a_full_models_save_keeps_the_earlier_model(
+    tmp_path, model_dir, data, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "out"
+    argv = sft(model_dir, data, out, *TRAIN, "--method", "full", "--no-resume")
+    assert main([*argv, "--max-steps", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+
+    def full(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise DISK_FULL[1]
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    one_line_error(capsys, [*argv, "--max-steps", "2"], f"cannot write {out}/model: ")
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
+    assert [p for p in leftovers(out) if "staging" in p] == []
+
+
+# ---- the environment ---------------------------------------------------------------------------
+
+
+def test_an_unknown_cpu_isa_stops_a_run_that_calls_no_kernel(tmp_path, model_dir, data) -> None:
+    # LoRA on the CPU runs no lorakit kernel, so the kernels' own check never ran.
+    env = {**os.environ, "LORAKIT_CPU_ISA": "avx1024"}
+    argv = sft(model_dir, data, tmp_path / "out", *TRAIN, "--max-steps", "1")
+    done = subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", *argv], env=env, cwd=ROOT, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "lorakit sft: error: LORAKIT_CPU_ISA='avx1024' is no level; use one of scalar, avx2, "
+        "avx512, avx512_bf16\n"
+    )
+    assert not (tmp_path / "out").exists()
