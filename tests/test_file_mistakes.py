@@ -4,6 +4,7 @@ is exit status 2 and one line naming the file or option; what an editor writes (
 mark, CRLF, blank lines) trains as the plain file does."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +17,11 @@ from safetensors.torch import load_file
 
 from data_files import as_written_on_windows, write_as
 from lorakit.cli import main
+from lorakit.constitutional import load_principles
 from lorakit.train import checkpoint
+from preference_helpers import pair_rows
 from sft_helpers import qa_rows, saved_model
+from test_constitutional import PRINCIPLES
 from test_user_mistakes import FAST, one_line_error, sft, sft_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +55,7 @@ def adapter(out: Path) -> dict:
 def test_a_model_that_is_a_file_says_what_model_takes(tmp_path, data, capsys) -> None:
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"\0" * 64)
-    expected = f"--model {weights} is a file: give a model directory (with config.json) or a "
+    expected = f"{weights} is a file, not a model directory (with config.json) nor a GGUF file"
     one_line_error(capsys, sft(weights, data, tmp_path / "out", *FAST), expected)
 
 
@@ -65,6 +69,74 @@ def test_a_data_symlink_loop_says_so(tmp_path, model_dir, capsys) -> None:
     (tmp_path / "b.jsonl").symlink_to(loop)
     expected = f"data path {loop} is a symlink to nothing (broken, or a loop)"
     one_line_error(capsys, sft(model_dir, str(loop), tmp_path / "out", *FAST), expected)
+
+
+def every_command(tmp_path: Path, model_dir: Path, command: str) -> list[str]:
+    """``command`` with the files it needs (no --out): data of its kind, a reward module."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in qa_rows(4)))
+    reward = tmp_path / "reward.py"
+    reward.write_text("def f(prompts, completions, **_):\n    return [1.0] * len(completions)\n")
+    data = {
+        "sft": write_as(tmp_path / "d.jsonl", qa_rows(8), "jsonl"),
+        "dpo": write_as(tmp_path / "p.jsonl", pair_rows(8), "jsonl"),
+        "grpo": prompts,
+        "constitutional": prompts,
+    }
+    data.update(pretrain=data["sft"], reward=data["dpo"], ppo=prompts)
+    argv = [command, "--model", str(model_dir), "--data", str(data[command])]
+    if command in ("grpo", "ppo"):
+        argv += ["--reward-function", f"{reward}:f"]
+    return argv + (["--max-new-tokens", "2"] if command == "constitutional" else FAST)
+
+
+COMMANDS = ["sft", "pretrain", "dpo", "reward", "grpo", "ppo", "constitutional"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_out_that_is_a_file_is_one_line_for_every_command(
+    tmp_path, model_dir, capsys, command
+) -> None:
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    argv = [*every_command(tmp_path, model_dir, command), "--out", str(out)]
+    one_line_error(capsys, argv, f"--out {out} is a file, not a directory: choose another --out")
+    assert out.read_text() == "mine"
+
+
+def test_an_adapter_that_is_a_file_names_it(tmp_path, model_dir, capsys) -> None:
+    taken = tmp_path / "adapter"
+    taken.write_text("mine")
+    argv = [*every_command(tmp_path, model_dir, "grpo"), "--out", str(tmp_path / "out")]
+    expected = f"{taken} is a file, not an adapter directory (an adapter directory holds"
+    one_line_error(capsys, [*argv, "--init-adapter", str(taken)], expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("dir", None, "is a directory"),
+        ("p.yaml", b"- name: caf\xe9\n", "p.yaml is not valid YAML: "),
+        ("p.json", b'[{"name": "caf\xe9"}]', "p.json is not valid JSON: "),
+    ],
+)
+def test_an_unreadable_principles_file_is_named(
+    tmp_path, model_dir, capsys, name, content, expected
+) -> None:
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_bytes(content)
+    argv = [*every_command(tmp_path, model_dir, "constitutional"), "--out", str(tmp_path / "o")]
+    one_line_error(capsys, [*argv, "--principles", str(path)], expected)
+
+
+def test_principles_in_utf16_with_a_byte_order_mark_are_read(tmp_path) -> None:
+    import yaml
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(PRINCIPLES))
+    wide = tmp_path / "wide.yaml"
+    wide.write_bytes(plain.read_text().encode("utf-16"))
+    assert load_principles(wide) == load_principles(plain)
 
 
 def test_an_out_below_a_file_is_one_line(tmp_path, model_dir, data, capsys) -> None:

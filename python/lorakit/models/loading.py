@@ -74,8 +74,8 @@ def model_dir(config: ModelConfig) -> Path:
         return path
     if path.is_file():
         raise ValueError(
-            f"--model {path} is a file: give a model directory (with config.json) or a GGUF file "
-            "named *.gguf"
+            f"{path} is a file, not a model directory (with config.json) nor a GGUF file "
+            "(named *.gguf)"
         )
     if not config.model or path.exists() or not _HUB_ID.fullmatch(config.model):
         raise ValueError(f"model directory {path} does not exist or has no config.json")

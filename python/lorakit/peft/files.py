@@ -103,6 +103,22 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     write_atomic(path, lambda p: safetensors.torch.save_file(plain, p, metadata={"format": "pt"}))
 
 
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is a file or missing (named, rather than the config it
+            lacks), or it has no config.
+        ValueError: the config is not a JSON object.
+    """
+    if not folder.is_dir():
+        what = "is a file, not an adapter directory" if folder.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{folder} {what} (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    return read_json(folder / CONFIG_NAME)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """Reads a JSON object; a missing or unreadable file is a ValueError naming it."""
     if not path.is_file():

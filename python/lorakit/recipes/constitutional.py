@@ -32,6 +32,7 @@ from lorakit.models import ModelConfig, load_model, load_tokenizer
 from lorakit.models.positions import position_limit
 from lorakit.models.vocab import check_token_ids
 from lorakit.peft import load_adapter
+from lorakit.train import out_dir
 
 REQUIRED = frozenset({"model", "data", "out"})
 
@@ -194,7 +195,8 @@ def run(config: ConstitutionalConfig) -> dict[str, Any]:
 
 def main(config: ConstitutionalConfig) -> str:
     """``lorakit constitutional``: what it prints when done."""
-    s = run(config)
+    with out_dir.claim(Path(config.critique.out)):  # one run per --out, as for training
+        s = run(config)
     out = config.critique.out
     return (
         f"{s['prompts']} prompts, {s['prompts_changed']} revised to a different text; "
