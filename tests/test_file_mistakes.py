@@ -6,6 +6,7 @@ mark, CRLF, blank lines) trains as the plain file does."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 from data_files import as_written_on_windows, write_as
 from lorakit.cli import main
-from lorakit.constitutional import load_principles
+from lorakit.constitutional import Outputs, load_principles
+from lorakit.constitutional.loop import Record
 from lorakit.train import checkpoint
 from preference_helpers import pair_rows
 from sft_helpers import qa_rows, saved_model
@@ -57,6 +59,17 @@ def test_a_model_that_is_a_file_says_what_model_takes(tmp_path, data, capsys) ->
     weights.write_bytes(b"\0" * 64)
     expected = f"{weights} is a file, not a model directory (with config.json) nor a GGUF file"
     one_line_error(capsys, sft(weights, data, tmp_path / "out", *FAST), expected)
+
+
+@pytest.mark.parametrize("command", ["sft", "merge"])
+def test_an_out_that_is_a_symlink_loop_says_so(tmp_path, model_dir, data, capsys, command):
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(out)
+    argv = sft(model_dir, data, out, *FAST)
+    if command == "merge":
+        argv = ["merge", "--model", str(model_dir), "--adapter", str(tmp_path), "--out", str(out)]
+    one_line_error(capsys, argv, f"--out {out} is a symlink to nothing (broken, or a loop)")
 
 
 def test_a_config_that_is_a_directory_is_one_line(tmp_path, capsys) -> None:
@@ -296,6 +309,22 @@ def test_a_full_disk_at_a_full_models_save_keeps_the_earlier_model(
     one_line_error(capsys, [*argv, "--max-steps", "2"], f"cannot write {out}/model: ")
     assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
     assert [p for p in leftovers(out) if "staging" in p] == []
+
+
+def test_a_full_disk_while_appending_constitutional_rows_names_the_file(
+    tmp_path, monkeypatch
+) -> None:
+    outputs = Outputs(tmp_path / "out", {"o": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    record = Record(id=0, prompt=[{"role": "user", "content": "hi"}], response="hello")
+    expected = f"cannot write {tmp_path / 'out' / 'sft.jsonl'}: No space left on device"
+    with pytest.raises(OSError, match=re.escape(expected)):
+        outputs.append(record, 1.0)
+    outputs.close()
 
 
 # ---- the environment ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from lorakit import staging_dirs
+from lorakit.paths import check_link
 from lorakit.peft.files import WRITE_ERRORS, write_error
 
 MARKER = "config.json"
@@ -46,6 +47,7 @@ def check_replaceable(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     Raises:
         FileExistsError, ValueError: naming ``out`` and what to do.
     """
+    check_link(out, "--out")
     # Resolved, so that a symlinked alias of an input is caught too.
     target = out.resolve()
     kept = [(str(p), p.resolve()) for p in inputs]

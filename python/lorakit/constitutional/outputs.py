@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lorakit.constitutional.loop import Record
-from lorakit.peft.files import write_atomic
+from lorakit.peft.files import write_atomic, write_error
 
 FILES = ("sft.jsonl", "preferences.jsonl", "trace.jsonl")
 
@@ -89,9 +89,12 @@ class Outputs:
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         f = self._files[name]
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        try:  # a line torn by a full disk is cut off when the run resumes
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(self.out / name, e) from e
 
     def append(self, record: Record, seconds: float) -> None:
         """Writes one prompt's rows: sft, preference (if its text changed), then trace."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 
 from lorakit.data.text_files import CHECKS
+from lorakit.paths import check_link
 
 # .txt: one row per line, in a "text" column (blank lines are no rows).
 _BUILDERS = {
@@ -29,9 +30,8 @@ def load_rows(path: str | Path) -> datasets.Dataset:
             text, or a line is not JSON (see :mod:`lorakit.data.text_files`).
     """
     path = Path(path)
+    check_link(path, "data path")
     if not path.exists():
-        if path.is_symlink():
-            raise ValueError(f"data path {path} is a symlink to nothing (broken, or a loop)")
         raise ValueError(f"data path {path} does not exist")
     if path.is_dir():
         try:

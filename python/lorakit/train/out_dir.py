@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from lorakit.paths import check_link
 from lorakit.train import distributed
 
 LOCK = ".lorakit.lock"
@@ -44,8 +45,10 @@ def claim(out: Path) -> Iterator[None]:
     of interrupted writes. Nested claims of one directory by one process are allowed.
 
     Raises:
-        ValueError: another process holds the lock (the message names it).
+        ValueError: another process holds the lock (the message names it), or ``out`` is a
+            symlink to nothing.
     """
+    check_link(out, "--out")
     key = out.resolve()
     if key in _held:
         _held[key] += 1
