@@ -72,6 +72,31 @@ def test_an_out_that_is_a_symlink_loop_says_so(tmp_path, model_dir, data, capsys
     one_line_error(capsys, argv, f"--out {out} is a symlink to nothing (broken, or a loop)")
 
 
+def test_a_convert_out_below_a_file_is_refused_before_converting(tmp_path, capsys) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    argv = ["convert", "--gguf", str(tmp_path / "m.gguf"), "--out", str(taken / "model")]
+    one_line_error(capsys, argv, f"--out {taken / 'model'}: {taken} is a file, not a directory")
+
+
+def test_a_gguf_path_that_is_a_directory_is_one_line(tmp_path, data, capsys) -> None:
+    folder = tmp_path / "m.gguf"
+    folder.mkdir()
+    argv = sft(folder, data, tmp_path / "out", *FAST)
+    one_line_error(capsys, argv, f"GGUF file {folder} is a directory")
+
+
+def test_a_lorakit_cache_that_is_a_file_is_one_line(tmp_path, data, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    taken = tmp_path / "cache"
+    taken.write_text("mine")
+    monkeypatch.setenv("LORAKIT_CACHE", str(taken))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")  # refused before it is read
+    expected = f"the lorakit cache {taken} (LORAKIT_CACHE): {taken} is a file, not a directory"
+    one_line_error(capsys, sft(model, data, tmp_path / "out", *FAST), expected)
+
+
 def test_a_config_that_is_a_directory_is_one_line(tmp_path, capsys) -> None:
     one_line_error(capsys, ["sft", "--config", str(tmp_path)], f"config file {tmp_path} is a dir")
 

@@ -17,7 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from lorakit import staging_dirs
-from lorakit.paths import check_link
+from lorakit.paths import check_link, check_room, make_dirs
 from lorakit.peft.files import WRITE_ERRORS, write_error
 
 MARKER = "config.json"
@@ -48,6 +48,7 @@ def check_replaceable(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
         FileExistsError, ValueError: naming ``out`` and what to do.
     """
     check_link(out, "--out")
+    check_room(out, f"--out {out}")
     # Resolved, so that a symlinked alias of an input is caught too.
     target = out.resolve()
     kept = [(str(p), p.resolve()) for p in inputs]
@@ -94,7 +95,7 @@ def replaced_atomically(out: Path, overwrite: bool, inputs: Sequence[Path] = ())
     path = Path(os.path.abspath(out))
     staging_dirs.remove_abandoned(path, inputs)
     check_replaceable(out, overwrite, inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, f"--out {out}")
     with staging_dirs.staging_dir(path) as staging:
         try:
             yield staging / "new"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.model_dirs import replaced_atomically
+from lorakit.paths import make_dirs
 
 SUFFIX = ".gguf"
 
@@ -40,6 +41,8 @@ def cache_root() -> Path:
 
 
 def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"GGUF file {path} is a directory")
     if not path.is_file():
         raise ValueError(f"GGUF file {path} does not exist")
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
@@ -112,6 +115,7 @@ def converted_dir(path: Path) -> Path:
     _check_file(path)
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    make_dirs(cache_root(), f"the lorakit cache {cache_root()} (LORAKIT_CACHE)")
     target = cache_root() / "gguf" / f"{path.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
     if not (target / "config.json").is_file():
         write_model_dir(path, target, overwrite=True)
