@@ -178,8 +178,9 @@ def test_principles_in_utf16_with_a_byte_order_mark_are_read(tmp_path) -> None:
 
 
 def test_an_out_below_a_file_is_one_line(tmp_path, model_dir, data, capsys) -> None:
-    out = Path(data) / "out"
-    one_line_error(capsys, sft(model_dir, data, out, *FAST), f"cannot write to {out}: ")
+    out = Path(data) / "out" / "run"
+    expected = f"--out {out}: {data} is a file, not a directory"
+    one_line_error(capsys, sft(model_dir, data, out, *FAST), expected)
 
 
 def test_an_out_in_a_read_only_directory_is_one_line(tmp_path, model_dir, data, capsys) -> None:
@@ -188,7 +189,8 @@ def test_an_out_in_a_read_only_directory_is_one_line(tmp_path, model_dir, data, 
     if not denied(locked):
         pytest.skip("this process may write anywhere (root)")
     out = locked / "out"
-    one_line_error(capsys, sft(model_dir, data, out, *FAST), f"cannot write to {out}: ")
+    expected = f"cannot write --out {out}: Permission denied"
+    one_line_error(capsys, sft(model_dir, data, out, *FAST), expected)
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
