@@ -97,6 +97,17 @@ def test_a_lorakit_cache_that_is_a_file_is_one_line(tmp_path, data, capsys, monk
     one_line_error(capsys, sft(model, data, tmp_path / "out", *FAST), expected)
 
 
+def test_a_full_fine_tuning_never_replaces_its_own_model(tmp_path, data, capsys) -> None:
+    run = tmp_path / "run"
+    base = saved_model(run / "model")  # where --out run writes its result
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    capsys.readouterr()  # saving it showed a progress bar
+    argv = sft(base, data, run, *TRAIN, "--method", "full", "--max-steps", "1")
+    one_line_error(capsys, argv, f"--out {base} must not be or contain {base}")
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    assert not list(run.glob("checkpoint-*"))
+
+
 def test_a_config_that_is_a_directory_is_one_line(tmp_path, capsys) -> None:
     one_line_error(capsys, ["sft", "--config", str(tmp_path)], f"config file {tmp_path} is a dir")
 
