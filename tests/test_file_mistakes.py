@@ -264,6 +264,14 @@ def test_a_tilde_in_paths_is_the_home_directory(tmp_path, model_dir, monkeypatch
     assert sft_config("--config=~/run.yaml").data.data == [str(tmp_path / "data.jsonl")]
 
 
+@pytest.mark.parametrize("command", ["sft", "demo"])
+def test_an_empty_out_is_refused_not_the_current_directory(tmp_path, capsys, command) -> None:
+    argv = [command, "--out", ""] + (
+        ["--model", "m", "--data", "d.jsonl"] if command == "sft" else []
+    )
+    one_line_error(capsys, argv, f"lorakit {command}: error: --out needs a path, got ''")
+
+
 def test_relative_paths_in_yaml_are_relative_to_the_current_directory(
     tmp_path, monkeypatch
 ) -> None:

@@ -244,6 +244,10 @@ def build(
         if name in values:
             value = values[name]
             if f.metadata.get("path"):
+                # Empty where the default is a path: an unset shell variable ($OUT), which
+                # would write into the current directory.
+                if value in ("", [""]) and _default(f):
+                    raise ValueError(f"--{name.replace('_', '-')} needs a path, got ''")
                 value = _expand_user(value)
             kwargs.setdefault(group, {})[f.name] = value
     groups = _groups(cls)
