@@ -165,6 +165,8 @@ ROWS_JSON = json.dumps(qa_rows(2))
         ("twice.jsonl", b'{"text": "a"}\n{"text": "a", "text": "b"}', "line 2: the key 'text' is"),
         ("twice.json", b'[{"text": "a", "text": "b"}]', "the key 'text' is repeated"),
         ("blank.txt", b"\n \r\n", "has no rows (only blank lines)"),
+        ("deep.jsonl", b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}", "line 1: a value is nested"),
+        ("deep.json", b"[" * 10**5 + b"]" * 10**5, "deep.json: a value is nested too deeply"),
     ],
 )
 def test_text_that_is_not_utf8_or_not_json_names_the_file_and_line(

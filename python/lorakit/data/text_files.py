@@ -66,7 +66,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _parse(text: str) -> Any:
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:  # Python's parser recurses per level of nesting
+        raise ValueError("a value is nested too deeply to read") from None
 
 
 def check_jsonl(path: Path) -> None:
@@ -87,7 +90,7 @@ def check_jsonl(path: Path) -> None:
             row = _parse(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-        except ValueError as e:  # a repeated key
+        except ValueError as e:  # a repeated key, or too deep
             raise ValueError(f"{path}: line {number}: {e}") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number} is a {type(row).__name__}, not an object")
@@ -119,7 +122,7 @@ def check_json(path: Path) -> None:
         raise ValueError(
             f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})"
         ) from None
-    except ValueError as e:  # a repeated key
+    except ValueError as e:  # a repeated key, or too deep
         raise ValueError(f"{path}: {e}") from None
     if not value:
         raise ValueError(f"{path} has no rows")
