@@ -11,8 +11,10 @@ file's path, size and modification time; ``lorakit convert --gguf`` writes one w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -62,15 +64,19 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its progress bar and "dequantizing" notice: asked for here
+    # transformers draws the conversion's bar with plain tqdm, beyond the reach of its progress
+    # switch (which the CLI turns off without --progress): then the bar's stderr goes nowhere.
+    shown = logging.is_progress_bar_enabled()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        # dequantize=True: plain float weights whether or not a GGUF matmul kernel is installed.
-        quantized = AutoModelForCausalLM.from_pretrained(
-            path.parent,
-            gguf_file=path.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
-        )
+        with contextlib.nullcontext() if shown else contextlib.redirect_stderr(io.StringIO()):
+            # dequantize=True: plain float weights whether or not a GGUF matmul kernel is there.
+            quantized = AutoModelForCausalLM.from_pretrained(
+                path.parent,
+                gguf_file=path.name,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+            )
     except Exception as e:  # the reader raises anything from struct.error to KeyError
         raise ValueError(f"cannot read {path} as a GGUF model: {type(e).__name__}: {e}") from None
     finally:
