@@ -1,5 +1,6 @@
 """Rows written as the data files lorakit reads, for the data and recipe tests."""
 
+import codecs
 import json
 from pathlib import Path
 
@@ -27,3 +28,13 @@ def write_as(path: Path, rows: list[dict], suffix: str) -> Path:
     else:
         datasets.Dataset.from_list(rows).save_to_disk(str(path))
     return path
+
+
+def as_written_on_windows(data: bytes, suffix: str) -> bytes:
+    """``data`` (a UTF-8 file of ``suffix``) as an editor may save it: a UTF-8 byte-order mark,
+    CRLF line ends and a blank line after each line (in JSONL also trailing whitespace; a JSON
+    file pretty-printed), which lorakit reads as the plain file."""
+    if suffix == "json":
+        data = json.dumps(json.loads(data), indent=2).encode()
+    end = b" \t\r\n" if suffix == "jsonl" else b"\r\n"
+    return codecs.BOM_UTF8 + data.replace(b"\n", end + b"\r\n")

@@ -1,10 +1,12 @@
 """Loading local files, dedup, length filters, truncation counts, split and mixing."""
 
+import json
 import random
+import re
 
 import pytest
 
-from data_files import SUFFIXES, write_as, write_jsonl
+from data_files import SUFFIXES, as_written_on_windows, write_as, write_jsonl
 from lorakit.data import DataConfig, Example, load_rows, prepare
 from lorakit.data.dedup import exact_duplicates, near_duplicates
 from lorakit.data.pipeline import mix
@@ -119,3 +121,59 @@ def test_mix_draws_by_share_without_repeating() -> None:
 def test_mix_needs_one_share_per_file() -> None:
     with pytest.raises(ValueError, match="mix has 1 shares for 2 files"):
         DataConfig(data=["a", "b"], mix=[1.0])
+
+
+# ---- text encodings: what editors write is read as the plain file, the rest refused ----------
+
+TEXT_ROWS = [{"text": f"the capital of {w} is {w} ."} for w in ["one", "two", "three"]]
+
+
+def write_plain(path, suffix: str):
+    """``qa_rows`` in a text file of ``suffix`` (plain text: one row per line)."""
+    if suffix == "txt":
+        path.write_text("".join(r["text"] + "\n" for r in TEXT_ROWS))
+        return path
+    return write_as(path, qa_rows(5), suffix)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "txt"])
+def test_a_bom_crlf_and_blank_lines_read_as_the_plain_file(tmp_path, suffix) -> None:
+    plain = write_plain(tmp_path / f"plain.{suffix}", suffix)
+    messy = tmp_path / f"messy.{suffix}"
+    messy.write_bytes(as_written_on_windows(plain.read_bytes(), suffix))
+    assert messy.read_bytes() != plain.read_bytes()
+    assert load_rows(messy).to_list() == load_rows(plain).to_list()
+
+
+ROWS_JSON = json.dumps(qa_rows(2))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("wide.jsonl", ROWS_JSON.encode("utf-16"), "is UTF-16 text (it starts with a UTF-16 "),
+        ("wide.csv", "a,b\n1,2\n".encode("utf-16"), "is UTF-16 text"),
+        ("wide.txt", "one\n".encode("utf-32"), "is UTF-32 text"),
+        ("nomark.json", ROWS_JSON.encode("utf-16-le"), "line 1 holds a NUL byte"),
+        ("latin1.txt", b"one\ncaf\xe9\n", "line 2 is not UTF-8 text"),
+        ("latin1.json", b'[{"text": "one"},\n {"text": "caf\xe9"}]', "line 2 is not UTF-8 text"),
+        ("array.jsonl", json.dumps(qa_rows(2), indent=2).encode(), "name it .json"),
+        ("comma.json", b'[{"text": "a"},\n]', "line 2 column 1: not valid JSON (Expecting"),
+        ("mixed.json", b'[{"text": "a"}, 5]', "item 1 of the array is a int, not an object"),
+        ("scalar.json", b"5", "line 1 is a int, not an object"),
+        ("none.json", b"[]", "has no rows"),
+        ("twice.jsonl", b'{"text": "a"}\n{"text": "a", "text": "b"}', "line 2: the key 'text' is"),
+        ("twice.json", b'[{"text": "a", "text": "b"}]', "the key 'text' is repeated"),
+        ("blank.txt", b"\n \r\n", "has no rows (only blank lines)"),
+        ("deep.jsonl", b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}", "line 1: a value is nested"),
+        ("deep.json", b"[" * 10**5 + b"]" * 10**5, "deep.json: a value is nested too deeply"),
+    ],
+)
+def test_text_that_is_not_utf8_or_not_json_names_the_file_and_line(
+    tmp_path, name, content, expected
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(expected)) as error:
+        load_rows(path)
+    assert str(error.value).startswith(str(path))

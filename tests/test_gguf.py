@@ -103,3 +103,12 @@ def test_smollm2_gguf_answers_a_question() -> None:
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_a_mistake_after_a_conversion_is_one_line_without_progress(tiny, tmp_path, capsys):
+    # transformers draws the conversion's bar whatever its progress switch says.
+    missing = tmp_path / "missing.jsonl"
+    argv = ["sft", "--model", str(tiny[0]), "--data", str(missing), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"lorakit sft: error: data path {missing} does not exist\n"
+    assert list((tmp_path / "cache" / "gguf").iterdir())  # it was converted

@@ -80,7 +80,7 @@ def test_an_empty_data_file_is_one_line(tmp_path, model_dir, capsys, name, conte
     ("name", "content", "expected"),
     [
         ("latin1.jsonl", b'{"prompt": "caf\xe9", "completion": "x"}\n', "line 1 is not UTF-8 text"),
-        ("latin1.csv", b"prompt,completion\ncaf\xe9,x\n", "cannot be read as csv"),
+        ("latin1.csv", b"prompt,completion\ncaf\xe9,x\n", "line 2 is not UTF-8 text"),
         ("broken.parquet", b"not parquet at all", "cannot be read as parquet"),
     ],
 )

@@ -64,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(name: str, args: argparse.Namespace) -> str:
+    from lorakit._native import cpu_isa
     from lorakit.recipes.registry import COMMANDS
     from lorakit.train import distributed
 
+    # A LORAKIT_CPU_ISA the kernels refuse is refused now: a run that calls no kernel (LoRA on
+    # the CPU) would otherwise ignore the setting silently.
+    cpu_isa()
     command = COMMANDS[name]
     config = build(command.config, args, set(command.required), {})
     if not command.distributed:

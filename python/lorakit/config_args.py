@@ -5,12 +5,17 @@ leaf field (a plain dataclass is one group): ``--<field>`` with the field's ``he
 its default, prefixed by the group name where the group asks for it (``--lora-r``), so nothing
 is declared twice. A YAML file gives the same options, nested by group (``train: {lr: 1e-4}``)
 or flat by option name (``lr: 1e-4``); options on the command line override it.
+
+Fields marked ``metadata={"path": True}`` are paths: a leading ``~`` is expanded as a shell
+expands it, also where no shell does (in YAML, ``--out=~/run``). Relative paths, in a YAML file
+too, are relative to the current directory, as on the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -88,7 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, required: set[str]
     Options in ``required`` must come from the command line or the YAML file.
     """
     parser.add_argument(
-        "--config", type=Path, help="YAML file of options (nested by group or flat)."
+        "--config",
+        type=Path,
+        help="YAML file of options (nested by group or flat); relative paths in it are relative "
+        "to the current directory, as on the command line, and ~ is the home directory.",
     )
     leaves = _leaf_fields(cls)
     for group in dict.fromkeys(g for g, *_ in leaves):
@@ -127,10 +135,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    path = path.expanduser()
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     try:
-        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+        # Bytes: PyYAML reads UTF-8 or, by its byte-order mark, UTF-16, whatever the locale.
+        loaded = yaml.load(path.read_bytes(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     except ValueError as e:  # a repeated key, or a value PyYAML cannot build (a 13th month)
@@ -230,7 +242,14 @@ def build(
     kwargs: dict[str, dict[str, Any]] = {}
     for group, name, f, _ in _leaf_fields(cls):
         if name in values:
-            kwargs.setdefault(group, {})[f.name] = values[name]
+            value = values[name]
+            if f.metadata.get("path"):
+                # Empty where the default is a path: an unset shell variable ($OUT), which
+                # would write into the current directory.
+                if value in ("", [""]) and _default(f):
+                    raise ValueError(f"--{name.replace('_', '-')} needs a path, got ''")
+                value = _expand_user(value)
+            kwargs.setdefault(group, {})[f.name] = value
     groups = _groups(cls)
     try:
         if groups is None:
@@ -238,6 +257,13 @@ def build(
         return cls(**{g: _group(g, sub, kwargs.get(g, {})) for g, sub in groups.items()})
     except TypeError as e:
         raise ValueError(str(e)) from None
+
+
+def _expand_user(value: Any) -> Any:
+    """A path option's value (one path, a list of them, or None) with ``~`` expanded."""
+    if isinstance(value, list):
+        return [os.path.expanduser(v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) else value
 
 
 def _group(name: str, cls: type, kwargs: dict[str, Any]) -> Any:

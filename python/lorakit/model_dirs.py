@@ -17,6 +17,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from lorakit import staging_dirs
+from lorakit.paths import check_link, check_room, make_dirs
+from lorakit.peft.files import WRITE_ERRORS, write_error
 
 MARKER = "config.json"
 # What save_pretrained writes for a model and its tokenizer.
@@ -45,6 +47,8 @@ def check_replaceable(out: Path, overwrite: bool, inputs: Sequence[Path] = ()) -
     Raises:
         FileExistsError, ValueError: naming ``out`` and what to do.
     """
+    check_link(out, "--out")
+    check_room(out, f"--out {out}")
     # Resolved, so that a symlinked alias of an input is caught too.
     target = out.resolve()
     kept = [(str(p), p.resolve()) for p in inputs]
@@ -91,9 +95,12 @@ def replaced_atomically(out: Path, overwrite: bool, inputs: Sequence[Path] = ())
     path = Path(os.path.abspath(out))
     staging_dirs.remove_abandoned(path, inputs)
     check_replaceable(out, overwrite, inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, f"--out {out}")
     with staging_dirs.staging_dir(path) as staging:
-        yield staging / "new"
+        try:
+            yield staging / "new"
+        except WRITE_ERRORS as e:  # a full disk: one line naming --out
+            raise write_error(out, e) from e
         check_replaceable(out, overwrite, inputs)
         old = staging / staging_dirs.OLD
         moved = staging_dirs.present(path)

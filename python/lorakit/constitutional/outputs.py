@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lorakit.constitutional.loop import Record
+from lorakit.peft.files import write_atomic, write_error
 
 FILES = ("sft.jsonl", "preferences.jsonl", "trace.jsonl")
 
@@ -47,16 +48,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _replace(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (a temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Outputs:
     """The output directory of one run (see the module docstring)."""
 
@@ -76,7 +67,7 @@ class Outputs:
                     "resume it with the same options or choose another --out"
                 )
         else:
-            _replace(saved, json.dumps(settings, indent=2) + "\n")
+            write_atomic(saved, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
         for name in FILES:
             _cut_torn_line(out / name)
         self.done = {row["id"] for row in _read_rows(out / "trace.jsonl")}
@@ -84,7 +75,10 @@ class Outputs:
             rows = _read_rows(out / name)
             kept = [r for r in rows if r["id"] in self.done]
             if len(kept) != len(rows):
-                _replace(out / name, "".join(json.dumps(r) + "\n" for r in kept))
+                text = "".join(json.dumps(r) + "\n" for r in kept)
+                write_atomic(
+                    out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
+                )
         self._files: dict[str, IO[str]] = {
             name: (out / name).open("a", encoding="utf-8") for name in FILES
         }
@@ -95,9 +89,12 @@ class Outputs:
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         f = self._files[name]
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        try:  # a line torn by a full disk is cut off when the run resumes
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(self.out / name, e) from e
 
     def append(self, record: Record, seconds: float) -> None:
         """Writes one prompt's rows: sft, preference (if its text changed), then trace."""
@@ -149,5 +146,6 @@ class Outputs:
             "tokens_generated": sum(t["tokens"] for t in traces),
             "seconds": round(sum(t["seconds"] for t in traces), 1),
         }
-        _replace(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        write_atomic(self.out / "summary.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return summary

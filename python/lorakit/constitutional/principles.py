@@ -101,12 +101,15 @@ def load_principles(path: str | Path = DEFAULT) -> list[Principle]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"principles file {path} is a directory")
     if not path.is_file():
         raise ValueError(f"principles file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    # Bytes: both parsers read UTF-8 or, by its byte-order mark, UTF-16 / UTF-32.
+    data = path.read_bytes()
     try:
-        loaded = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        loaded = json.loads(data) if path.suffix.lower() == ".json" else yaml.safe_load(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
         raise ValueError(f"{path} is not valid {kind}: {' '.join(str(e).split())}") from None
     return parse_principles(loaded, str(path))

@@ -20,8 +20,9 @@ class DataConfig:
     data: list[str] = field(
         default_factory=list,
         metadata={
+            "path": True,
             "help": "Training data: JSONL, JSON, CSV or Parquet files, or directories saved by "
-            "datasets (local paths only)."
+            "datasets (local paths only).",
         },
     )
     mix: list[float] | None = field(
@@ -41,7 +42,7 @@ class DataConfig:
     )
     val_data: str | None = field(
         default=None,
-        metadata={"help": "Validation file; default: a share of the training rows."},
+        metadata={"path": True, "help": "Validation file; default: a share of the training rows."},
     )
     val_fraction: float = field(
         default=0.05,

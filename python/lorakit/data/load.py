@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +9,10 @@ from pathlib import Path
 
 import datasets
 
-# .txt: one row per line, in a "text" column.
+from lorakit.data.text_files import CHECKS
+from lorakit.paths import check_link
+
+# .txt: one row per line, in a "text" column (blank lines are no rows).
 _BUILDERS = {
     ".jsonl": "json",
     ".json": "json",
@@ -20,40 +22,15 @@ _BUILDERS = {
 }
 
 
-def _check_jsonl(path: Path) -> None:
-    # datasets reports a bad line as an Arrow parse error without its number, and a file of
-    # blank lines as "no data" for split "train"; find both first.
-    rows = 0
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}: line {number} is not UTF-8 text ({e.reason} at byte {e.start} of "
-                    "the line)"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {number} is a {type(row).__name__}, not an object")
-            rows += 1
-    if rows == 0:
-        raise ValueError(f"{path} has no rows")
-
-
 def load_rows(path: str | Path) -> datasets.Dataset:
     """Reads a local file or a directory written by ``Dataset.save_to_disk``; never downloads.
 
     Raises:
-        ValueError: the path does not exist, has an unknown suffix, is empty, or a line is not
-            JSON.
+        ValueError: the path does not exist, has an unknown suffix, is empty, is not UTF-8
+            text, or a line is not JSON (see :mod:`lorakit.data.text_files`).
     """
     path = Path(path)
+    check_link(path, "data path")
     if not path.exists():
         raise ValueError(f"data path {path} does not exist")
     if path.is_dir():
@@ -74,14 +51,21 @@ def load_rows(path: str | Path) -> datasets.Dataset:
         )
     if path.stat().st_size == 0:  # datasets raises StopIteration or a parser's error
         raise ValueError(f"{path} is empty (0 bytes)")
-    if path.suffix.lower() == ".jsonl":
-        _check_jsonl(path)
+    if builder != "parquet":
+        CHECKS[path.suffix.lower()](path)
+    # The text builder would keep a UTF-8 byte-order mark in the first row's text.
+    options = {"encoding": "utf-8-sig"} if builder == "text" else {}
     try:
         with _datasets_logs_quiet():
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as e:
         cause = e.__cause__ or e
         raise ValueError(f"{path}: cannot be read as {builder}: {cause}") from None
+    if builder == "text":
+        rows = rows.filter(lambda row: bool(row["text"].strip()))
+        if len(rows) == 0:
+            raise ValueError(f"{path} has no rows (only blank lines)")
+    return rows
 
 
 @contextmanager

@@ -11,8 +11,10 @@ file's path, size and modification time; ``lorakit convert --gguf`` writes one w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.model_dirs import replaced_atomically
+from lorakit.paths import make_dirs
 
 SUFFIX = ".gguf"
 
@@ -40,6 +43,8 @@ def cache_root() -> Path:
 
 
 def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"GGUF file {path} is a directory")
     if not path.is_file():
         raise ValueError(f"GGUF file {path} does not exist")
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
@@ -59,15 +64,19 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its progress bar and "dequantizing" notice: asked for here
+    # transformers draws the conversion's bar with plain tqdm, beyond the reach of its progress
+    # switch (which the CLI turns off without --progress): then the bar's stderr goes nowhere.
+    shown = logging.is_progress_bar_enabled()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        # dequantize=True: plain float weights whether or not a GGUF matmul kernel is installed.
-        quantized = AutoModelForCausalLM.from_pretrained(
-            path.parent,
-            gguf_file=path.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
-        )
+        with contextlib.nullcontext() if shown else contextlib.redirect_stderr(io.StringIO()):
+            # dequantize=True: plain float weights whether or not a GGUF matmul kernel is there.
+            quantized = AutoModelForCausalLM.from_pretrained(
+                path.parent,
+                gguf_file=path.name,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+            )
     except Exception as e:  # the reader raises anything from struct.error to KeyError
         raise ValueError(f"cannot read {path} as a GGUF model: {type(e).__name__}: {e}") from None
     finally:
@@ -112,6 +121,7 @@ def converted_dir(path: Path) -> Path:
     _check_file(path)
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    make_dirs(cache_root(), f"the lorakit cache {cache_root()} (LORAKIT_CACHE)")
     target = cache_root() / "gguf" / f"{path.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
     if not (target / "config.json").is_file():
         write_model_dir(path, target, overwrite=True)

@@ -26,7 +26,7 @@ from lorakit.peft import (
     set_adapter,
     using_adapter,
 )
-from lorakit.peft.files import CONFIG_NAME, read_json
+from lorakit.peft.files import CONFIG_NAME, read_adapter_config
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -164,7 +164,7 @@ def check_reward_adapter(folder: str | Path) -> None:
         ValueError: its ``modules_to_save`` does not list the score head.
     """
     path = Path(folder) / CONFIG_NAME
-    if SCORE_HEAD not in (read_json(path).get("modules_to_save") or []):
+    if SCORE_HEAD not in (read_adapter_config(Path(folder)).get("modules_to_save") or []):
         raise ValueError(
             f"{folder} is no reward adapter: {path} lists no trained {SCORE_HEAD!r} head in "
             "modules_to_save (lorakit reward writes one)"

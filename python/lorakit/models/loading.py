@@ -29,10 +29,11 @@ class ModelConfig:
     model: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "A Hugging Face causal LM and its tokenizer: a local directory, a hub id "
             "(owner/name: taken from the Hugging Face cache, downloaded there when missing "
             "and the network allows; safetensors weights only), or a .gguf file (converted "
-            "once to a float32 directory under ~/.cache/lorakit/gguf; needs the gguf package)."
+            "once to a float32 directory under ~/.cache/lorakit/gguf; needs the gguf package).",
         },
     )
     method: MethodName = field(default="qlora", metadata={"help": methods_help()})
@@ -71,6 +72,11 @@ def model_dir(config: ModelConfig) -> Path:
         return gguf.converted_dir(path)
     if config.model and (path / "config.json").is_file():
         return path
+    if path.is_file():
+        raise ValueError(
+            f"{path} is a file, not a model directory (with config.json) nor a GGUF file "
+            "(named *.gguf)"
+        )
     if not config.model or path.exists() or not _HUB_ID.fullmatch(config.model):
         raise ValueError(f"model directory {path} does not exist or has no config.json")
     from huggingface_hub import snapshot_download

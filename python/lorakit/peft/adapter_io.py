@@ -23,7 +23,7 @@ from lorakit.peft.adapters import active_adapter, adapter_layers, adapter_names
 from lorakit.peft.base_record import BASE_NAME
 from lorakit.peft.bottleneck_io import PEFT_TYPE as BOTTLENECK_TYPE
 from lorakit.peft.bottleneck_io import load_bottleneck, save_bottleneck
-from lorakit.peft.files import CONFIG_NAME, read_json
+from lorakit.peft.files import CONFIG_NAME, read_adapter_config
 from lorakit.peft.ia3_io import load_ia3, save_ia3
 from lorakit.peft.lora_io import load_lora, save_lora
 from lorakit.peft.prefix_io import load_prefix, save_prefix
@@ -132,7 +132,7 @@ def load_adapter(
             files (unsupported options, keys or shapes that do not fit ``model``, a name taken).
     """
     folder = Path(in_dir)
-    config = read_json(folder / CONFIG_NAME)
+    config = read_adapter_config(folder)
     peft_type = config.get("peft_type")
     adapter_format = FORMATS.get(peft_type) if isinstance(peft_type, str) else None
     if adapter_format is None:

@@ -55,22 +55,41 @@ def peft_header(model: nn.Module, peft_type: str) -> dict[str, Any]:
     }
 
 
+# What a write that fails (a full disk, a read-only file system) raises: safetensors reports an
+# I/O error as an exception of its own, which is no OSError.
+WRITE_ERRORS = (OSError, safetensors.SafetensorError)
+
+
+def write_error(path: Path, error: BaseException) -> OSError:
+    """A failed write of ``path`` as one line that names it."""
+    return OSError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}")
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Calls ``write`` on a temporary file beside ``path``, then renames it to ``path``.
 
     The rename is atomic on POSIX (same directory, same file system), so a reader or a crash sees
     either the old file or the complete new one, never a partial write.
+
+    Raises:
+        OSError: the write failed (the message names ``path``); the old file, if any, is kept
+            and the temporary one removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from e
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, WRITE_ERRORS):
+            raise write_error(path, e) from e
         raise
 
 
@@ -82,6 +101,22 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # safetensors refuses tensors that share memory or are not contiguous: give it plain copies.
     plain = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     write_atomic(path, lambda p: safetensors.torch.save_file(plain, p, metadata={"format": "pt"}))
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is a file or missing (named, rather than the config it
+            lacks), or it has no config.
+        ValueError: the config is not a JSON object.
+    """
+    if not folder.is_dir():
+        what = "is a file, not an adapter directory" if folder.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{folder} {what} (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    return read_json(folder / CONFIG_NAME)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lorakit.data import DataConfig, Pair
+from lorakit.model_dirs import check_replaceable, replaced_atomically
 from lorakit.models import ModelConfig
 from lorakit.models.positions import check_positions
 from lorakit.models.vocab import check_token_ids
@@ -85,10 +86,17 @@ def save_result(model: nn.Module, tokenizer: Any, config: RunConfig) -> Path:
     ``base_model_name_or_path`` is the model directory the run loaded."""
     target = result_path(config)
     if config.model.method == "full":
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        # Atomically: a failed write (a full disk) keeps an earlier run's model whole.
+        with replaced_atomically(target, overwrite=True, inputs=_inputs(config)) as new:
+            model.save_pretrained(new)
+            tokenizer.save_pretrained(new)
         return target
     return save_adapter(model, target)
+
+
+def _inputs(config: RunConfig) -> tuple[Path, ...]:
+    """What a run reads, which its result must not replace (``--out`` holding ``--model``)."""
+    return (Path(config.model.model), *map(Path, config.data.data))
 
 
 def batches(
@@ -126,6 +134,8 @@ def train_and_save(
         bf16 = precision.describe(config.train.autocast, next(model.parameters()).device)
         if bf16 is not None:
             print(bf16)
+    if config.model.method == "full":  # refused now, not after training
+        check_replaceable(result_path(config), True, _inputs(config))
     # The lock spans training and saving, so no other run writes out between them.
     with out_dir.claim(Path(config.train.out)):
         trainer = Trainer(model, config.train, objective, train, val, config, rows_digest)

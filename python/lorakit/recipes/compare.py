@@ -56,7 +56,9 @@ DEFAULT_LRS = ("full=3e-4", "lora=3e-3", "qlora=3e-3", "ia3=3e-1", "prefix=3e-1"
 class CompareConfig:
     """What to compare and on what (the defaults run in about a minute on 2 CPU cores)."""
 
-    out: str = field(default="lorakit-compare", metadata={"help": "Output directory."})
+    out: str = field(
+        default="lorakit-compare", metadata={"path": True, "help": "Output directory."}
+    )
     methods: list[str] = field(
         default_factory=lambda: list(METHODS),
         metadata={"help": f"Methods to compare (registered: {', '.join(METHODS)})."},

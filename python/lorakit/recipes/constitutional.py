@@ -32,6 +32,7 @@ from lorakit.models import ModelConfig, load_model, load_tokenizer
 from lorakit.models.positions import position_limit
 from lorakit.models.vocab import check_token_ids
 from lorakit.peft import load_adapter
+from lorakit.train import out_dir
 
 REQUIRED = frozenset({"model", "data", "out"})
 
@@ -43,12 +44,14 @@ class SourceOptions:
     model: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "A causal LM and its tokenizer: a local directory, a hub id, or a .gguf "
-            "file (as --model of lorakit sft)."
+            "file (as --model of lorakit sft).",
         },
     )
     adapter: str = field(
-        default="", metadata={"help": "An adapter directory to load onto the model (optional)."}
+        default="",
+        metadata={"path": True, "help": "An adapter directory to load onto the model (optional)."},
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "Weights' dtype: auto keeps the checkpoint's."}
@@ -65,18 +68,23 @@ class CritiqueOptions:
     data: list[str] = field(
         default_factory=list,
         metadata={
+            "path": True,
             "help": "Prompt files (JSONL / JSON / CSV / Parquet / datasets directory) with a "
-            "'prompt' column or chat 'messages'."
+            "'prompt' column or chat 'messages'.",
         },
     )
     principles: str = field(
         default="",
-        metadata={"help": "Principles file (YAML or JSON); empty: lorakit's default set."},
+        metadata={
+            "path": True,
+            "help": "Principles file (YAML or JSON); empty: lorakit's default set.",
+        },
     )
     out: str = field(
         default="",
         metadata={
-            "help": "Output directory (an existing run there with the same settings resumes)."
+            "path": True,
+            "help": "Output directory (an existing run there with the same settings resumes).",
         },
     )
     revisions: int = field(
@@ -187,7 +195,8 @@ def run(config: ConstitutionalConfig) -> dict[str, Any]:
 
 def main(config: ConstitutionalConfig) -> str:
     """``lorakit constitutional``: what it prints when done."""
-    s = run(config)
+    with out_dir.claim(Path(config.critique.out)):  # one run per --out, as for training
+        s = run(config)
     out = config.critique.out
     return (
         f"{s['prompts']} prompts, {s['prompts_changed']} revised to a different text; "

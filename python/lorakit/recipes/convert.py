@@ -20,8 +20,12 @@ REQUIRED = frozenset({"gguf", "out"})
 class ConvertConfig:
     """Which GGUF file to convert, and where to."""
 
-    gguf: str = field(default="", metadata={"help": "The .gguf file (needs the gguf package)."})
-    out: str = field(default="", metadata={"help": "Directory to write the model and tokenizer."})
+    gguf: str = field(
+        default="", metadata={"path": True, "help": "The .gguf file (needs the gguf package)."}
+    )
+    out: str = field(
+        default="", metadata={"path": True, "help": "Directory to write the model and tokenizer."}
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Dtype of the written weights."}
     )

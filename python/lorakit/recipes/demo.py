@@ -43,7 +43,7 @@ from lorakit.validate import check_number
 class DemoConfig:
     """Sizes and lengths of the demo (the defaults fit in 3 minutes on 2 CPU cores)."""
 
-    out: str = field(default="lorakit-demo", metadata={"help": "Output directory."})
+    out: str = field(default="lorakit-demo", metadata={"path": True, "help": "Output directory."})
     hidden: int = field(default=128, metadata={"help": "Model width."})
     layers: int = field(default=4, metadata={"help": "Decoder layers."})
     pretrain_epochs: float = field(default=40, metadata={"help": "Passes over the corpus."})

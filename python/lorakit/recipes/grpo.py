@@ -25,7 +25,7 @@ from lorakit.models import load_model, load_tokenizer
 from lorakit.peft import AdapterReport, load_adapter
 from lorakit.peft.base_record import BASE_NAME, read_base_record
 from lorakit.peft.config import normalize_targets
-from lorakit.peft.files import CONFIG_NAME, read_json
+from lorakit.peft.files import read_adapter_config
 from lorakit.peft.inject import count_parameters, find_targets, quantize_layers
 from lorakit.recipes.common import RunConfig, make_trainable, result_path, save_result
 from lorakit.train import distributed, out_dir
@@ -44,10 +44,11 @@ class InitOptions:
     init_adapter: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "Continue this LoRA adapter (e.g. lorakit sft's out/adapter) instead of a "
             "new one: on the base in NF4 with --method qlora, as loaded with --method lora. An "
             "adapter lorakit wrote records its base (lorakit_base.json): another --method is "
-            "refused, and NF4 is quantized as recorded. The reference is that base without it."
+            "refused, and NF4 is quantized as recorded. The reference is that base without it.",
         },
     )
 
@@ -107,7 +108,7 @@ def check_init_adapter(options: InitOptions, method: str) -> None:
     """
     if not options.init_adapter:
         return
-    config = read_json(Path(options.init_adapter) / CONFIG_NAME)
+    config = read_adapter_config(Path(options.init_adapter))
     kind, task = config.get("peft_type"), config.get("task_type")
     if kind != "LORA" or task not in (None, "CAUSAL_LM"):
         raise ValueError(
@@ -142,7 +143,7 @@ def prepare_policy(model: nn.Module, config: GRPOConfig) -> AdapterReport:
     if not folder:
         return make_trainable(model, config)
     if config.model.method == "qlora":  # the layers it adapts in NF4, as a new adapter's are
-        targets = normalize_targets(read_json(Path(folder) / CONFIG_NAME).get("target_modules"))
+        targets = normalize_targets(read_adapter_config(Path(folder)).get("target_modules"))
         record = read_base_record(Path(folder)) or {}
         blocksize = record.get("blocksize", config.lora.blocksize)
         double_quant = record.get("double_quant", config.lora.double_quant)

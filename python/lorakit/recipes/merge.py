@@ -19,7 +19,7 @@ from lorakit.models import (
 from lorakit.nn import IA3Linear, LoRALinear
 from lorakit.peft import load_adapter, merge_and_export
 from lorakit.peft.adapter_io import FORMATS
-from lorakit.peft.files import CONFIG_NAME, read_json
+from lorakit.peft.files import read_adapter_config
 
 # Options with no useful default.
 REQUIRED = {"model", "adapter", "out"}
@@ -39,17 +39,22 @@ class MergeConfig:
     model: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "Local directory of the base causal LM and its tokenizer (the one the adapter "
             "was trained on; for a QLoRA adapter the dense checkpoint, which is what "
-            "base_model_name_or_path names, so the merge goes into the unquantized weights)."
+            "base_model_name_or_path names, so the merge goes into the unquantized weights).",
         },
     )
     adapter: str = field(
         default="",
-        metadata={"help": "Adapter directory (adapter_config.json + adapter_model.safetensors)."},
+        metadata={
+            "path": True,
+            "help": "Adapter directory (adapter_config.json + adapter_model.safetensors).",
+        },
     )
     out: str = field(
-        default="", metadata={"help": "Directory to write the merged model and tokenizer to."}
+        default="",
+        metadata={"path": True, "help": "Directory to write the merged model and tokenizer to."},
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
@@ -75,13 +80,7 @@ def check_mergeable(adapter_dir: Path) -> str:
         FileNotFoundError: the folder or its ``adapter_config.json`` is missing.
         ValueError: the config is corrupt, or the method's adapters cannot be merged.
     """
-    if not adapter_dir.is_dir():
-        what = "is a file, not an adapter directory" if adapter_dir.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"--adapter {adapter_dir} {what} (an adapter directory holds adapter_config.json and "
-            "adapter_model.safetensors)"
-        )
-    config = read_json(adapter_dir / CONFIG_NAME)
+    config = read_adapter_config(adapter_dir)
     peft_type = config.get("peft_type")
     adapter_format = FORMATS.get(peft_type) if isinstance(peft_type, str) else None
     if adapter_format is None:
@@ -110,7 +109,7 @@ def run(config: MergeConfig) -> Path:
     base = ModelConfig(model=config.model, dtype="auto", device=config.device)
     tokenizer = load_tokenizer(base)
     # A reward model's adapter (PEFT's SEQ_CLS) goes on the backbone with its score head.
-    task = read_json(Path(config.adapter) / CONFIG_NAME).get("task_type")
+    task = read_adapter_config(Path(config.adapter)).get("task_type")
     if task == "SEQ_CLS":
         model = load_sequence_classifier(base, pad_id(tokenizer))
     else:

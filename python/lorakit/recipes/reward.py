@@ -34,6 +34,7 @@ from lorakit.models.heads import check_reward_adapter
 from lorakit.models.loading import SCORE_HEAD
 from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport, load_adapter
+from lorakit.peft.files import write_atomic
 from lorakit.peft.inject import count_parameters
 from lorakit.peft.whole_modules import train_whole
 from lorakit.recipes.common import (
@@ -80,7 +81,10 @@ class RewardOptions:
     )
     adapter: str = field(
         default="",
-        metadata={"help": "With --score: a reward adapter written by lorakit reward."},
+        metadata={
+            "path": True,
+            "help": "With --score: a reward adapter written by lorakit reward.",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -290,7 +294,8 @@ def score_file(config: RewardConfig) -> str:
         )
         records = [{"score": v} for v in values]
         line = f"scored {len(rows)} rows: mean {sum(values) / max(1, len(values)):.4f}; {target}"
-    target.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    write_atomic(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return line
 
 

@@ -18,10 +18,12 @@ checkpoint or the new one, never a partial one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.peft.files import read_json, read_tensors
+from lorakit.peft.files import WRITE_ERRORS, read_json, read_tensors, write_atomic, write_error
 
 LATEST = "latest"
 
@@ -119,10 +121,11 @@ def save(
     ``rng_states``: every rank's :func:`rng_state`, in rank order (default: this process's).
     """
     tmp = staging_dir(out)
-    save_trainable(model, tmp / "trainable.safetensors")
-    tensors, rest = split_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(rest))
+    with removed_on_failure(tmp, out / f"checkpoint-{step}"):
+        save_trainable(model, tmp / "trainable.safetensors")
+        tensors, rest = split_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(rest))
     return publish(out, tmp, step, trainer_state, keep, rng_states)
 
 
@@ -131,6 +134,19 @@ def staging_dir(out: Path) -> Path:
     :func:`publish` renames it into place."""
     out.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=out))
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """Deletes staged checkpoint ``tmp`` when writing into it fails, so that a full disk leaves
+    no half-written folder, only the earlier checkpoints; the failure names ``final``."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WRITE_ERRORS):
+            raise write_error(final, e) from e
+        raise
 
 
 def publish(
@@ -144,15 +160,14 @@ def publish(
     """Adds the RNG and trainer state to staged checkpoint ``tmp`` (its tensors written), renames
     it to ``out/checkpoint-<step>``, points ``latest`` at it and keeps the ``keep`` latest."""
     final = out / f"checkpoint-{step}"
-    for rank, state in enumerate(rng_states or [rng_state()]):
-        save_file(state, str(tmp / _rng_file(rank)))
-    (tmp / "trainer.json").write_text(json.dumps(trainer_state))
+    with removed_on_failure(tmp, final):
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            save_file(state, str(tmp / _rng_file(rank)))
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state))
     if final.exists():  # a rerun of the same step after a crash between rename and `latest`
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = out / f".{LATEST}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / LATEST)
+    write_atomic(out / LATEST, lambda pointer: pointer.write_text(final.name))
     for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old)
     return final

@@ -17,7 +17,10 @@ class TrainConfig:
 
     out: str = field(
         default="lorakit-out",
-        metadata={"help": "Output directory: checkpoints, metrics.jsonl, loss.png, the result."},
+        metadata={
+            "path": True,
+            "help": "Output directory: checkpoints, metrics.jsonl, loss.png, the result.",
+        },
     )
     epochs: float = field(
         default=1.0, metadata={"help": "Passes over the training data (may be fractional)."}

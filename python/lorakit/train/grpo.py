@@ -55,8 +55,9 @@ class GRPOOptions:
     reward_function: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "The verifiable reward, module:function or path/to/file.py:function, called "
-            "as function(prompts, completions, **other_columns) -> one float per completion."
+            "as function(prompts, completions, **other_columns) -> one float per completion.",
         },
     )
     group_size: int = field(

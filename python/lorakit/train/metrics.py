@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorakit.peft.files import write_atomic
+from lorakit.peft.files import write_atomic, write_error
 
 
 class MetricsLog:
@@ -41,8 +41,16 @@ class MetricsLog:
             self._board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """Appends ``record`` (a line torn by a full disk is dropped when the file is read).
+
+        Raises:
+            OSError: the write failed (the message names the file).
+        """
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from e
         if self._board is not None:
             for name, value in record.items():
                 if name != "step" and isinstance(value, (int, float)):
@@ -119,5 +127,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, title: str = "") -> 
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:]))
+    finally:
+        plt.close(fig)

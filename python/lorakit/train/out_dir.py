@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from lorakit.paths import check_link, make_dirs
 from lorakit.train import distributed
 
 LOCK = ".lorakit.lock"
@@ -44,8 +45,10 @@ def claim(out: Path) -> Iterator[None]:
     of interrupted writes. Nested claims of one directory by one process are allowed.
 
     Raises:
-        ValueError: another process holds the lock (the message names it).
+        ValueError: another process holds the lock (the message names it), or ``out`` is a
+            symlink to nothing.
     """
+    check_link(out, "--out")
     key = out.resolve()
     if key in _held:
         _held[key] += 1
@@ -77,7 +80,10 @@ def _lock(out: Path) -> tuple[TextIO | None, str | None]:
     if out.exists() and not out.is_dir():
         return None, f"--out {out} is a file, not a directory: choose another --out"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out, f"--out {out}")
+    except (ValueError, OSError) as e:  # a file in the way, no permission: named
+        return None, str(e)
+    try:
         # "a+" neither truncates the holder's note before the lock is ours nor fails if absent.
         handle = (out / LOCK).open("a+", encoding="utf-8")
     except OSError as e:

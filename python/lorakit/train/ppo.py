@@ -77,22 +77,25 @@ class PPOOptions:
     reward_function: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "A verifiable reward, module:function or path/to/file.py:function, called "
-            "as function(prompts, completions, **other_columns) -> one float per completion."
+            "as function(prompts, completions, **other_columns) -> one float per completion.",
         },
     )
     reward_adapter: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "A reward adapter written by lorakit reward (LoRA + score head): loaded on "
-            "the policy's base as one more named adapter, or on --reward-model when given."
+            "the policy's base as one more named adapter, or on --reward-model when given.",
         },
     )
     reward_model: str = field(
         default="",
         metadata={
+            "path": True,
             "help": "A reward model of its own (a sequence-classifier directory, e.g. written "
-            "by lorakit merge or lorakit reward --method full), when it does not share the base."
+            "by lorakit merge or lorakit reward --method full), when it does not share the base.",
         },
     )
     kl_coef: float = field(
