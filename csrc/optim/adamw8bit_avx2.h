@@ -59,27 +59,17 @@ inline float max_lane_bits(__m256i x) {
 inline void quantize_block8(const float* __restrict x, float inverse, const CodeTables& t,
                             uint8_t* __restrict q) {
   const __m256 vinverse = _mm256_set1_ps(inverse);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
   const __m256i low16 = _mm256_set1_epi32(0xFFFF);
-  const __m256i first =
-      _mm256_set1_epi32(CodeTables::kLowestExponent << CodeTables::kLutMantissaBits);
-  const __m256i last = _mm256_set1_epi32(CodeTables::kBuckets - 1);
-  const __m256i buckets = _mm256_set1_epi32(CodeTables::kBuckets);
   const __m256i byte_mask = _mm256_set1_epi32(0xFF);
   const auto* lut = reinterpret_cast<const int*>(t.lut);
   for (int64_t i = 0; i < kBlocksize; i += 8) {
     const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinverse);
     const __m256i u = _mm256_castps_si256(y);
-    const __m256i negative = _mm256_srai_epi32(u, 31);  // all ones where the sign bit is set
-    // bucket_of(u)
-    __m256i b =
-        _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(u, abs_mask), kBucketShift), first);
-    b = _mm256_min_epi32(_mm256_max_epi32(b, _mm256_setzero_si256()), last);
-    b = _mm256_add_epi32(b, _mm256_and_si256(negative, buckets));
-    const __m256i entry = _mm256_i32gather_epi32(lut, b, 4);
-    // base + (key_of(u) > threshold); both sides < 2^16, so the signed compare is exact.
-    const __m256i key =
-        _mm256_xor_si256(_mm256_and_si256(u, low16), _mm256_and_si256(negative, low16));
+    const __m256i entry =
+        _mm256_i32gather_epi32(lut, _mm256_srli_epi32(u, CodeTables::kBucketShift), 4);
+    // base + (key_of(u) > threshold); both sides < 2^16, so the signed compare is exact. The key
+    // flips the low bits of negative values: u ^ (all ones where the sign bit is set).
+    const __m256i key = _mm256_and_si256(_mm256_xor_si256(u, _mm256_srai_epi32(u, 31)), low16);
     const __m256i above = _mm256_cmpgt_epi32(key, _mm256_srli_epi32(entry, 8));
     __m256i idx = _mm256_sub_epi32(_mm256_and_si256(entry, byte_mask), above);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));

@@ -29,23 +29,25 @@ struct AdamWScalars {
   float grad_scale;     // max-grad-norm clipping factor folded into the step (1 for none)
 };
 
-// Nearest-code lookup for one sorted 256-entry map without a binary search. |y|'s exponent and
-// top kLutMantissaBits mantissa bits pick a bucket (one table half per sign). Where the map allows
-// it (`exact`), each bucket holds at most one midpoint, so the answer in the bucket is `base` up to
-// the midpoint and base + 1 above it. Every y in a bucket shares its high 16 bits, so "above the
-// midpoint" is an integer comparison of the low 16 bits, sign-adjusted (key_of in the kernels):
-// one table load per value, no float midpoint to fetch. Entry = base | threshold << 8, with
-// threshold 0xFFFF (no key exceeds it) where the bucket holds no midpoint.
+// Nearest-code lookup for one sorted 256-entry map without a binary search. The top 16 bits of
+// y's float32 bits (sign, exponent and kLutMantissaBits mantissa bits) pick a bucket, by one shift:
+// no clamping, no sign handling. Where the map allows it (`exact`), each bucket holds at most one
+// midpoint, so the answer in the bucket is `base` up to the midpoint and base + 1 above it. Every y
+// in a bucket shares its high 16 bits, so "above the midpoint" is an integer comparison of the low
+// 16 bits, sign-adjusted (key_of in the kernels): one table load per value, no float midpoint to
+// fetch. Entry = base | threshold << 8, with threshold 0xFFFF (no key exceeds it) where the bucket
+// holds no midpoint. NaN has no entry of its own (the kernels test for it). The table spans every
+// float (256 KiB), but a step touches only the buckets of its values: for a block scaled into
+// [-1, 1], about 2 x 23 exponents x 128 entries.
 struct CodeTables {
   static constexpr int kLutMantissaBits = 7;  // buckets narrower than any gap of the dynamic maps
-  static constexpr uint32_t kLowestExponent = 104;  // |y| < 2^-23 shares bucket 0 with 0
-  static constexpr int64_t kBuckets = (127 - kLowestExponent) * (1 << kLutMantissaBits) + 1;
+  static constexpr int kBucketShift = 23 - kLutMantissaBits;
+  static constexpr int64_t kBuckets = int64_t{1} << (32 - kBucketShift);
   static constexpr uint32_t kNoThreshold = 0xFFFF;
 
   float code[256];
-  float midpoints[255];  // (code[i] + code[i+1]) / 2: the exact rule, used when !exact
-  // [0, kBuckets): y >= 0; [kBuckets, 2 kBuckets): y < 0 (sign bit set, -0 included).
-  uint32_t lut[2 * kBuckets];
+  float midpoints[255];    // (code[i] + code[i+1]) / 2: the exact rule, used when !exact
+  uint32_t lut[kBuckets];  // indexed by y's bits >> kBucketShift
   bool exact;  // every bucket obeys the rule above (true for bitsandbytes' dynamic maps)
 };
 

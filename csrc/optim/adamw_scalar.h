@@ -63,15 +63,8 @@ inline float update(float param, float grad, Moments& mv, const AdamWScalars& c)
 // over them is the absolute maximum with a NaN winning (blockwise8's absmax rule).
 inline uint32_t abs_bits(float x) { return bits_of(x) & 0x7FFFFFFFu; }
 
-constexpr int kBucketShift = 23 - CodeTables::kLutMantissaBits;
-
 // The CodeTables bucket of the value with bits u, and its key within the bucket (see CodeTables).
-inline int64_t bucket_of(uint32_t u) {
-  constexpr int64_t first = int64_t{CodeTables::kLowestExponent} << CodeTables::kLutMantissaBits;
-  const int64_t b = static_cast<int64_t>((u & 0x7FFFFFFFu) >> kBucketShift) - first;
-  const int64_t clamped = b < 0 ? 0 : (b >= CodeTables::kBuckets ? CodeTables::kBuckets - 1 : b);
-  return clamped + (u >> 31) * CodeTables::kBuckets;
-}
+inline uint32_t bucket_of(uint32_t u) { return u >> CodeTables::kBucketShift; }
 inline uint32_t key_of(uint32_t u) { return (u & 0xFFFFu) ^ (u >> 31 ? 0xFFFFu : 0u); }
 
 // blockwise8::inverse_absmax, restated in this instruction set's namespace: an inline function

@@ -1,7 +1,6 @@
 // Bucket tables for the CPU 8-bit step and the runtime CPU check that picks a kernel copy.
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 #include "blockwise8/blockwise8_checks.h"
 #include "blockwise8/blockwise8_code.h"
@@ -28,15 +27,14 @@ uint32_t bits_of(float f) {
 // The entry of a bucket whose values y run from `first` to `last` (first < last, same sign):
 // nearest_code is monotone in y, so its answers there are the ones at the two ends and every
 // integer between. One step (or none) fits the entry format; the step lies at midpoints[base]
-// (the last y answered `base`), which then lies in the bucket. Returns false if the step does
-// not fit: more than one step, or a step in a clamped bucket, whose values do not share their
-// high bits.
-bool bucket_entry(const float* midpoints, float first, float last, bool clamped, uint32_t& entry) {
+// (the last y answered `base`), which then lies in the bucket. Returns false if there are more
+// steps than one.
+bool bucket_entry(const float* midpoints, float first, float last, uint32_t& entry) {
   const uint8_t base = blockwise8::nearest_code(first, midpoints);
   const uint8_t top = blockwise8::nearest_code(last, midpoints);
   entry = base | CodeTables::kNoThreshold << 8;
   if (top == base) return true;
-  if (top != base + 1 || clamped) return false;
+  if (top != base + 1) return false;
   const uint32_t mid = bits_of(midpoints[base]);
   const uint32_t low = mid & 0xFFFFu;
   // key_of in the kernels: y > mid <=> key(y) > key(mid), within one bucket.
@@ -49,20 +47,24 @@ bool bucket_entry(const float* midpoints, float first, float last, bool clamped,
 void build_code_tables(const float* code, CodeTables& t) {
   std::memcpy(t.code, code, sizeof t.code);
   for (int i = 0; i + 1 < 256; ++i) t.midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
-  constexpr int shift = 23 - CodeTables::kLutMantissaBits;
-  constexpr uint32_t first = CodeTables::kLowestExponent << CodeTables::kLutMantissaBits;
-  constexpr float inf = std::numeric_limits<float>::infinity();
+  constexpr int shift = CodeTables::kBucketShift;
+  constexpr uint32_t low_bits = (1u << shift) - 1;
+  constexpr uint32_t sign = 0x80000000u;
+  constexpr uint32_t infinity = 0x7F800000u;
   t.exact = true;
   for (int64_t b = 0; b < CodeTables::kBuckets; ++b) {
-    // The magnitudes that land in bucket b: [lo, hi]; bucket 0 also takes everything smaller,
-    // the last bucket everything larger (those two are "clamped").
-    const bool clamped = b == 0 || b + 1 == CodeTables::kBuckets;
-    const float lo = b == 0 ? 0.0f : from_bits(static_cast<uint32_t>(first + b) << shift);
-    const float hi = b + 1 == CodeTables::kBuckets
-                         ? inf
-                         : from_bits((static_cast<uint32_t>(first + b + 1) << shift) - 1);
-    t.exact &= bucket_entry(t.midpoints, lo, hi, clamped, t.lut[b]);
-    t.exact &= bucket_entry(t.midpoints, -hi, -lo, clamped, t.lut[CodeTables::kBuckets + b]);
+    const uint32_t first = static_cast<uint32_t>(b) << shift;  // the bucket's bits: first..last
+    const uint32_t last = first | low_bits;
+    if ((first & ~sign) >= infinity) {
+      // Infinity and NaNs: the answer of the infinity; the kernels send NaN to 255 themselves.
+      t.lut[b] = blockwise8::nearest_code(from_bits(first & (sign | infinity)), t.midpoints) |
+                 CodeTables::kNoThreshold << 8;
+      continue;
+    }
+    // Bits order like magnitudes, so a negative bucket runs from its last bits' value upwards.
+    t.exact &= first & sign
+                   ? bucket_entry(t.midpoints, from_bits(last), from_bits(first), t.lut[b])
+                   : bucket_entry(t.midpoints, from_bits(first), from_bits(last), t.lut[b]);
   }
 }
 
