@@ -115,7 +115,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, model_dir, capsys) -> None:
     missing = str(tmp_path / "missing.jsonl")
     one_line_error(capsys, ["sft", *good, "--data", missing], "missing.jsonl does not exist")
     bad_rows = data_file(tmp_path, [*qa_rows(2), {"prompt": "what", "completion": ["two"]}])
-    one_line_error(capsys, ["sft", *good, "--data", bad_rows], "row 2: 'completion' must be")
+    one_line_error(capsys, ["sft", *good, "--data", bad_rows], "row 3: 'completion' must be")
     one_line_error(
         capsys,
         ["sft", "--model", str(tmp_path / "nowhere"), "--data", bad_rows],

@@ -37,7 +37,7 @@ def test_loading_errors_name_the_problem(tmp_path) -> None:
 def test_a_malformed_row_is_named(tmp_path) -> None:
     rows = [*qa_rows(3), {"prompt": "what is one ?", "completion": None}]
     config = DataConfig(data=[write_jsonl(tmp_path / "d.jsonl", rows)])
-    with pytest.raises(ValueError, match=r"d\.jsonl: row 3: 'completion' is null"):
+    with pytest.raises(ValueError, match=r"d\.jsonl: row 4: 'completion' is missing or null"):
         prepare(config, TOK)
 
 
@@ -167,6 +167,11 @@ ROWS_JSON = json.dumps(qa_rows(2))
         ("blank.txt", b"\n \r\n", "has no rows (only blank lines)"),
         ("deep.jsonl", b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}", "line 1: a value is nested"),
         ("deep.json", b"[" * 10**5 + b"]" * 10**5, "deep.json: a value is nested too deeply"),
+        # Python's json takes these literals and datasets would read NaN as a null.
+        ("nan.jsonl", b'{"text": "a"}\n{"text": NaN}\n', "line 2: NaN is no JSON value"),
+        ("inf.json", b'[{"text": "a", "margin": -Infinity}]', "-Infinity is no JSON value"),
+        ("header.csv", b"prompt,completion\r\n\r\n", "has no rows (only a header)"),
+        ("blank.csv", b"\n\n", "has no rows"),
     ],
 )
 def test_text_that_is_not_utf8_or_not_json_names_the_file_and_line(

@@ -266,7 +266,7 @@ def test_prompts_from_prompt_rows_and_chat_messages(tmp_path) -> None:
     assert second.text == "<|user|>\nhello\n<|assistant|>\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "?"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: a prompt row needs"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1: a prompt row needs"):
         load_prompts([str(bad)], tok)
 
 

@@ -362,7 +362,7 @@ def bad(tmp_path, row: dict, reason: str, tok=TOK) -> None:
     else:
         good = {"prompt": "what is p0 ?", "chosen": "c0", "rejected": "d0"}
     config = DataConfig(data=[write_jsonl(tmp_path / "bad.jsonl", [good, row])])
-    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1: " + reason):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 2: " + reason):
         prepare_preferences(config, tok)
 
 
@@ -407,11 +407,11 @@ def test_margins_must_be_numbers_in_every_row(tmp_path) -> None:
     rows = [{"prompt": "p0", "chosen": "c0", "rejected": "d0", "margin": 1.0}]
     rows.append({"prompt": "p1", "chosen": "c1", "rejected": "d1"})
     config = DataConfig(data=[write_jsonl(tmp_path / "m.jsonl", rows)])
-    with pytest.raises(ValueError, match=r"m\.jsonl: row 1: 'margin' must be a number, got None"):
+    with pytest.raises(ValueError, match=r"m\.jsonl: row 2: 'margin' must be a number, got None"):
         prepare_preferences(config, TOK)
     rows = [{"prompt": "p0", "chosen": "c0", "rejected": "d0", "margin": "big"}]
     config = DataConfig(data=[write_jsonl(tmp_path / "s.jsonl", rows)])
-    with pytest.raises(ValueError, match=r"s\.jsonl: row 0: 'margin' must be a number, got str"):
+    with pytest.raises(ValueError, match=r"s\.jsonl: row 1: 'margin' must be a number, got str"):
         prepare_preferences(config, TOK)
     with pytest.raises(ValueError, match="'margin' must be finite"):
         pair_segments({**rows[0], "margin": float("inf")}, TOK)
@@ -446,5 +446,5 @@ def test_config_mistakes_and_sft_on_pairs(tmp_path) -> None:
         prepare_preferences(DataConfig(data=[path], format="chat"), TOK)
     with pytest.raises(ValueError, match="no training data given"):
         prepare_preferences(DataConfig(), TOK)
-    with pytest.raises(ValueError, match=r"d\.jsonl: row 0: .*prepare_preferences"):
+    with pytest.raises(ValueError, match=r"d\.jsonl: row 1: .*prepare_preferences"):
         prepare(DataConfig(data=[path]), TOK)

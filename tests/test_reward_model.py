@@ -172,7 +172,7 @@ def test_bad_rows_get_one_line_naming_file_and_row(base, tmp_path, capsys, row, 
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert (
-        len(err.splitlines()) == 1 and "bad.jsonl" in err and "row 3" in err and expected in err
+        len(err.splitlines()) == 1 and "bad.jsonl" in err and "row 4" in err and expected in err
     )  # 0-based
 
 

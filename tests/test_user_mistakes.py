@@ -556,9 +556,9 @@ def test_a_reward_adapter_without_score_is_one_line(tmp_path, model_dir, adapter
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
-        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "row 1: missing 'completion'"),
-        ([{"prompt": "a", "completion": 5}], "row 0: 'completion' must be text or messages"),
-        ([{"prompt": "a", "chosen": "b", "rejected": None}], "row 0: missing 'rejected'"),
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "row 2: missing 'completion'"),
+        ([{"prompt": "a", "completion": 5}], "row 1: 'completion' must be text or messages"),
+        ([{"prompt": "a", "chosen": "b", "rejected": None}], "row 1: missing 'rejected'"),
     ],
 )
 def test_bad_rows_to_score_name_the_row(tmp_path, model_dir, capsys, rows, expected) -> None:
@@ -614,7 +614,7 @@ def test_a_chat_template_that_fails_is_one_line(
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": messages}) + "\n")
     argv = sft(templated, str(path), tmp_path / "out", "--method", "lora", *FAST)
-    one_line_error(capsys, argv, f"{path}: row 0: the tokenizer's {expected}")
+    one_line_error(capsys, argv, f"{path}: row 1: the tokenizer's {expected}")
 
 
 def test_rollout_prompts_name_the_row_a_chat_template_refuses(tmp_path) -> None:
@@ -622,7 +622,7 @@ def test_rollout_prompts_name_the_row_a_chat_template_refuses(tmp_path) -> None:
     tok.chat_template = REFUSES_SYSTEM
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": SYSTEM_CHAT}))
-    with pytest.raises(ValueError, match=r"prompts\.jsonl: row 1: .* System role not supported"):
+    with pytest.raises(ValueError, match=r"prompts\.jsonl: row 2: .* System role not supported"):
         load_prompts([str(path)], tok)
 
 
@@ -653,6 +653,6 @@ def test_sft_on_preference_pairs_names_the_commands_that_take_them(
     # It pointed a command-line user to a Python function.
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(4)))
-    expected = f"{path}: row 0: the rows are preference pairs (chosen / rejected): train on them "
+    expected = f"{path}: row 1: the rows are preference pairs (chosen / rejected): train on them "
     expected += "with lorakit dpo or lorakit reward"
     one_line_error(capsys, sft(model_dir, str(path), tmp_path / "out", *FAST), expected)

@@ -35,10 +35,11 @@ ROLES = ("system", "user", "assistant")
 
 
 class RowError(ValueError):
-    """A data row that cannot be used; the message names the row and the reason."""
+    """A data row that cannot be used; the message names the row (counted from 1, as an editor
+    counts a JSONL file's lines) and the reason. ``index`` counts from 0."""
 
     def __init__(self, source: str, index: int, reason: str) -> None:
-        super().__init__(f"{source}: row {index}: {reason}")
+        super().__init__(f"{source}: row {index + 1}: {reason}")
 
 
 class ChatTokenizer(Protocol):
@@ -75,7 +76,8 @@ def text_field(row: Mapping[str, Any], key: str, optional: bool = False) -> str:
     if value is None and optional:
         return ""
     if value is None:
-        raise ValueError(f"'{key}' is missing" if key not in row else f"'{key}' is null")
+        # A key that other rows of the file have reads as null here (datasets fills it in).
+        raise ValueError(f"'{key}' is missing" if key not in row else f"'{key}' is missing or null")
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
     if not value.strip() and not optional:

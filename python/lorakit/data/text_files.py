@@ -65,9 +65,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+def _no_constant(name: str) -> Any:
+    # Python's json reads these, standard JSON has no such values, and datasets turns NaN into null.
+    raise ValueError(f"{name} is no JSON value (write a number or null)")
+
+
 def _parse(text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except RecursionError:  # Python's parser recurses per level of nesting
         raise ValueError("a value is nested too deeply to read") from None
 
@@ -90,7 +95,7 @@ def check_jsonl(path: Path) -> None:
             row = _parse(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-        except ValueError as e:  # a repeated key, or too deep
+        except ValueError as e:  # a repeated key, NaN / Infinity, or too deep
             raise ValueError(f"{path}: line {number}: {e}") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number} is a {type(row).__name__}, not an object")
@@ -122,7 +127,7 @@ def check_json(path: Path) -> None:
         raise ValueError(
             f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})"
         ) from None
-    except ValueError as e:  # a repeated key, or too deep
+    except ValueError as e:  # a repeated key, NaN / Infinity, or too deep
         raise ValueError(f"{path}: {e}") from None
     if not value:
         raise ValueError(f"{path} has no rows")
@@ -136,7 +141,7 @@ def check_json(path: Path) -> None:
 
 
 def check_text(path: Path) -> None:
-    """Lines of UTF-8 text (CSV or plain text).
+    """Lines of UTF-8 text.
 
     Raises:
         ValueError: as :func:`utf8_lines`.
@@ -145,4 +150,15 @@ def check_text(path: Path) -> None:
         pass
 
 
-CHECKS = {".jsonl": check_jsonl, ".json": check_json, ".csv": check_text, ".txt": check_text}
+def check_csv(path: Path) -> None:
+    """Lines of UTF-8 text: a header and at least one row.
+
+    Raises:
+        ValueError: as :func:`utf8_lines`, or no row below the header.
+    """
+    lines = sum(1 for _, line in utf8_lines(path) if line.strip())
+    if lines < 2:
+        raise ValueError(f"{path} has no rows" + (" (only a header)" if lines else ""))
+
+
+CHECKS = {".jsonl": check_jsonl, ".json": check_json, ".csv": check_csv, ".txt": check_text}

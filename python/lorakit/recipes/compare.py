@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lorakit.models import resolve_device
 from lorakit.models.tiny import check_width
+from lorakit.peft.files import write_atomic
 from lorakit.peft.methods import METHODS
 from lorakit.recipes.compare_worker import measure
 from lorakit.recipes.demo import (
@@ -230,8 +231,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:]))
+    finally:
+        plt.close(fig)
 
 
 def run(config: CompareConfig) -> Comparison:
@@ -248,8 +251,9 @@ def run(config: CompareConfig) -> Comparison:
         rows.append(_measure(method, model, config, out))
     bar.close()
     table, chart, data = out / "compare.md", out / "compare.png", out / "compare.json"
-    table.write_text(format_table(rows) + "\n")
-    data.write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=2) + "\n")
+    write_atomic(table, lambda tmp: tmp.write_text(format_table(rows) + "\n"))
+    record = json.dumps({"config": asdict(config), "rows": rows}, indent=2) + "\n"
+    write_atomic(data, lambda tmp: tmp.write_text(record))
     plot(rows, chart)
     return Comparison(rows=rows, table=table, chart=chart, data=data)
 
