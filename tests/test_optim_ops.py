@@ -162,6 +162,25 @@ def test_8bit_requantization_multiplies_by_the_reciprocal(signed: bool) -> None:
     assert not torch.equal(state[0].long(), torch.bucketize(g / scale, midpoints))
 
 
+def test_8bit_custom_code_with_a_negative_zero_midpoint() -> None:
+    # Codes -2^-149 and 0 have the midpoint -0.0: +0.0 takes the lower code and every positive
+    # subnormal the upper one, a step the lookup table cannot hold (its key would be compared in
+    # the negative half); such a code must take the exact search, not a wrong table entry.
+    denorm = torch.tensor(2.0**-149)
+    code = torch.cat([torch.linspace(-1, 1, 254), -denorm[None], torch.zeros(1)]).sort().values
+    midpoints = (code[:-1] + code[1:]) / 2
+    assert midpoints.eq(0).sum() == 1 and midpoints[midpoints.eq(0)].signbit().all()
+    tiny = torch.arange(0, 4096, 7, dtype=torch.int32).view(torch.float32)  # +0 and subnormals
+    g = torch.cat([tiny, -tiny, _near_every_step(code)])
+    g = torch.cat([g, torch.zeros((-g.numel()) % 255)]).reshape(-1, 255)
+    g = torch.cat([torch.ones(g.shape[0], 1), g], dim=1).reshape(-1)
+    n = g.numel()
+    state = _state_8bit(n)
+    hyper = {**HYPER, "beta1": 0.0, "weight_decay": 0.0}
+    ops.adamw8bit_step_(torch.zeros(n), g, *state, code, dynamic_map(False), **hyper, step=1)
+    assert torch.equal(state[0], torch.bucketize(g, midpoints).to(torch.uint8))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_8bit_nearest_code_is_exact_at_every_step(signed: bool) -> None:
     # With beta1 = 0, zero state and grad_scale 1 the new first moment is the gradient itself

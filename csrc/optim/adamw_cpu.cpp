@@ -23,20 +23,22 @@ using Step32 = decltype(&baseline::adamw_step);
 using Step8 = decltype(&baseline::adamw8bit_step);
 
 // Tables for a code, built once per distinct code (an optimizer uses two), so a model with many
-// small tensors does not rebuild them on every step.
-const CodeTables& code_tables(const at::Tensor& code) {
+// small tensors does not rebuild them on every step. Shared, so that a step still holding tables
+// keeps them when another thread's new code pushes them out of the cache.
+std::shared_ptr<const CodeTables> code_tables(const at::Tensor& code) {
   static std::mutex mutex;
-  static std::vector<std::unique_ptr<CodeTables>> cache;
+  static std::vector<std::shared_ptr<const CodeTables>> cache;
   const at::Tensor c = code.contiguous();
   const float* values = c.const_data_ptr<float>();
   std::lock_guard<std::mutex> lock(mutex);
   for (const auto& t : cache)
-    if (std::memcmp(t->code, values, sizeof t->code) == 0) return *t;
+    if (std::memcmp(t->code, values, sizeof t->code) == 0) return t;
   constexpr size_t kMaxCached = 16;  // codes are few; this only bounds misuse
   if (cache.size() == kMaxCached) cache.erase(cache.begin());
-  cache.push_back(std::make_unique<CodeTables>());
-  build_code_tables(values, *cache.back());
-  return *cache.back();
+  auto tables = std::make_shared<CodeTables>();
+  build_code_tables(values, *tables);
+  cache.push_back(tables);
+  return tables;
 }
 
 AdamWHyper hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -71,8 +73,10 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& e
   check_adamw8bit_args(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax,
                        exp_avg_code, exp_avg_sq_code);
   const AdamWScalars s = make_scalars(hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
-  const CodeTables& m_codes = code_tables(exp_avg_code);
-  const CodeTables& v_codes = code_tables(exp_avg_sq_code);
+  const std::shared_ptr<const CodeTables> m_tables = code_tables(exp_avg_code);
+  const std::shared_ptr<const CodeTables> v_tables = code_tables(exp_avg_sq_code);
+  const CodeTables& m_codes = *m_tables;
+  const CodeTables& v_codes = *v_tables;
   const Step8 kernel =
       kernel_for_cpu_isa(&baseline::adamw8bit_step, LORAKIT_X86_KERNEL(avx2::adamw8bit_step),
                          LORAKIT_X86_KERNEL(avx512::adamw8bit_step));

@@ -24,18 +24,20 @@ uint32_t bits_of(float f) {
   return u;
 }
 
-// The entry of a bucket whose values y run from `first` to `last` (first < last, same sign):
-// nearest_code is monotone in y, so its answers there are the ones at the two ends and every
-// integer between. One step (or none) fits the entry format; the step lies at midpoints[base]
-// (the last y answered `base`), which then lies in the bucket. Returns false if there are more
-// steps than one.
-bool bucket_entry(const float* midpoints, float first, float last, uint32_t& entry) {
+// The entry of the bucket `bucket`, whose values y run from `first` to `last` (first < last, same
+// sign): nearest_code is monotone in y, so its answers there are the ones at the two ends and
+// every integer between. One step (or none) fits the entry format; the step lies at
+// midpoints[base] (the last y answered `base`). Returns false if there are more steps than one,
+// or if the midpoint's bits are not the bucket's (a midpoint of -0.0 steps between +0.0 and the
+// positive subnormals, but its key would be compared within the negative bucket).
+bool bucket_entry(const float* midpoints, int64_t bucket, float first, float last,
+                  uint32_t& entry) {
   const uint8_t base = blockwise8::nearest_code(first, midpoints);
   const uint8_t top = blockwise8::nearest_code(last, midpoints);
   entry = base | CodeTables::kNoThreshold << 8;
   if (top == base) return true;
-  if (top != base + 1) return false;
   const uint32_t mid = bits_of(midpoints[base]);
+  if (top != base + 1 || mid >> CodeTables::kBucketShift != bucket) return false;
   const uint32_t low = mid & 0xFFFFu;
   // key_of in the kernels: y > mid <=> key(y) > key(mid), within one bucket.
   entry = base | (mid >> 31 ? low ^ 0xFFFFu : low) << 8;
@@ -63,8 +65,8 @@ void build_code_tables(const float* code, CodeTables& t) {
     }
     // Bits order like magnitudes, so a negative bucket runs from its last bits' value upwards.
     t.exact &= first & sign
-                   ? bucket_entry(t.midpoints, from_bits(last), from_bits(first), t.lut[b])
-                   : bucket_entry(t.midpoints, from_bits(first), from_bits(last), t.lut[b]);
+                   ? bucket_entry(t.midpoints, b, from_bits(last), from_bits(first), t.lut[b])
+                   : bucket_entry(t.midpoints, b, from_bits(first), from_bits(last), t.lut[b]);
   }
 }
 
