@@ -97,7 +97,7 @@ def test_a_format_whose_column_the_row_lacks_names_it() -> None:
     # --format text on prompt / completion rows (it said "'text' must be a string, got NoneType").
     with pytest.raises(ValueError, match=r"^'text' is missing$"):
         to_segments({"prompt": "a", "completion": "b"}, "text", TOK)
-    with pytest.raises(ValueError, match=r"^'text' is null$"):
+    with pytest.raises(ValueError, match=r"^'text' is missing or null$"):
         to_segments({"text": None}, "text", TOK)
 
 

@@ -4,11 +4,13 @@ is exit status 2 and one line naming the file or option; what an editor writes (
 mark, CRLF, blank lines) trains as the plain file does."""
 
 import errno
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,10 @@ from safetensors.torch import load_file
 from data_files import as_written_on_windows, write_as
 from lorakit.cli import main
 from lorakit.constitutional import Outputs, load_principles
+from lorakit.constitutional import outputs as outputs_module
 from lorakit.constitutional.loop import Record
-from lorakit.train import checkpoint
+from lorakit.train import checkpoint, metrics
+from lorakit.train.metrics import MetricsLog
 from preference_helpers import pair_rows
 from sft_helpers import qa_rows, saved_model
 from test_constitutional import PRINCIPLES
@@ -371,6 +375,50 @@ def test_a_full_disk_while_appending_constitutional_rows_names_the_file(
     with pytest.raises(OSError, match=re.escape(expected)):
         outputs.append(record, 1.0)
     outputs.close()
+
+
+class _FillingDisk(io.FileIO):
+    """A file on a disk with room for ``room`` more bytes: a write takes what fits, the next one
+    fails with ENOSPC, as a real full disk behaves."""
+
+    room = 10
+
+    def write(self, data: bytes) -> int:
+        if _FillingDisk.room == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        taken = min(len(data), _FillingDisk.room)
+        _FillingDisk.room -= taken
+        return super().write(bytes(data[:taken]))
+
+
+def _metrics_row(path: Path) -> tuple[object, Callable[[], None]]:
+    log = MetricsLog(path)
+    return log, lambda: log.write({"step": 1, "loss": 2.0})
+
+
+def _constitutional_row(path: Path) -> tuple[object, Callable[[], None]]:
+    outputs = Outputs(path.parent, {"o": 1})
+    record = Record(id=0, prompt=[{"role": "user", "content": "hi"}], response="hello")
+    return outputs, lambda: outputs.append(record, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("module", "make", "name"),
+    [(metrics, _metrics_row, "metrics.jsonl"), (outputs_module, _constitutional_row, "sft.jsonl")],
+)
+def test_a_disk_filling_up_during_an_append_names_the_file_and_closing_is_quiet(
+    tmp_path, monkeypatch, module, make, name
+) -> None:
+    # A buffered file kept the bytes a full disk refused and failed again, naming no file, when
+    # the run closed it; appends go unbuffered, so the first failure is the only one.
+    monkeypatch.setattr(_FillingDisk, "room", 10)
+    monkeypatch.setattr(module, "open_for_append", lambda path: _FillingDisk(path, "ab"))
+    writer, append = make(tmp_path / name)
+    expected = f"cannot write {tmp_path / name}: No space left on device"
+    with pytest.raises(OSError, match=re.escape(expected)):
+        append()
+    writer.close()
+    assert len((tmp_path / name).read_bytes()) == 10  # the torn line a resume cuts off
 
 
 # ---- the environment ---------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from lorakit import staging_dirs
+from lorakit.file_writes import WRITE_ERRORS, write_error
 from lorakit.paths import check_link, check_room, make_dirs
-from lorakit.peft.files import WRITE_ERRORS, write_error
 
 MARKER = "config.json"
 # What save_pretrained writes for a model and its tokenizer.

@@ -22,10 +22,10 @@ import os
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 from lorakit.constitutional.loop import Record
-from lorakit.peft.files import write_atomic, write_error
+from lorakit.file_writes import append_text, open_for_append, write_atomic, write_error
 
 FILES = ("sft.jsonl", "preferences.jsonl", "trace.jsonl")
 
@@ -79,20 +79,17 @@ class Outputs:
                 write_atomic(
                     out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
                 )
-        self._files: dict[str, IO[str]] = {
-            name: (out / name).open("a", encoding="utf-8") for name in FILES
-        }
+        self._files: dict[str, BinaryIO] = {name: open_for_append(out / name) for name in FILES}
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
-        f = self._files[name]
-        try:  # a line torn by a full disk is cut off when the run resumes
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # A line torn by a full disk is cut off when the run resumes.
+        append_text(self._files[name], self.out / name, json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            os.fsync(self._files[name].fileno())
         except OSError as e:
             raise write_error(self.out / name, e) from e
 

@@ -35,8 +35,8 @@ ROLES = ("system", "user", "assistant")
 
 
 class RowError(ValueError):
-    """A data row that cannot be used; the message names the row (counted from 1, as an editor
-    counts a JSONL file's lines) and the reason. ``index`` counts from 0."""
+    """A data row that cannot be used; the message names the row, counted from 1 (in a JSONL
+    file without blank lines, its line number), and the reason. ``index`` counts from 0."""
 
     def __init__(self, source: str, index: int, reason: str) -> None:
         super().__init__(f"{source}: row {index + 1}: {reason}")

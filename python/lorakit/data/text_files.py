@@ -65,16 +65,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _no_constant(name: str) -> Any:
-    # Python's json reads these, standard JSON has no such values, and datasets turns NaN into null.
-    raise ValueError(f"{name} is no JSON value (write a number or null)")
-
-
 def _parse(text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:  # Python's parser recurses per level of nesting
         raise ValueError("a value is nested too deeply to read") from None
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def check_jsonl(path: Path) -> None:
@@ -95,47 +103,62 @@ def check_jsonl(path: Path) -> None:
             row = _parse(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-        except ValueError as e:  # a repeated key, NaN / Infinity, or too deep
+        except ValueError as e:  # a repeated key, or too deep
             raise ValueError(f"{path}: line {number}: {e}") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {number} is a {type(row).__name__}, not an object")
+            raise ValueError(f"{path}: line {number} is {_kind(row)}, not an object")
         rows += 1
     if rows == 0:
         raise ValueError(f"{path} has no rows")
 
 
+def _holds_json_lines(path: Path) -> bool:
+    """Whether ``path`` is JSON lines, read one line at a time: its first non-blank line is a
+    whole JSON value, not an array. An array, or a first line that does not parse (the start of
+    a pretty-printed object), makes the file one JSON document."""
+    first = next((line for _, line in utf8_lines(path) if line.strip()), "")
+    if first.lstrip().startswith("["):
+        return False
+    try:
+        _parse(first)
+    except json.JSONDecodeError:
+        return False
+    except ValueError:  # a repeated key or too deep: check_jsonl names the line
+        pass
+    return True
+
+
 def check_json(path: Path) -> None:
-    """An array of objects (or of strings: text rows), one object, or JSON lines (as
-    :func:`check_jsonl`), as datasets' JSON reader takes them.
+    """JSON lines (as :func:`check_jsonl`), or one document: an array of objects (or of strings:
+    text rows) or one object, as datasets' JSON reader takes them.
 
     Raises:
         ValueError: as :func:`utf8_lines`, a syntax error (with its line and column), items of
             another kind (the first one named), or no rows.
     """
-    text = "".join(line for _, line in utf8_lines(path))
-    if not text.lstrip().startswith("["):
-        try:
-            if isinstance(_parse(text), dict):
-                return
-        except ValueError:  # not one object: JSON lines, or an error that check_jsonl names
-            pass
+    if _holds_json_lines(path):
         check_jsonl(path)
         return
+    text = "".join(line for _, line in utf8_lines(path))  # one document: parsed whole, as datasets
     try:
         value = _parse(text)
     except json.JSONDecodeError as e:
         raise ValueError(
             f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})"
         ) from None
-    except ValueError as e:  # a repeated key, NaN / Infinity, or too deep
+    except ValueError as e:  # a repeated key, or too deep
         raise ValueError(f"{path}: {e}") from None
+    if isinstance(value, dict):
+        return
+    if not isinstance(value, list):
+        raise ValueError(f"{path} is {_kind(value)}, not an array or object")
     if not value:
         raise ValueError(f"{path} has no rows")
     kind = str if isinstance(value[0], str) else dict  # datasets goes by the first item
     for index, item in enumerate(value):
         if not isinstance(item, kind):
             raise ValueError(
-                f"{path}: item {index} of the array is a {type(item).__name__}, not "
+                f"{path}: item {index + 1} of the array is {_kind(item)}, not "
                 f"{'a string' if kind is str else 'an object'}"
             )
 

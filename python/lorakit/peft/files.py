@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +10,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from lorakit.file_writes import write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,44 +52,6 @@ def peft_header(model: nn.Module, peft_type: str) -> dict[str, Any]:
         "revision": None,
         "inference_mode": True,
     }
-
-
-# What a write that fails (a full disk, a read-only file system) raises: safetensors reports an
-# I/O error as an exception of its own, which is no OSError.
-WRITE_ERRORS = (OSError, safetensors.SafetensorError)
-
-
-def write_error(path: Path, error: BaseException) -> OSError:
-    """A failed write of ``path`` as one line that names it."""
-    return OSError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}")
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write`` on a temporary file beside ``path``, then renames it to ``path``.
-
-    The rename is atomic on POSIX (same directory, same file system), so a reader or a crash sees
-    either the old file or the complete new one, never a partial write.
-
-    Raises:
-        OSError: the write failed (the message names ``path``); the old file, if any, is kept
-            and the temporary one removed.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise write_error(path, e) from e
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, WRITE_ERRORS):
-            raise write_error(path, e) from e
-        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -31,9 +31,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lorakit.file_writes import write_atomic
 from lorakit.models import resolve_device
 from lorakit.models.tiny import check_width
-from lorakit.peft.files import write_atomic
 from lorakit.peft.methods import METHODS
 from lorakit.recipes.compare_worker import measure
 from lorakit.recipes.demo import (

@@ -29,12 +29,12 @@ from lorakit.data import (
     pair_segments,
     prepare_preferences,
 )
+from lorakit.file_writes import write_atomic
 from lorakit.models import check_trained_head, load_sequence_classifier, load_tokenizer, pad_id
 from lorakit.models.heads import check_reward_adapter
 from lorakit.models.loading import SCORE_HEAD
 from lorakit.models.vocab import check_token_ids
 from lorakit.peft import AdapterReport, load_adapter
-from lorakit.peft.files import write_atomic
 from lorakit.peft.inject import count_parameters
 from lorakit.peft.whole_modules import train_whole
 from lorakit.recipes.common import (

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.peft.files import WRITE_ERRORS, read_json, read_tensors, write_atomic, write_error
+from lorakit.file_writes import WRITE_ERRORS, write_atomic, write_error
+from lorakit.peft.files import read_json, read_tensors
 
 LATEST = "latest"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorakit.peft.files import write_atomic, write_error
+from lorakit.file_writes import append_text, open_for_append, write_atomic
 
 
 class MetricsLog:
@@ -28,7 +28,7 @@ class MetricsLog:
     def __init__(self, path: Path, report_to: str = "none", start_step: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = open_for_append(path)
         self._board = None
         if report_to == "tensorboard":
             try:
@@ -46,11 +46,7 @@ class MetricsLog:
         Raises:
             OSError: the write failed (the message names the file).
         """
-        try:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-        except OSError as e:
-            raise write_error(self.path, e) from e
+        append_text(self._file, self.path, json.dumps(record) + "\n")
         if self._board is not None:
             for name, value in record.items():
                 if name != "step" and isinstance(value, (int, float)):

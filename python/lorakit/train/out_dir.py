@@ -31,7 +31,7 @@ from lorakit.train import distributed
 
 LOCK = ".lorakit.lock"
 # Names of unfinished writes: checkpoint folders (checkpoint.save) and files written beside their
-# final name (lorakit.peft.files.write_atomic: the adapter, metrics.jsonl, `latest`), in out and
+# final name (lorakit.file_writes.write_atomic: the adapter, metrics.jsonl, `latest`), in out and
 # in the folders a run saves its result to.
 LEFTOVERS = (".checkpoint-tmp-*", ".*.tmp")
 RESULT_DIRS = ("", "adapter", "model")

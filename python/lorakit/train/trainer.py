@@ -305,7 +305,9 @@ class Trainer:
             tmp = distributed.broadcast_from_main(
                 str(checkpoint.staging_dir(self.out)) if self.main else None
             )
-            sharded_checkpoint.save(Path(tmp), self.model, self.optimizer)
+            final = self.out / f"checkpoint-{step}"
+            with checkpoint.removed_on_failure(Path(tmp), final):
+                sharded_checkpoint.save(Path(tmp), self.model, self.optimizer)
             distributed.barrier()  # every rank's part is written before it is published
             if self.main:
                 checkpoint.publish(
