@@ -23,6 +23,7 @@ from lorakit.cli import main
 from lorakit.constitutional import Outputs, load_principles
 from lorakit.constitutional import outputs as outputs_module
 from lorakit.constitutional.loop import Record
+from lorakit.file_writes import write_atomic
 from lorakit.train import checkpoint, metrics
 from lorakit.train.metrics import MetricsLog
 from preference_helpers import pair_rows
@@ -438,3 +439,19 @@ def test_an_unknown_cpu_isa_stops_a_run_that_calls_no_kernel(tmp_path, model_dir
         "avx512, avx512_bf16\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_atomic_writes_keep_the_permissions_a_plain_write_gives(tmp_path) -> None:
+    # mkstemp makes its file readable by its owner only, and the rename kept that mode.
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.txt"
+        write_atomic(new, lambda tmp: tmp.write_text("a"))
+        kept = tmp_path / "kept.txt"
+        kept.write_text("a")
+        kept.chmod(0o640)
+        write_atomic(kept, lambda tmp: tmp.write_text("b"))
+    finally:
+        os.umask(old)
+    assert (new.stat().st_mode & 0o777, new.read_text()) == (0o644, "a")
+    assert (kept.stat().st_mode & 0o777, kept.read_text()) == (0o640, "b")
