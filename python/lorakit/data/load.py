@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
 
-from lorakit.data.text_files import CHECKS
+from lorakit.data.text_files import check_csv, check_json, check_jsonl, check_text
 from lorakit.paths import check_link
 
+
+def _no_check(path: Path) -> None:
+    """Parquet: a binary format its reader checks itself."""
+
+
+# Per suffix: the datasets builder that reads it, and the check that names a bad line first.
 # .txt: one row per line, in a "text" column (blank lines are no rows).
-_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".txt": "text",
+_FORMATS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    ".jsonl": ("json", check_jsonl),
+    ".json": ("json", check_json),
+    ".csv": ("csv", check_csv),
+    ".parquet": ("parquet", _no_check),
+    ".txt": ("text", check_text),
 }
 
 
@@ -43,16 +49,15 @@ def load_rows(path: str | Path) -> datasets.Dataset:
                 raise ValueError(f"{path} holds splits {list(loaded)} but no 'train' split")
             loaded = loaded["train"]
         return loaded
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
+    if path.suffix.lower() not in _FORMATS:
         raise ValueError(
-            f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_BUILDERS)} "
+            f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FORMATS)} "
             "or a directory saved by datasets"
         )
+    builder, check = _FORMATS[path.suffix.lower()]
     if path.stat().st_size == 0:  # datasets raises StopIteration or a parser's error
         raise ValueError(f"{path} is empty (0 bytes)")
-    if builder != "parquet":
-        CHECKS[path.suffix.lower()](path)
+    check(path)
     # The text builder would keep a UTF-8 byte-order mark in the first row's text.
     options = {"encoding": "utf-8-sig"} if builder == "text" else {}
     try:

@@ -182,6 +182,3 @@ def check_csv(path: Path) -> None:
     lines = sum(1 for _, line in utf8_lines(path) if line.strip())
     if lines < 2:
         raise ValueError(f"{path} has no rows" + (" (only a header)" if lines else ""))
-
-
-CHECKS = {".jsonl": check_jsonl, ".json": check_json, ".csv": check_csv, ".txt": check_text}
