@@ -2,6 +2,7 @@
 is what the generator writes."""
 
 import re
+from pathlib import Path
 
 from lorakit.cli import main
 from lorakit.demo_data import facts
@@ -23,8 +24,10 @@ def test_heldout_questions_are_about_countries_sft_never_mentions() -> None:
     assert all(c in (facts.HERE / "corpus.txt").read_text() for c in heldout)
 
 
-def test_reduced_demo_runs_end_to_end(tmp_path, capsys) -> None:
-    out = tmp_path / "demo"
+def test_reduced_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    # --out relative to the current directory, as `make demo` runs it (its default is relative).
+    monkeypatch.chdir(tmp_path)
+    out = Path("demo")
     argv = ["demo", "--out", str(out), "--pretrain-epochs", "1", "--sft-epochs", "1"]
     argv += ["--reward-epochs", "1", "--dpo-epochs", "1", "--grpo-steps", "2"]
     assert main([*argv, "--hidden", "32", "--layers", "1", "--no-progress"]) == 0

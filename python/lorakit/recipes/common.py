@@ -95,8 +95,13 @@ def save_result(model: nn.Module, tokenizer: Any, config: RunConfig) -> Path:
 
 
 def _inputs(config: RunConfig) -> tuple[Path, ...]:
-    """What a run reads, which its result must not replace (``--out`` holding ``--model``)."""
-    return (Path(config.model.model), *map(Path, config.data.data))
+    """What a run reads, which its result must not replace (``--out`` holding ``--model``).
+    ``--model`` counts when it is a local path: not a hub id, nor empty (a model built in
+    Python, as the demo's pre-training builds one), which as a path would be the current
+    directory."""
+    model = Path(config.model.model) if config.model.model else None
+    local = (model,) if model is not None and model.exists() else ()
+    return (*local, *map(Path, config.data.data))
 
 
 def batches(
