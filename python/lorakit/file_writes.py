@@ -64,14 +64,20 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_atomic` of ``text`` in UTF-8."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def open_for_append(path: Path) -> BinaryIO:
     """``path`` opened to append without a buffer: after a failed write no bytes wait in one, to
     fail again, unnamed, when the file is closed."""
     return path.open("ab", buffering=0)
 
 
-def append_text(file: BinaryIO, path: Path, text: str) -> None:
-    """Appends ``text`` as UTF-8 to ``file`` (from :func:`open_for_append` on ``path``).
+def append_text(file: BinaryIO, path: Path, text: str, sync: bool = False) -> None:
+    """Appends ``text`` as UTF-8 to ``file`` (from :func:`open_for_append` on ``path``), and with
+    ``sync`` waits until it is on disk.
 
     Raises:
         OSError: the write failed, naming ``path``; a line it tore is the reader's to drop.
@@ -80,5 +86,7 @@ def append_text(file: BinaryIO, path: Path, text: str) -> None:
     try:
         while data:  # a raw write may take part of the bytes (a disk filling up)
             data = data[file.write(data) :]
+        if sync:
+            os.fsync(file.fileno())
     except OSError as e:
         raise write_error(path, e) from e

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lorakit.constitutional.loop import Record
-from lorakit.file_writes import append_text, open_for_append, write_atomic, write_error
+from lorakit.file_writes import append_text, open_for_append, write_text_atomic
 
 FILES = ("sft.jsonl", "preferences.jsonl", "trace.jsonl")
 
@@ -67,7 +67,7 @@ class Outputs:
                     "resume it with the same options or choose another --out"
                 )
         else:
-            write_atomic(saved, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+            write_text_atomic(saved, json.dumps(settings, indent=2) + "\n")
         for name in FILES:
             _cut_torn_line(out / name)
         self.done = {row["id"] for row in _read_rows(out / "trace.jsonl")}
@@ -75,10 +75,7 @@ class Outputs:
             rows = _read_rows(out / name)
             kept = [r for r in rows if r["id"] in self.done]
             if len(kept) != len(rows):
-                text = "".join(json.dumps(r) + "\n" for r in kept)
-                write_atomic(
-                    out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
-                )
+                write_text_atomic(out / name, "".join(json.dumps(r) + "\n" for r in kept))
         self._files: dict[str, BinaryIO] = {name: open_for_append(out / name) for name in FILES}
 
     def close(self) -> None:
@@ -87,11 +84,8 @@ class Outputs:
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         # A line torn by a full disk is cut off when the run resumes.
-        append_text(self._files[name], self.out / name, json.dumps(row, ensure_ascii=False) + "\n")
-        try:
-            os.fsync(self._files[name].fileno())
-        except OSError as e:
-            raise write_error(self.out / name, e) from e
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        append_text(self._files[name], self.out / name, line, sync=True)
 
     def append(self, record: Record, seconds: float) -> None:
         """Writes one prompt's rows: sft, preference (if its text changed), then trace."""
@@ -143,6 +137,5 @@ class Outputs:
             "tokens_generated": sum(t["tokens"] for t in traces),
             "seconds": round(sum(t["seconds"] for t in traces), 1),
         }
-        text = json.dumps(summary, indent=2) + "\n"
-        write_atomic(self.out / "summary.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

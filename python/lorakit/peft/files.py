@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lorakit.file_writes import write_atomic
+from lorakit.file_writes import write_atomic, write_text_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,7 +55,7 @@ def peft_header(model: nn.Module, peft_type: str) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

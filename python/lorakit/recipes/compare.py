@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lorakit.file_writes import write_atomic
+from lorakit.file_writes import write_atomic, write_text_atomic
 from lorakit.models import resolve_device
 from lorakit.models.tiny import check_width
 from lorakit.peft.methods import METHODS
@@ -251,9 +251,8 @@ def run(config: CompareConfig) -> Comparison:
         rows.append(_measure(method, model, config, out))
     bar.close()
     table, chart, data = out / "compare.md", out / "compare.png", out / "compare.json"
-    write_atomic(table, lambda tmp: tmp.write_text(format_table(rows) + "\n"))
-    record = json.dumps({"config": asdict(config), "rows": rows}, indent=2) + "\n"
-    write_atomic(data, lambda tmp: tmp.write_text(record))
+    write_text_atomic(table, format_table(rows) + "\n")
+    write_text_atomic(data, json.dumps({"config": asdict(config), "rows": rows}, indent=2) + "\n")
     plot(rows, chart)
     return Comparison(rows=rows, table=table, chart=chart, data=data)
 

@@ -29,7 +29,7 @@ from lorakit.data import (
     pair_segments,
     prepare_preferences,
 )
-from lorakit.file_writes import write_atomic
+from lorakit.file_writes import write_text_atomic
 from lorakit.models import check_trained_head, load_sequence_classifier, load_tokenizer, pad_id
 from lorakit.models.heads import check_reward_adapter
 from lorakit.models.loading import SCORE_HEAD
@@ -294,8 +294,7 @@ def score_file(config: RewardConfig) -> str:
         )
         records = [{"score": v} for v in values]
         line = f"scored {len(rows)} rows: mean {sum(values) / max(1, len(values)):.4f}; {target}"
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    write_atomic(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomic(target, "".join(json.dumps(r) + "\n" for r in records))
     return line
 
 

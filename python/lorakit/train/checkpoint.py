@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.file_writes import WRITE_ERRORS, write_atomic, write_error
+from lorakit.file_writes import WRITE_ERRORS, write_error, write_text_atomic
 from lorakit.peft.files import read_json, read_tensors
 
 LATEST = "latest"
@@ -122,12 +122,17 @@ def save(
     ``rng_states``: every rank's :func:`rng_state`, in rank order (default: this process's).
     """
     tmp = staging_dir(out)
-    with removed_on_failure(tmp, out / f"checkpoint-{step}"):
+    with removed_on_failure(tmp, folder(out, step)):
         save_trainable(model, tmp / "trainable.safetensors")
         tensors, rest = split_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(rest))
     return publish(out, tmp, step, trainer_state, keep, rng_states)
+
+
+def folder(out: Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step ``step`` is published in ``out``."""
+    return out / f"checkpoint-{step}"
 
 
 def staging_dir(out: Path) -> Path:
@@ -160,7 +165,7 @@ def publish(
 ) -> Path:
     """Adds the RNG and trainer state to staged checkpoint ``tmp`` (its tensors written), renames
     it to ``out/checkpoint-<step>``, points ``latest`` at it and keeps the ``keep`` latest."""
-    final = out / f"checkpoint-{step}"
+    final = folder(out, step)
     with removed_on_failure(tmp, final):
         for rank, state in enumerate(rng_states or [rng_state()]):
             save_file(state, str(tmp / _rng_file(rank)))
@@ -168,7 +173,7 @@ def publish(
     if final.exists():  # a rerun of the same step after a crash between rename and `latest`
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_atomic(out / LATEST, lambda pointer: pointer.write_text(final.name))
+    write_text_atomic(out / LATEST, final.name)
     for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old)
     return final

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorakit.file_writes import append_text, open_for_append, write_atomic
+from lorakit.file_writes import append_text, open_for_append, write_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -85,8 +85,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def rewrite(path: Path, records: list[dict[str, Any]]) -> None:
     """Replaces ``path`` with ``records`` atomically (a crash leaves the old file or the new)."""
-    text = "".join(f"{json.dumps(r)}\n" for r in records)
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomic(path, "".join(f"{json.dumps(r)}\n" for r in records))
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -305,8 +305,7 @@ class Trainer:
             tmp = distributed.broadcast_from_main(
                 str(checkpoint.staging_dir(self.out)) if self.main else None
             )
-            final = self.out / f"checkpoint-{step}"
-            with checkpoint.removed_on_failure(Path(tmp), final):
+            with checkpoint.removed_on_failure(Path(tmp), checkpoint.folder(self.out, step)):
                 sharded_checkpoint.save(Path(tmp), self.model, self.optimizer)
             distributed.barrier()  # every rank's part is written before it is published
             if self.main:
